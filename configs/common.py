@@ -1,0 +1,32 @@
+"""Fields shared by every job's config."""
+import ml_collections
+
+from dfqf_jax import data
+
+
+def base_config(stage: str) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.stage = stage
+  config.seed = 0
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "cifar10"
+  # Folder with {name}_train.npz / {name}_test.npz; empty -> $DFQF_DATA_DIR, then TFDS.
+  config.data.dir = ""
+  # Normalization the teacher expects (CIFAR statistics; the imported weights use ImageNet's).
+  config.data.mean = data.CIFAR_MEAN
+  config.data.std = data.CIFAR_STD
+  # Training images held out for validation (model selection never uses the test split).
+  config.data.validation_size = 0
+  config.data.augment = True
+  config.model = ml_collections.ConfigDict()
+  config.model.depth = 20
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 1000
+  # If set, the finished job appends a run record (command, commit, hardware, wall time,
+  # results.json, curves) to this JSON path, e.g. docs/results/teacher_cpu.json.
+  config.record_to = ""
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator = ""
+  config.distributed.num_processes = 1
+  config.distributed.process_id = 0
+  return config

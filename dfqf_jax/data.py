@@ -1,0 +1,140 @@
+"""CIFAR-10/100 input: a local directory of NumPy files, or TFDS when it can serve.
+
+A local directory (config.data.dir, or the DFQF_DATA_DIR environment variable) holds
+`{name}_train.npz` / `{name}_test.npz` with `images` uint8 [N, 32, 32, 3] and `labels`.
+The whole split stays in host memory. Training batches are a deterministic function of
+(seed, step): a per-epoch permutation, then random crop (4-pixel zero padding) and
+horizontal flip drawn for the whole global batch, so the data order and augmentation do not
+depend on the number of devices or processes, and a resumed run sees exactly the batches
+it would have seen.
+"""
+import dataclasses
+import os
+
+import numpy as np
+
+DATASETS = {"cifar10": 10, "cifar100": 100}
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DATA_DIR_ENV = "DFQF_DATA_DIR"
+
+
+class DataError(ValueError):
+  """Input data that cannot be used; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  images: np.ndarray  # uint8 [N, 32, 32, 3]
+  labels: np.ndarray  # int32 [N]
+
+  def __len__(self):
+    return len(self.labels)
+
+
+def num_classes(name: str) -> int:
+  if name not in DATASETS:
+    raise DataError(f"data.name={name!r} is not supported; use one of {sorted(DATASETS)}.")
+  return DATASETS[name]
+
+
+def resolve_dir(configured: str | None) -> str | None:
+  return configured or os.environ.get(DATA_DIR_ENV) or None
+
+
+def load_split(name: str, split: str, data_dir: str | None) -> Split:
+  """Loads `split` ('train' or 'test') of dataset `name` into memory."""
+  num_classes(name)
+  data_dir = resolve_dir(data_dir)
+  if data_dir:
+    return _load_npz(name, split, data_dir)
+  return _load_tfds(name, split)
+
+
+def _load_npz(name: str, split: str, data_dir: str) -> Split:
+  path = os.path.join(data_dir, f"{name}_{split}.npz")
+  if not os.path.isfile(path):
+    raise DataError(
+        f"data.dir={data_dir!r} has no {name}_{split}.npz; point data.dir (or ${DATA_DIR_ENV}) "
+        f"at a folder holding {name}_train.npz and {name}_test.npz with 'images' and 'labels'.")
+  with np.load(path) as f:
+    missing = {"images", "labels"} - set(f.files)
+    if missing:
+      raise DataError(f"{path} lacks the arrays {sorted(missing)}; it needs 'images' uint8 "
+                      "[N, 32, 32, 3] and 'labels'.")
+    images, labels = f["images"], f["labels"]
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+    raise DataError(f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 "
+                    "[N, 32, 32, 3].")
+  if len(labels) != len(images):
+    raise DataError(f"{path}: {len(images)} images but {len(labels)} labels.")
+  return Split(images, labels.astype(np.int32))
+
+
+def _load_tfds(name: str, split: str) -> Split:
+  try:
+    import tensorflow_datasets as tfds
+    source = tfds.data_source(name, split=split)
+    records = [source[i] for i in range(len(source))]
+  except Exception as e:  # TFDS raises many types when the dataset is not prepared.
+    raise DataError(
+        f"TFDS could not serve {name}/{split} ({type(e).__name__}); set data.dir (or "
+        f"${DATA_DIR_ENV}) to a folder holding {name}_train.npz and {name}_test.npz.") from e
+  images = np.stack([r["image"] for r in records]).astype(np.uint8)
+  labels = np.asarray([r["label"] for r in records], np.int32)
+  return Split(images, labels)
+
+
+def train_validation_split(train: Split, validation_size: int, seed: int) -> tuple[Split, Split]:
+  """Holds out `validation_size` training images (fixed by seed) for model selection."""
+  if validation_size <= 0:
+    return train, Split(train.images[:0], train.labels[:0])
+  order = np.random.default_rng([seed, 7]).permutation(len(train))
+  held, kept = np.sort(order[:validation_size]), np.sort(order[validation_size:])
+  return (Split(train.images[kept], train.labels[kept]),
+          Split(train.images[held], train.labels[held]))
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Full batches per epoch (the last partial batch is dropped)."""
+  return num_examples // batch_size
+
+
+def train_batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """Indices of global batch `step`: a fresh permutation every epoch."""
+  per_epoch = steps_per_epoch(num_examples, batch_size)
+  epoch, position = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  return order[position * batch_size:(position + 1) * batch_size]
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, padding: int = 4) -> np.ndarray:
+  """Random crop with zero padding + random horizontal flip, per image (uint8 NHWC)."""
+  n, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  dy = rng.integers(0, 2 * padding + 1, n)
+  dx = rng.integers(0, 2 * padding + 1, n)
+  flip = rng.random(n) < 0.5
+  rows = dy[:, None] + np.arange(h)[None, :]
+  cols = dx[:, None] + np.arange(w)[None, :]
+  cols = np.where(flip[:, None], cols[:, ::-1], cols)
+  return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def train_batch(split: Split, batch_size: int, seed: int, step: int, rows: slice,
+                augmentation: bool = True) -> dict:
+  """Rows `rows` of global training batch `step` (uint8 images, int32 labels)."""
+  idx = train_batch_indices(len(split), batch_size, seed, step)
+  images = split.images[idx]
+  if augmentation:
+    images = augment(images, np.random.default_rng([seed, step, 1]))
+  return {"images": images[rows], "labels": split.labels[idx][rows]}
+
+
+def normalize(images_uint8, mean, std):
+  """uint8 NHWC -> float32 normalized with per-channel mean/std (works on jax arrays)."""
+  import jax.numpy as jnp
+  x = images_uint8.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)

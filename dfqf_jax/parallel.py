@@ -1,0 +1,55 @@
+"""Data parallelism over a 1-D `data` mesh of all devices (all hosts).
+
+Steps are `jax.jit` programs over global arrays: the batch is sharded along `data`, the
+state is replicated, and XLA's partitioner inserts the cross-device reductions (gradient
+means, batch-norm statistics, loss means). This is the `jit`-with-shardings form of data
+parallelism that JAX recommends in place of `pmap`; each step is written once, as if for one
+device, so the math is visibly independent of the device count. Multi-host runs use the same
+code: every process feeds its share of each global batch.
+"""
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh over every device of every process."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def process_slice(global_batch: int) -> slice:
+  """The rows of a global batch that this process feeds."""
+  per_process = global_batch // jax.process_count()
+  start = jax.process_index() * per_process
+  return slice(start, start + per_process)
+
+
+def global_batch(mesh, local_arrays):
+  """Assembles global batch-sharded arrays from this process's rows (a pytree)."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_arrays)
+
+
+def replicate(mesh, tree):
+  """Places a pytree (identical on every process) replicated on every device."""
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+
+def check_batch_size(field: str, batch_size: int) -> None:
+  devices = jax.device_count()
+  if batch_size % devices:
+    raise ValueError(
+        f"{field}={batch_size} is not divisible by the {devices} devices; "
+        f"use a multiple of {devices}.")

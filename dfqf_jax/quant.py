@@ -1,0 +1,98 @@
+"""Fake quantization with the straight-through estimator (STE) and learned clip values.
+
+Forward values are exactly those of integer quantization followed by dequantization.
+Gradients:
+  * w.r.t. the input: identity inside the clip range, zero outside (STE for round,
+    derivative of the clamp);
+  * w.r.t. the clip value c: the true derivative of the fake-quant function wherever the
+    rounded integer is locally constant, i.e. round(x / step) / q_max inside the range and
+    q_min / q_max or 1 where the input is clamped. It matches a finite difference of the
+    forward function away from rounding boundaries.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+FULL_PRECISION_BITS = 32
+VALID_BITS = (2, 3, 4, 5, 6, 7, 8, FULL_PRECISION_BITS)
+PROTOCOLS = ("dfqf", "standard")
+
+
+def signed_range(bits: int) -> tuple[int, int]:
+  """Integer grid of a signed symmetric quantizer: [-2^(b-1), 2^(b-1) - 1]."""
+  return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def unsigned_range(bits: int) -> tuple[int, int]:
+  """Integer grid of an unsigned quantizer: [0, 2^b - 1]."""
+  return 0, 2**bits - 1
+
+
+def _fake_quant(x, clip, q_min: int, q_max: int):
+  step = clip / q_max
+  integers = jax.lax.stop_gradient(jnp.clip(jnp.round(x / step), q_min, q_max))
+  lower = jax.lax.stop_gradient(q_min * step)
+  upper = jax.lax.stop_gradient(q_max * step)
+  clamped = jnp.clip(x, lower, upper)
+  # Value: integers * step. Gradient to x: through `clamped` (STE); to clip: through step.
+  return integers * step + (clamped - jax.lax.stop_gradient(clamped))
+
+
+def fake_quant_signed(x, clip, bits: int):
+  """Symmetric signed fake quantization, step = clip / (2^(b-1) - 1)."""
+  if bits == FULL_PRECISION_BITS:
+    return x
+  return _fake_quant(x, clip, *signed_range(bits))
+
+
+def fake_quant_unsigned(x, clip, bits: int):
+  """Unsigned fake quantization (post-ReLU activations), step = clip / (2^b - 1)."""
+  if bits == FULL_PRECISION_BITS:
+    return x
+  return _fake_quant(x, clip, *unsigned_range(bits))
+
+
+def fake_quant_minmax_per_channel(w, bits: int):
+  """Asymmetric per-output-channel min/max fake quantization (GDFQ-style protocol).
+
+  The last axis is the output channel. scale = (max - min) / (2^b - 1),
+  zero point = round(-min / scale); the STE passes the gradient to w unchanged.
+  """
+  if bits == FULL_PRECISION_BITS:
+    return w
+  reduce_axes = tuple(range(w.ndim - 1))
+  w_min = jax.lax.stop_gradient(jnp.minimum(w.min(reduce_axes), 0.0))
+  w_max = jax.lax.stop_gradient(jnp.maximum(w.max(reduce_axes), 0.0))
+  q_max = 2**bits - 1
+  scale = jnp.maximum(w_max - w_min, 1e-8) / q_max
+  zero_point = jnp.round(-w_min / scale)
+  integers = jnp.clip(jnp.round(w / scale) + zero_point, 0, q_max)
+  dequantized = (integers - zero_point) * scale
+  return w + jax.lax.stop_gradient(dequantized - w)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """Which tensors of a ResNet are fake-quantized, and at which widths.
+
+  protocol 'dfqf' (the reference code): per-tensor symmetric weight clips, first conv and
+  last dense at `first_last_weight_bits`, activations after both ReLUs of every residual
+  block. protocol 'standard' (GDFQ/Qimera/IntraQ/HAST/SynQ tables): every conv and the
+  dense layer at `weight_bits` with per-output-channel min/max, activations after every ReLU.
+  """
+
+  weight_bits: int = 4
+  act_bits: int = 4
+  protocol: str = "dfqf"
+  first_last_weight_bits: int = 8
+
+  @property
+  def edge_weight_bits(self) -> int:
+    if self.protocol == "standard" or self.weight_bits == FULL_PRECISION_BITS:
+      return self.weight_bits
+    return self.first_last_weight_bits
+
+  @property
+  def quantize_stem_activation(self) -> bool:
+    return self.protocol == "standard"

@@ -1,0 +1,90 @@
+"""Helpers shared by the stages: classifiers described by checkpoint metadata, evaluation."""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfqf_jax import checkpoints, data, parallel
+from dfqf_jax import quant as q
+from dfqf_jax.models.resnet import CifarResNet
+
+TEACHER_DIR = "teacher"
+
+
+def classifier_meta(depth: int, dataset: str, mean, std, quant: q.QuantSpec | None = None,
+                    **extra) -> dict:
+  """Everything needed to rebuild and evaluate a classifier stored in a checkpoint."""
+  return {"arch": "cifar_resnet", "depth": depth, "dataset": dataset,
+          "num_classes": data.num_classes(dataset), "mean": list(mean), "std": list(std),
+          "quant": None if quant is None else vars(quant).copy(), **extra}
+
+
+def classifier_from_meta(meta: dict, dtype=jnp.float32) -> CifarResNet:
+  spec = q.QuantSpec(**meta["quant"]) if meta.get("quant") else None
+  return CifarResNet(meta["depth"], meta["num_classes"], quant=spec, dtype=dtype)
+
+
+def load_teacher(workdir: str, teacher_dir: str | None = None):
+  """(model, variables, meta) of the teacher checkpoint in `teacher_dir` or DIR/teacher."""
+  directory = teacher_dir or os.path.join(workdir, TEACHER_DIR)
+  state, meta, _ = checkpoints.load_product(directory, "teacher")
+  model = classifier_from_meta(meta)
+  return model, {"params": state["params"], "batch_stats": state["batch_stats"]}, meta
+
+
+def variables_of(state, path=()) -> dict:
+  node = state
+  for key in path:
+    node = node[key]
+  return {"params": node["params"], "batch_stats": node["batch_stats"]}
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _count_correct(model, variables, images, labels, valid, mean, std):
+  logits = model.apply(variables, data.normalize(images, mean, std), train=False)
+  correct = (jnp.argmax(logits, -1) == labels) & valid
+  return correct.sum()
+
+
+def top1(model, variables, split: data.Split, mean, std, mesh, batch_size: int = 1000) -> float:
+  """Top-1 accuracy over a whole split, data-parallel; exact across devices and processes.
+
+  The last batch is padded and masked. Every process holds the whole split in memory and
+  feeds its rows of each global batch.
+  """
+  if len(split) == 0:
+    return float("nan")
+  batch_size = max(jax.device_count(), batch_size - batch_size % jax.device_count())
+  variables = parallel.replicate(mesh, variables)
+  rows = parallel.process_slice(batch_size)
+  correct = 0
+  for start in range(0, len(split), batch_size):
+    idx = np.arange(start, start + batch_size)
+    valid = idx < len(split)
+    idx = np.minimum(idx, len(split) - 1)
+    batch = parallel.global_batch(mesh, {"images": split.images[idx][rows],
+                                         "labels": split.labels[idx][rows],
+                                         "valid": valid[rows]})
+    correct += _count_correct(model, variables, batch["images"], batch["labels"],
+                              batch["valid"], tuple(mean), tuple(std))
+  return float(correct) / len(split)
+
+
+def num_params(params) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+def classifiers_in(meta: dict) -> dict:
+  """name -> classifier description for a checkpoint's meta.
+
+  A stage that stores one classifier writes its description as the meta itself (with
+  `model_name`); a stage that stores several (or a classifier inside a larger state) lists
+  them under `classifiers`, each with the `path` of its variables inside the state.
+  """
+  if "classifiers" in meta:
+    return meta["classifiers"]
+  if meta.get("arch") == "cifar_resnet":
+    return {meta["model_name"]: meta}
+  return {}

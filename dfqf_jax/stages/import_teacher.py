@@ -1,0 +1,39 @@
+"""Stage 0 alternative: import a pretrained PyTorch CIFAR ResNet as the teacher checkpoint."""
+import os
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from dfqf_jax import checkpoints, convert, data
+from dfqf_jax.stages import common
+
+
+def run(config, workdir: str) -> None:
+  if not config.weights or not os.path.isfile(config.weights):
+    raise convert.ConversionError(
+        f"weights={config.weights!r} is not a file; pass --config.weights=PATH to a PyTorch "
+        "state dict saved as .npz (e.g. ../shared/data/resnet20-12fca82f_weights.npz).")
+  variables = convert.torch_resnet_to_flax(convert.load_state_dict_npz(config.weights),
+                                           config.model.depth,
+                                           data.num_classes(config.data.name))
+  meta = common.classifier_meta(config.model.depth, config.data.name, config.data.mean,
+                                config.data.std, source=os.path.abspath(config.weights),
+                                model_name="teacher")
+  stage_dir = os.path.join(workdir, common.TEACHER_DIR)
+  if checkpoints.exists(stage_dir):
+    _, saved_meta, _ = checkpoints.load_product(stage_dir, "teacher")
+    checkpoints.check_compatible(saved_meta, meta, stage_dir)
+    if saved_meta.get("source") == meta["source"]:
+      logging.info("teacher: %s already holds these weights; nothing to do.", stage_dir)
+      return
+    raise checkpoints.CheckpointError(
+        f"{stage_dir!r} already holds a teacher from {saved_meta.get('source')!r}; use "
+        "another --workdir (existing checkpoints are never overwritten).")
+  state = jax.tree.map(jnp.asarray, variables)
+  mngr = checkpoints.manager(stage_dir)
+  checkpoints.save(mngr, 0, state, meta, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  logging.info("teacher: imported %s (%d parameters) into %s", config.weights,
+               common.num_params(state["params"]), stage_dir)

@@ -1,0 +1,162 @@
+"""Pieces shared by the training stages: optimizers, schedules, logging and the step loop."""
+import json
+import math
+import os
+import signal
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+import optax
+from absl import logging
+from tqdm import tqdm
+
+from dfqf_jax import checkpoints
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 5e-4):
+  """PyTorch SGD: coupled L2 (added to the gradient before momentum), v = m v + g, p -= lr v."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate, momentum=momentum or None))
+
+
+def step_decay(base_lr: float, milestones: list[float], steps_per_epoch: int,
+               factor: float = 0.1):
+  """lr x factor at each milestone epoch (PyTorch MultiStepLR, stepped once per epoch)."""
+  boundaries = {int(round(m * steps_per_epoch)): factor for m in milestones}
+  return optax.piecewise_constant_schedule(base_lr, boundaries)
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+class MetricWriter:
+  """metrics.jsonl + TensorBoard event files, written by process 0 only."""
+
+  def __init__(self, directory: str):
+    self._jsonl = None
+    self._tb = None
+    if is_main_process():
+      from tensorboardX import SummaryWriter
+      os.makedirs(directory, exist_ok=True)
+      self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if self._jsonl is None:
+      return
+    clean = {k: float(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._jsonl.flush()
+    for k, v in clean.items():
+      self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def read_metrics(directory: str) -> list[dict]:
+  """The rows of `directory/metrics.jsonl`, keeping the last row per step (resumed runs)."""
+  path = os.path.join(directory, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  rows = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        row = json.loads(line)
+        rows.setdefault(row["step"], {}).update(row)
+  return [rows[s] for s in sorted(rows)]
+
+
+def mean_metrics(history: list[dict]) -> dict:
+  """Averages a list of per-step metric dicts fetched from the devices in one transfer."""
+  history = jax.device_get(history)
+  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+
+
+def check_finite(metrics: dict, step: int, loss_keys) -> None:
+  for key in loss_keys:
+    if key in metrics and not math.isfinite(metrics[key]):
+      raise NonFiniteLossError(
+          f"the loss term {key!r} became {metrics[key]} by step {step}; the run stopped and "
+          "the last good checkpoint is kept. Lower the learning rate or the loss weights.")
+
+
+class _TermSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    self.received = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
+              train_step: Callable, meta: dict, writer: MetricWriter, log_every: int,
+              loss_keys=("loss",), evaluate: Callable | None = None,
+              eval_every: int = 0, on_log: Callable | None = None):
+  """Runs steps [start_step, total_steps) of a stage.
+
+  train_step(state, step) -> (state, metrics) dispatches one jitted step without waiting
+  for it. Metrics stay on device and are fetched every `log_every` steps (one transfer),
+  checked for NaN/Inf and written. Checkpoints are saved every `ckpt`'s interval, only right
+  after a finite check, and at the end. SIGTERM/SIGINT save the current step and return
+  early. evaluate(state, step) -> dict of monitoring metrics, every `eval_every` steps.
+  Returns (state, completed).
+  """
+  history = []
+  started = time.time()
+  with _TermSignal() as term, tqdm(total=total_steps, initial=start_step, desc=name,
+                                   disable=not is_main_process(), dynamic_ncols=True,
+                                   mininterval=2.0) as bar:
+    for step in range(start_step, total_steps):
+      state, metrics = train_step(state, step)
+      history.append(metrics)
+      done = step + 1
+      save_now = ckpt.should_save(done) or done == total_steps or term.received
+      eval_now = evaluate is not None and eval_every > 0 and (
+          done % eval_every == 0 or done == total_steps)
+      if done % log_every == 0 or save_now or eval_now:
+        summary = mean_metrics(history)
+        history = []
+        check_finite(summary, done, loss_keys)
+        if eval_now:
+          summary.update(evaluate(state, done))
+        writer.write(done, summary)
+        if on_log is not None:
+          on_log(state, done, summary)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in list(summary.items())[:4]})
+      if save_now:
+        checkpoints.save(ckpt, done, state, meta, force=True)
+      bar.update(1)
+      if term.received:
+        ckpt.wait_until_finished()
+        logging.warning("%s: stopped by signal at step %d; checkpoint saved.", name, done)
+        return state, False
+  ckpt.wait_until_finished()
+  logging.info("%s: %d steps in %.1fs", name, total_steps - start_step, time.time() - started)
+  return state, True

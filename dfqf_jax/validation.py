@@ -1,0 +1,82 @@
+"""Config validation before any work: one sentence per problem, naming field, value and fix."""
+import os
+
+import jax
+
+from dfqf_jax import data, quant
+from dfqf_jax.models.resnet import DEPTHS
+
+
+class ConfigError(ValueError):
+  """A config field has a value the job cannot use."""
+
+
+def _fail(field, value, allowed):
+  raise ConfigError(f"config.{field}={value!r} is invalid; allowed: {allowed}.")
+
+
+def positive(config, field: str, allow_zero: bool = False) -> None:
+  value = _get(config, field)
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (
+      value == 0 and not allow_zero):
+    _fail(field, value, "a number >= 0" if allow_zero else "a number > 0")
+
+
+def one_of(config, field: str, allowed) -> None:
+  value = _get(config, field)
+  if value not in allowed:
+    _fail(field, value, f"one of {list(allowed)}")
+
+
+def divisible_batch(config, field: str) -> None:
+  positive(config, field)
+  value, devices = _get(config, field), jax.device_count()
+  if value % devices:
+    _fail(field, value, f"a multiple of the {devices} devices")
+
+
+def _get(config, field: str):
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  return node
+
+
+def common(config) -> None:
+  one_of(config, "data.name", sorted(data.DATASETS))
+  one_of(config, "model.depth", DEPTHS)
+  for field in ("log_every_steps", "checkpoint_every_steps"):
+    positive(config, field)
+  positive(config, "data.validation_size", allow_zero=True)
+  if len(config.data.mean) != 3 or len(config.data.std) != 3 or min(config.data.std) <= 0:
+    _fail("data.std", tuple(config.data.std), "3 positive per-channel values (and 3 means)")
+  data_dir = data.resolve_dir(config.data.dir)
+  if data_dir:
+    for split in ("train", "test"):
+      path = os.path.join(data_dir, f"{config.data.name}_{split}.npz")
+      if not os.path.isfile(path):
+        raise ConfigError(
+            f"config.data.dir={data_dir!r} has no {config.data.name}_{split}.npz; point it (or "
+            f"${data.DATA_DIR_ENV}) at a folder with {config.data.name}_train.npz and "
+            f"{config.data.name}_test.npz.")
+
+
+def bits(config, field: str) -> None:
+  one_of(config, field, quant.VALID_BITS)
+
+
+def teacher(config) -> None:
+  common(config)
+  divisible_batch(config, "batch_size")
+  for field in ("learning_rate", "num_epochs", "eval_every_epochs"):
+    positive(config, field)
+  for field in ("momentum", "weight_decay", "num_steps"):
+    positive(config, field, allow_zero=True)
+
+
+def import_teacher(config) -> None:
+  common(config)
+
+
+def evaluate(config) -> None:
+  common(config)

@@ -1,0 +1,65 @@
+"""dfqf-jax entry point: python main.py --config=configs/<job>.py[:arg] --workdir=DIR."""
+import sys
+import time
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dfqf_jax import checkpoints, convert, data, report, training, validation
+from dfqf_jax.stages import evaluate, import_teacher, teacher
+
+STAGES = {
+    "teacher": (teacher.run, validation.teacher),
+    "import_teacher": (import_teacher.run, validation.import_teacher),
+    "evaluate": (evaluate.run, validation.evaluate),
+}
+USER_ERRORS = (validation.ConfigError, data.DataError, checkpoints.CheckpointError,
+               convert.ConversionError, training.NonFiniteLossError)
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder for this run's checkpoints, logs and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed(config) -> None:
+  """Multi-process runs: explicit coordinator, or auto-detected (Cloud TPU, SLURM...)."""
+  if config.distributed.coordinator:
+    jax.distributed.initialize(config.distributed.coordinator,
+                               config.distributed.num_processes, config.distributed.process_id)
+  elif config.distributed.num_processes > 1:
+    jax.distributed.initialize()
+
+
+def main(argv) -> None:
+  del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO.
+  config = FLAGS.config
+  if config.stage not in STAGES:
+    raise validation.ConfigError(f"config.stage={config.stage!r} is unknown; allowed: "
+                                 f"{sorted(STAGES)}.")
+  initialize_distributed(config)
+  run, validate = STAGES[config.stage]
+  validate(config)
+  started = time.time()
+  run(config, FLAGS.workdir)
+  if config.record_to:
+    results = evaluate.run(config, FLAGS.workdir)
+    report.record_run(config.record_to, FLAGS.workdir, results, time.time() - started)
+    logging.info("run record written to %s", config.record_to)
+
+
+def _main(argv) -> None:
+  try:
+    main(argv)
+  except USER_ERRORS as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(_main)
