@@ -80,3 +80,16 @@ def import_teacher(config) -> None:
 
 def evaluate(config) -> None:
   common(config)
+
+
+def generator(config) -> None:
+  common(config)
+  divisible_batch(config, "batch_size")
+  for field in ("iters_per_epoch", "num_epochs", "eval_every_epochs", "lambda_is", "lambda_bn",
+                "lambda_adv", "generator.latent_dim", "generator.learning_rate",
+                "student.learning_rate"):
+    positive(config, field)
+  for field in ("student.momentum", "student.weight_decay"):
+    positive(config, field, allow_zero=True)
+  if config.teacher_dir and not os.path.isdir(config.teacher_dir):
+    _fail("teacher_dir", config.teacher_dir, "a folder holding a teacher checkpoint")

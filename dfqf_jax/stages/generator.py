@@ -1,0 +1,217 @@
+"""Stage 1: train the DAFL generator against the frozen teacher (DFQF's DFKD warm-up).
+
+Per iteration, on one batch z ~ N(0, I):
+  x = G(z) (G's BNs in training mode); t = T(x) (T's BNs in inference mode, recording the
+  batch mean / unbiased variance at every BN input); s = S(x) (S's BNs in training mode);
+  G descends L_G = L_IS + lambda_bn L_BN - lambda_adv KL(t || s)   (Adam);
+  S descends KL(t || s) on the same, detached images (SGD with step decay).
+Both updates use the parameters from before the iteration. The product is the last generator.
+
+With `single_student_pass` (default) one backward pass gives both gradients: L_G depends on
+the student's parameters only through -lambda_adv KL(t || s), and KL's gradient w.r.t. the
+student does not depend on whether t and x are detached, so dKL/dθ_S = -dL_G/dθ_S / lambda_adv.
+The reference code runs the student twice (once per loss); `single_student_pass=False` does
+that too (the student's BN running statistics are then updated twice per iteration).
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from dfqf_jax import checkpoints, data, images, parallel, training
+from dfqf_jax import losses as L
+from dfqf_jax.models.generator import Generator, sample_latent
+from dfqf_jax.models.layers import BN_INPUT_STATS
+from dfqf_jax.models.resnet import CifarResNet
+from dfqf_jax.stages import common
+
+STAGE_DIR = "generator"
+LOSS_KEYS = ("loss_g", "loss_is", "loss_bn", "loss_adv")
+
+
+@struct.dataclass
+class GeneratorState:
+  step: jax.Array
+  generator: dict  # {'params', 'batch_stats'}
+  g_opt_state: optax.OptState
+  student: dict
+  s_opt_state: optax.OptState
+
+
+@struct.dataclass
+class Hyper:
+  """Static settings of one stage-1 iteration."""
+  batch_size: int = struct.field(pytree_node=False)
+  latent_dim: int = struct.field(pytree_node=False)
+  lambda_is: float = struct.field(pytree_node=False)
+  lambda_bn: float = struct.field(pytree_node=False)
+  lambda_adv: float = struct.field(pytree_node=False)
+  single_student_pass: bool = struct.field(pytree_node=False, default=True)
+
+
+def make_generator(config) -> Generator:
+  return Generator(config.generator.latent_dim, reference_quirks=config.generator.reference_quirks)
+
+
+def generator_optimizer(config):
+  return optax.adam(config.generator.learning_rate, b1=0.9, b2=0.999, eps=1e-8)
+
+
+def student_optimizer(config, total_steps: int):
+  schedule = training.step_decay(config.student.learning_rate,
+                                 [f * total_steps for f in config.student.lr_milestones], 1)
+  return training.sgd(schedule, config.student.momentum, config.student.weight_decay), schedule
+
+
+def create_state(generator, student, g_tx, s_tx, key, latent_dim) -> GeneratorState:
+  g_key, s_key = jax.random.split(key)
+  g_vars = generator.init(g_key, jnp.zeros((2, latent_dim)))
+  s_vars = student.init(s_key, jnp.zeros((1, 32, 32, 3)))
+  g = {"params": g_vars["params"], "batch_stats": g_vars["batch_stats"]}
+  s = {"params": s_vars["params"], "batch_stats": s_vars["batch_stats"]}
+  return GeneratorState(jnp.zeros((), jnp.int32), g, g_tx.init(g["params"]), s,
+                        s_tx.init(s["params"]))
+
+
+def train_step(generator, teacher, student, g_tx, s_tx, hp: Hyper, state: GeneratorState,
+               teacher_vars, key, mesh=None):
+  """One DFQF stage-1 iteration on a global batch (see the module docstring)."""
+  z = sample_latent(key, hp.batch_size, hp.latent_dim)
+  if mesh is not None:
+    z = jax.lax.with_sharding_constraint(z, parallel.batch_sharding(mesh))
+
+  def generator_loss(g_params, s_params):
+    x, g_updates = generator.apply(
+        {"params": g_params, "batch_stats": state.generator["batch_stats"]}, z, train=True,
+        mutable=["batch_stats"])
+    t, recorded = teacher.apply(teacher_vars, x, train=False, mutable=[BN_INPUT_STATS])
+    s, s_updates = student.apply(
+        {"params": s_params, "batch_stats": state.student["batch_stats"]}, x, train=True,
+        mutable=["batch_stats"])
+    loss_is, h_cond, h_marg = L.inception_score_loss(t, hp.lambda_is)
+    loss_bn = L.bn_statistics_loss(recorded[BN_INPUT_STATS], teacher_vars["batch_stats"])
+    loss_adv = L.kd_loss(t, s)
+    loss = loss_is + hp.lambda_bn * loss_bn - hp.lambda_adv * loss_adv
+    aux = (x, t, g_updates["batch_stats"], s_updates["batch_stats"],
+           {"loss_g": loss, "loss_is": loss_is, "entropy_conditional": h_cond,
+            "entropy_marginal": h_marg, "loss_bn": loss_bn, "loss_adv": loss_adv})
+    return loss, aux
+
+  (_, (x, t, g_stats, s_stats, metrics)), (g_grads, s_adv_grads) = jax.value_and_grad(
+      generator_loss, argnums=(0, 1), has_aux=True)(
+          state.generator["params"], state.student["params"])
+
+  if hp.single_student_pass:
+    s_grads = jax.tree.map(lambda g: -g / hp.lambda_adv, s_adv_grads)
+  else:
+    x, t = jax.lax.stop_gradient(x), jax.lax.stop_gradient(t)
+
+    def student_loss(s_params):
+      s, updates = student.apply({"params": s_params, "batch_stats": s_stats}, x, train=True,
+                                 mutable=["batch_stats"])
+      return L.kd_loss(t, s), updates["batch_stats"]
+
+    (_, s_stats), s_grads = jax.value_and_grad(student_loss, has_aux=True)(
+        state.student["params"])
+
+  g_updates, g_opt_state = g_tx.update(g_grads, state.g_opt_state, state.generator["params"])
+  s_updates, s_opt_state = s_tx.update(s_grads, state.s_opt_state, state.student["params"])
+  new_state = GeneratorState(
+      state.step + 1,
+      {"params": optax.apply_updates(state.generator["params"], g_updates),
+       "batch_stats": g_stats}, g_opt_state,
+      {"params": optax.apply_updates(state.student["params"], s_updates),
+       "batch_stats": s_stats}, s_opt_state)
+  probs = jax.nn.softmax(t)
+  histogram = jnp.bincount(jnp.argmax(t, -1), length=t.shape[-1]) / t.shape[0]
+  metrics.update(teacher_max_prob=probs.max(-1).mean(),
+                 class_histogram_entropy=L.entropy(histogram))
+  return new_state, metrics
+
+
+def stage_meta(config, teacher_meta) -> dict:
+  student = common.classifier_meta(teacher_meta["depth"], teacher_meta["dataset"],
+                                   teacher_meta["mean"], teacher_meta["std"],
+                                   path=["student"])
+  return {"arch": "dafl_generator", "latent_dim": config.generator.latent_dim,
+          "reference_quirks": config.generator.reference_quirks,
+          "teacher": {k: teacher_meta[k] for k in ("depth", "dataset", "mean", "std")},
+          "classifiers": {"generator_student_fp": student}}
+
+
+def load_generator(workdir: str, generator_dir: str = ""):
+  """(Generator module, variables, meta) of the last stage-1 checkpoint."""
+  directory = generator_dir or os.path.join(workdir, STAGE_DIR)
+  state, meta, _ = checkpoints.load_product(directory, "generator")
+  module = Generator(meta["latent_dim"], reference_quirks=meta["reference_quirks"])
+  return module, state["generator"], meta
+
+
+def save_grid(path, generator, g_vars, teacher, teacher_vars, latent_dim, teacher_meta, key,
+              count: int = 256):
+  x = generator.apply(g_vars, sample_latent(key, count, latent_dim), train=True,
+                      mutable=["batch_stats"])[0]
+  predicted = np.asarray(jnp.argmax(teacher.apply(teacher_vars, x, train=False), -1))
+  pictures = images.denormalize(x, teacher_meta["mean"], teacher_meta["std"])
+  images.save_png(path, images.class_grid(pictures, predicted, teacher_meta["num_classes"]))
+
+
+def run(config, workdir: str) -> None:
+  stage_dir = os.path.join(workdir, STAGE_DIR)
+  teacher, teacher_vars, teacher_meta = common.load_teacher(workdir, config.teacher_dir)
+  mesh = parallel.make_mesh()
+  test_split = data.load_split(teacher_meta["dataset"], "test", config.data.dir)
+
+  total_steps = config.num_epochs * config.iters_per_epoch
+  generator = make_generator(config)
+  student = CifarResNet(teacher_meta["depth"], teacher_meta["num_classes"])
+  g_tx = generator_optimizer(config)
+  s_tx, s_schedule = student_optimizer(config, total_steps)
+  hp = Hyper(config.batch_size, config.generator.latent_dim, config.lambda_is,
+             config.lambda_bn, config.lambda_adv, config.single_student_pass)
+  meta = stage_meta(config, teacher_meta)
+
+  replicated = parallel.replicated(mesh)
+  teacher_vars = parallel.replicate(mesh, teacher_vars)
+  state = jax.jit(lambda k: create_state(generator, student, g_tx, s_tx, k, hp.latent_dim),
+                  out_shardings=replicated)(jax.random.key(config.seed))
+  ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
+  start = checkpoints.latest_step(stage_dir) or 0
+  if start:
+    state, saved_meta = checkpoints.restore(ckpt, start, state)
+    checkpoints.check_compatible(saved_meta, meta, stage_dir)
+    print(f"generator: resuming from step {start}")
+
+  step_fn = jax.jit(
+      lambda s, tv, k: train_step(generator, teacher, student, g_tx, s_tx, hp, s, tv, k, mesh),
+      donate_argnums=0)
+  base_key = jax.random.key(config.seed + 1)
+
+  def do_step(state, step):
+    state, metrics = step_fn(state, teacher_vars, jax.random.fold_in(base_key, step))
+    return state, {**metrics, "student_learning_rate": s_schedule(step)}
+
+  def evaluate(state, step):
+    s_vars = common.variables_of(state.student)
+    result = {"epoch": step / config.iters_per_epoch,
+              "student_test_top1": common.top1(student, s_vars, test_split,
+                                               teacher_meta["mean"], teacher_meta["std"], mesh)}
+    if training.is_main_process():
+      path = os.path.join(stage_dir, "grid.png")
+      save_grid(path, generator, state.generator, teacher, teacher_vars, hp.latent_dim,
+                teacher_meta, jax.random.key(config.seed + 2))
+    return result
+
+  writer = training.MetricWriter(stage_dir)
+  try:
+    training.run_steps(name="generator", ckpt=ckpt, state=state, start_step=start,
+                       total_steps=total_steps, train_step=do_step, meta=meta, writer=writer,
+                       log_every=config.log_every_steps, loss_keys=LOSS_KEYS,
+                       evaluate=evaluate,
+                       eval_every=config.eval_every_epochs * config.iters_per_epoch)
+  finally:
+    writer.close()
+    ckpt.close()
