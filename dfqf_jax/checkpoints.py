@@ -36,6 +36,26 @@ def restore(mngr, step: int, abstract_state):
   return restored.state, restored.meta
 
 
+def resume(mngr, directory: str, state, meta: dict):
+  """(state, start step): the latest checkpoint in `directory` if any, else (state, 0).
+
+  The checkpoint's meta is checked against `meta` before any array is read, so a checkpoint
+  of another model is reported, never half-restored or overwritten.
+  """
+  step = latest_step(directory)
+  if step is None:
+    return state, 0
+  saved_meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  check_compatible(saved_meta, meta, directory)
+  try:
+    state, _ = restore(mngr, step, state)
+  except Exception as e:
+    raise CheckpointError(f"the checkpoint {os.path.join(directory, str(step))!r} cannot be "
+                          f"restored ({type(e).__name__}); it is incomplete or does not fit "
+                          "this config: delete it or use another --workdir.") from e
+  return state, step
+
+
 def exists(directory: str) -> bool:
   return os.path.isdir(directory) and latest_step(directory) is not None
 

@@ -39,13 +39,20 @@ def is_main_process() -> bool:
 class MetricWriter:
   """metrics.jsonl + TensorBoard event files, written by process 0 only."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, start_step: int = 0):
+    """Appends to the stage's log; rows after `start_step` (the checkpoint a run resumes
+    from) are dropped first, so a resumed run logs every step exactly once."""
     self._jsonl = None
     self._tb = None
     if is_main_process():
       from tensorboardX import SummaryWriter
       os.makedirs(directory, exist_ok=True)
-      self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+      path = os.path.join(directory, "metrics.jsonl")
+      kept = [r for r in read_metrics(directory) if r["step"] <= start_step]
+      with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(path + ".tmp", path)
+      self._jsonl = open(path, "a")
       self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:

@@ -179,10 +179,8 @@ def run(config, workdir: str) -> None:
   state = jax.jit(lambda k: create_state(generator, student, g_tx, s_tx, k, hp.latent_dim),
                   out_shardings=replicated)(jax.random.key(config.seed))
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
-  start = checkpoints.latest_step(stage_dir) or 0
+  state, start = checkpoints.resume(ckpt, stage_dir, state, meta)
   if start:
-    state, saved_meta = checkpoints.restore(ckpt, start, state)
-    checkpoints.check_compatible(saved_meta, meta, stage_dir)
     print(f"generator: resuming from step {start}")
 
   step_fn = jax.jit(
@@ -205,7 +203,7 @@ def run(config, workdir: str) -> None:
                 teacher_meta, jax.random.key(config.seed + 2))
     return result
 
-  writer = training.MetricWriter(stage_dir)
+  writer = training.MetricWriter(stage_dir, start)
   try:
     training.run_steps(name="generator", ckpt=ckpt, state=state, start_step=start,
                        total_steps=total_steps, train_step=do_step, meta=meta, writer=writer,

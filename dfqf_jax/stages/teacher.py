@@ -4,7 +4,6 @@ import os
 import jax
 import jax.numpy as jnp
 import optax
-from absl import logging
 from flax import struct
 
 from dfqf_jax import checkpoints, data, parallel, training
@@ -65,11 +64,9 @@ def run(config, workdir: str) -> None:
   init = jax.jit(lambda key: create_state(model, tx, key), out_shardings=replicated)
   state = init(jax.random.key(config.seed))
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
-  start = checkpoints.latest_step(stage_dir) or 0
+  state, start = checkpoints.resume(ckpt, stage_dir, state, meta)
   if start:
-    state, saved_meta = checkpoints.restore(ckpt, start, state)
-    checkpoints.check_compatible(saved_meta, meta, stage_dir)
-    logging.info("teacher: resuming from step %d", start)
+    print(f"teacher: resuming from step {start}")
 
   step_fn = jax.jit(lambda s, b: train_step(model, tx, mean, std, s, b), donate_argnums=0)
   rows = parallel.process_slice(config.batch_size)
@@ -88,7 +85,7 @@ def run(config, workdir: str) -> None:
       result["val_top1"] = common.top1(model, variables, val_split, mean, std, mesh)
     return result
 
-  writer = training.MetricWriter(stage_dir)
+  writer = training.MetricWriter(stage_dir, start)
   try:
     training.run_steps(name="teacher", ckpt=ckpt, state=state, start_step=start,
                        total_steps=total_steps, train_step=do_step, meta=meta, writer=writer,

@@ -1,0 +1,62 @@
+"""Architectures, the PyTorch weight import and the published teacher accuracy."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dfqf_jax import convert, data, parallel
+from dfqf_jax.models.generator import Generator
+from dfqf_jax.models.resnet import CifarResNet
+from dfqf_jax.stages import common
+
+
+@pytest.mark.parametrize("depth, expected", [(20, 269_722), (32, 464_154), (56, 853_018)])
+def test_resnet_parameter_counts(depth, expected):
+  variables = jax.eval_shape(lambda: CifarResNet(depth).init(jax.random.key(0),
+                                                             jnp.zeros((1, 32, 32, 3))))
+  assert common.num_params(variables["params"]) == expected
+
+
+def test_option_a_shortcut_pads_channels_on_both_sides():
+  from dfqf_jax.models.resnet import _option_a_shortcut
+  x = jnp.arange(2 * 4 * 4 * 16, dtype=jnp.float32).reshape(2, 4, 4, 16) + 1
+  y = _option_a_shortcut(x, 32, 2)
+  assert y.shape == (2, 2, 2, 32)
+  assert float(jnp.abs(y[..., :8]).sum()) == 0 and float(jnp.abs(y[..., 24:]).sum()) == 0
+  np.testing.assert_array_equal(y[..., 8:24], x[:, ::2, ::2, :])
+
+
+def test_generator_shapes_and_reference_quirks():
+  g = Generator(latent_dim=1000, reference_quirks=True)
+  variables = g.init(jax.random.key(0), jnp.zeros((2, 1000)))
+  x, _ = g.apply(variables, jax.random.normal(jax.random.key(1), (64, 1000)),
+                 mutable=["batch_stats"])
+  assert x.shape == (64, 32, 32, 3)
+  # Final non-affine BN in training mode: per-channel standardized output.
+  np.testing.assert_allclose(x.mean((0, 1, 2)), 0, atol=1e-4)
+  assert "scale" not in variables["params"].get("bn_out", {})
+  scales = np.asarray(variables["params"]["bn1"]["scale"])
+  assert 0.9 < scales.mean() < 1.1 and 0.005 < scales.std() < 0.04  # N(1, 0.02)
+  kernel = np.asarray(variables["params"]["conv2"]["kernel"])
+  assert 0.015 < kernel.std() < 0.025  # N(0, 0.02)
+
+
+def test_weight_import_rejects_another_depth(shared_data):
+  state_dict = convert.load_state_dict_npz(os.path.join(shared_data,
+                                                        "resnet20-12fca82f_weights.npz"))
+  with pytest.raises(convert.ConversionError, match="ResNet-32"):
+    convert.torch_resnet_to_flax(state_dict, 32, 10)
+  with pytest.raises(convert.ConversionError, match="ResNet-20"):
+    convert.torch_resnet_to_flax({**state_dict, "layer1.3.conv1.weight": np.zeros(1)}, 20, 10)
+
+
+def test_imported_teacher_scores_published_accuracy(shared_data):
+  state_dict = convert.load_state_dict_npz(os.path.join(shared_data,
+                                                        "resnet20-12fca82f_weights.npz"))
+  variables = convert.torch_resnet_to_flax(state_dict, 20, 10)
+  test = data.load_split("cifar10", "test", shared_data)
+  top1 = common.top1(CifarResNet(20), variables, test, data.IMAGENET_MEAN, data.IMAGENET_STD,
+                     parallel.make_mesh())
+  assert top1 == pytest.approx(0.9173, abs=1e-9)
