@@ -144,7 +144,8 @@ def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
       state, metrics = train_step(state, step)
       history.append(metrics)
       done = step + 1
-      save_now = ckpt.should_save(done) or done == total_steps or term.received
+      stop = term.received  # read once: a signal arriving later is handled next step
+      save_now = ckpt.should_save(done) or done == total_steps or stop
       eval_now = evaluate is not None and eval_every > 0 and (
           done % eval_every == 0 or done == total_steps)
       if done % log_every == 0 or save_now or eval_now:
@@ -160,7 +161,7 @@ def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
       if save_now:
         checkpoints.save(ckpt, done, state, meta, force=True)
       bar.update(1)
-      if term.received:
+      if stop:
         ckpt.wait_until_finished()
         logging.warning("%s: stopped by signal at step %d; checkpoint saved.", name, done)
         return state, False
