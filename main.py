@@ -7,12 +7,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dfqf_jax import checkpoints, convert, data, report, training, validation
-from dfqf_jax.stages import evaluate, generator, import_teacher, teacher
+from dfqf_jax.stages import evaluate, finetune, generator, import_teacher, ptq, teacher
 
 STAGES = {
     "teacher": (teacher.run, validation.teacher),
     "import_teacher": (import_teacher.run, validation.import_teacher),
     "generator": (generator.run, validation.generator),
+    "ptq": (ptq.run, validation.ptq),
+    "finetune": (finetune.run, validation.finetune),
     "evaluate": (evaluate.run, validation.evaluate),
 }
 USER_ERRORS = (validation.ConfigError, data.DataError, checkpoints.CheckpointError,

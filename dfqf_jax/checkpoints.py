@@ -11,6 +11,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class CheckpointError(ValueError):
@@ -83,10 +84,16 @@ def load_product(directory: str, what: str) -> tuple[dict, dict, int]:
                                  ).restore(step, args=ocp.args.Composite(
                                      meta=ocp.args.JsonRestore())).meta
     checkpointer = ocp.PyTreeCheckpointer()
-    tree_meta = checkpointer.metadata(os.path.join(path, "state")).item_metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta)
-    state = checkpointer.restore(os.path.join(path, "state"),
-                                 args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # reading an item folder directly warns needlessly
+    try:
+      tree_meta = checkpointer.metadata(os.path.join(path, "state")).item_metadata.tree
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                  tree_meta)
+      state = checkpointer.restore(os.path.join(path, "state"),
+                                   args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    finally:
+      logging.set_verbosity(verbosity)
   except Exception as e:
     raise CheckpointError(f"the {what} checkpoint {path!r} cannot be read ({type(e).__name__}: "
                           f"{e}); it is incomplete or corrupted: delete it or rerun the stage."

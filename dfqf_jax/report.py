@@ -3,6 +3,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -65,6 +66,10 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
   }
   if training.is_main_process():
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid = os.path.join(workdir, "generator", "grid.png")
+    if os.path.exists(grid):
+      record["grid"] = os.path.basename(path).removesuffix(".json") + "_grid.png"
+      shutil.copyfile(grid, os.path.join(os.path.dirname(os.path.abspath(path)), record["grid"]))
     with open(path + ".tmp", "w") as f:
       json.dump(record, f, indent=1)
     os.replace(path + ".tmp", path)

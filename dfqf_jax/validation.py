@@ -93,3 +93,47 @@ def generator(config) -> None:
     positive(config, field, allow_zero=True)
   if config.teacher_dir and not os.path.isdir(config.teacher_dir):
     _fail("teacher_dir", config.teacher_dir, "a folder holding a teacher checkpoint")
+
+
+def _quantization(config) -> None:
+  from dfqf_jax.stages.ptq import parse_bits, split_names
+  try:
+    pairs = parse_bits(config.bits)
+  except ValueError as e:
+    raise ConfigError(f"config.bits={config.bits!r} is invalid: {e}") from None
+  for w, a in pairs:
+    for value in (w, a):
+      if value not in quant.VALID_BITS:
+        _fail("bits", config.bits, f"w<W>a<A> with W, A in {list(quant.VALID_BITS)}")
+  for protocol in split_names(config.protocol):
+    if protocol not in quant.PROTOCOLS:
+      _fail("protocol", config.protocol, f"one of {list(quant.PROTOCOLS)} (comma-separated)")
+  for method in split_names(config.calibration):
+    if method not in quant.CALIBRATIONS:
+      _fail("calibration", config.calibration,
+            f"one of {list(quant.CALIBRATIONS)} (comma-separated)")
+  one_of(config, "calibration_data", ("generated", "real"))
+  for field in ("calibration_batches", "calibration_batch_size"):
+    positive(config, field)
+
+
+def ptq(config) -> None:
+  common(config)
+  _quantization(config)
+
+
+def finetune(config) -> None:
+  common(config)
+  _quantization(config)
+  if len(config.bits.split(",")) != 1 or len(config.protocol.split(",")) != 1 or len(
+      config.calibration.split(",")) != 1:
+    raise ConfigError("finetune trains one student: give one value each for config.bits "
+                      f"({config.bits!r}), config.protocol and config.calibration.")
+  one_of(config, "data_source", ("generated", "real"))
+  divisible_batch(config, "batch_size")
+  for field in ("steps_per_epoch", "num_epochs", "learning_rate", "clip_learning_rate",
+                "eval_every_epochs", "lambda_is", "lambda_bn", "lambda_adv",
+                "generator_learning_rate"):
+    positive(config, field)
+  for field in ("momentum", "weight_decay"):
+    positive(config, field, allow_zero=True)

@@ -88,3 +88,12 @@ def classifiers_in(meta: dict) -> dict:
   if meta.get("arch") == "cifar_resnet":
     return {meta["model_name"]: meta}
   return {}
+
+
+def check_teacher_depth(config, teacher_meta: dict) -> None:
+  """The stage's model.depth must be the teacher's (the student is a copy of it)."""
+  if config.model.depth != teacher_meta["depth"]:
+    raise checkpoints.CheckpointError(
+        f"the teacher checkpoint is a ResNet-{teacher_meta['depth']} but "
+        f"config.model.depth={config.model.depth}; set --config.model.depth="
+        f"{teacher_meta['depth']} or point teacher_dir at a ResNet-{config.model.depth}.")
