@@ -1,4 +1,6 @@
 """dfqf-jax entry point: python main.py --config=configs/<job>.py[:arg] --workdir=DIR."""
+import json
+import os
 import sys
 import time
 
@@ -7,7 +9,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dfqf_jax import checkpoints, convert, data, report, training, validation
-from dfqf_jax.stages import evaluate, finetune, generator, import_teacher, ptq, teacher
+from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, pipeline, ptq,
+                             teacher)
 
 STAGES = {
     "teacher": (teacher.run, validation.teacher),
@@ -16,6 +19,7 @@ STAGES = {
     "ptq": (ptq.run, validation.ptq),
     "finetune": (finetune.run, validation.finetune),
     "evaluate": (evaluate.run, validation.evaluate),
+    "pipeline": (pipeline.run, pipeline.validate),
 }
 USER_ERRORS = (validation.ConfigError, data.DataError, checkpoints.CheckpointError,
                convert.ConversionError, training.NonFiniteLossError)
@@ -50,7 +54,8 @@ def main(argv) -> None:
   started = time.time()
   run(config, FLAGS.workdir)
   if config.record_to:
-    results = evaluate.run(config, FLAGS.workdir)
+    results = (evaluate.run(config, FLAGS.workdir) if config.stage != "pipeline" else
+               json.load(open(os.path.join(FLAGS.workdir, evaluate.RESULTS_FILE))))
     report.record_run(config.record_to, FLAGS.workdir, results, time.time() - started)
     logging.info("run record written to %s", config.record_to)
 

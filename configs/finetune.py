@@ -24,6 +24,9 @@ def get_config(bits: str = "w4a4"):
   config.momentum = 0.9
   config.weight_decay = 5e-4
   config.clip_learning_rate = 0.0001
+  # The student's BNs in training mode (the reference): their running statistics move to
+  # generated-image statistics. False keeps the teacher's statistics frozen.
+  config.student_bn_train = True
   # Keep training G adversarially against the quantized student (off in the reference).
   config.adversarial_generator = False
   config.lambda_is = 40.0

@@ -74,3 +74,82 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
       json.dump(record, f, indent=1)
     os.replace(path + ".tmp", path)
   return record
+
+
+def _stage_of(name: str) -> str:
+  """The pipeline stage that produced a model (keys of DIR/timing.json)."""
+  if name in ("teacher", "ptq"):
+    return name
+  if name.startswith("ptq_"):
+    return "ptq"
+  if name.startswith(("student_", "qat_real_")):
+    return "finetune_" + next(p for p in name.split("_") if p.startswith("w"))
+  return "generator"
+
+
+def plot_curves(workdir: str, path: str) -> list[str]:
+  """PNG plots of the stage curves; returns the written file names."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  written = []
+  for stage, series in curves(workdir).items():
+    keys = [k for k in series if k.endswith("top1")] + [k for k in series
+                                                        if k.startswith("loss")]
+    if not keys:
+      continue
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+      steps, values = zip(*series[key])
+      ax.plot(steps, values)
+      ax.set_title(key, fontsize=9)
+      ax.set_xlabel("step", fontsize=8)
+      ax.tick_params(labelsize=7)
+    fig.suptitle(stage, fontsize=10)
+    fig.tight_layout()
+    name = f"curves_{stage}.png"
+    fig.savefig(os.path.join(path, name), dpi=90)
+    plt.close(fig)
+    written.append(name)
+  return written
+
+
+def write_report(workdir: str, results: dict, timing: dict, schedule: str) -> str:
+  """DIR/report.md: one table (teacher, PTQ baselines, DFQF students), grid and curves.
+
+  Also adds `drop_vs_teacher` and the stage wall time to each entry of DIR/results.json.
+  """
+  teacher_top1 = results.get("teacher", {}).get("top1")
+  host = hardware()
+  for name, entry in results.items():
+    if teacher_top1 is not None:
+      entry["drop_vs_teacher"] = teacher_top1 - entry["top1"]
+    entry["stage_wall_seconds"] = round(timing.get(_stage_of(name), float("nan")), 1)
+    entry["hardware"] = host
+  order = lambda n: (0 if n == "teacher" else 2 if n.startswith("ptq_") else 1, n)
+  lines = [f"# DFQF report ({schedule} schedule)", "", f"Hardware: {host}", "",
+           "| model | top-1 | drop vs teacher | W/A bits | protocol | calibration | steps | "
+           "stage wall time |", "|---|---:|---:|---|---|---|---:|---:|"]
+  for name in sorted(results, key=order):
+    r = results[name]
+    bits = f"{r['weight_bits']}/{r['act_bits']}" if "weight_bits" in r else "32/32"
+    drop = r.get("drop_vs_teacher")
+    lines.append(
+        f"| {name} | {100 * r['top1']:.2f}% | {'' if drop is None else f'{100 * drop:+.2f}'} "
+        f"| {bits} | {r.get('protocol', '')} | {r.get('calibration', '')} | "
+        f"{r.get('steps', r.get('step', ''))} | {r['stage_wall_seconds']:.0f} s |")
+  lines += ["", "Top-1 on the full CIFAR test split of each *final* model (no test-set "
+            "selection). Stage wall time includes compilation and per-epoch monitoring.", ""]
+  if os.path.exists(os.path.join(workdir, "generator", "grid.png")):
+    lines += ["## Generated images (one row per teacher-predicted class)", "",
+              "![grid](generator/grid.png)", ""]
+  plots = plot_curves(workdir, workdir) if training.is_main_process() else []
+  if plots:
+    lines += ["## Training curves", ""] + [f"![{p}]({p})" for p in plots]
+  text = "\n".join(lines) + "\n"
+  if training.is_main_process():
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+      f.write(text)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+  return text

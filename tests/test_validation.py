@@ -8,6 +8,7 @@ from conftest import SHARED_DATA, TEACHER_WEIGHTS
 
 TEACHER_SMOKE = "configs/teacher.py:smoke"
 GENERATOR_SMOKE = "configs/generator.py:smoke"
+PTQ = "configs/ptq.py:w4a4"
 
 
 def assert_clean_failure(result, workdir, *phrases):
@@ -54,6 +55,19 @@ CASES = {
                              ["config.lambda_adv=-5"]),
     "missing teacher checkpoint": (GENERATOR_SMOKE, [], 1,
                                    ["no teacher checkpoint", "run the teacher stage"]),
+    "bits above 8": ("configs/ptq.py:w9a4", [], 1, ["config.bits='w9a4'", "32"]),
+    "bits below 2": ("configs/finetune.py:w1a1", [], 1, ["config.bits='w1a1'"]),
+    "malformed bits": ("configs/ptq.py:4bit", [], 1, ["config.bits='4bit'", "w<bits>a<bits>"]),
+    "unknown calibration": (PTQ, ["--config.calibration=percentile"], 1,
+                            ["config.calibration='percentile'", "mse"]),
+    "unknown protocol": (PTQ, ["--config.protocol=lsq"], 1, ["config.protocol='lsq'"]),
+    "unknown calibration data": (PTQ, ["--config.calibration_data=imagenet"], 1,
+                                 ["config.calibration_data='imagenet'"]),
+    "several students in one finetune": ("configs/finetune.py:w4a4,w8a8", [], 1,
+                                         ["finetune trains one student"]),
+    "pipeline with a bad stage field": ("configs/pipeline.py:smoke",
+                                        ["--config.finetune_stage.learning_rate=-1"], 1,
+                                        ["config.learning_rate=-1"]),
 }
 
 
@@ -76,3 +90,10 @@ def test_latent_size_mismatch_with_generator_checkpoint(imported_teacher, shared
   result = run_main(GENERATOR_SMOKE, imported_teacher, *args, "--config.generator.latent_dim=64")
   assert_clean_failure(result, imported_teacher, "latent_dim=32", "latent_dim=64")
   assert sorted(os.listdir(imported_teacher / "generator")) == before
+
+
+def test_teacher_of_another_depth_is_rejected_by_stage_2(imported_teacher, shared_data):
+  result = run_main(PTQ, imported_teacher, f"--config.data.dir={SHARED_DATA}",
+                    "--config.model.depth=32", "--config.calibration_data=real")
+  assert_clean_failure(result, imported_teacher, "ResNet-20", "config.model.depth=32")
+  assert sorted(os.listdir(imported_teacher)) == ["teacher"]

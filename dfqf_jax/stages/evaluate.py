@@ -21,7 +21,16 @@ def checkpoint_dirs(workdir: str) -> list[str]:
   return [d for d in dirs if checkpoints.exists(d)]
 
 
-def evaluate_dir(directory, splits, mesh, data_dir) -> dict:
+def evaluate_dir(directory, splits, mesh, data_dir, known: dict) -> dict:
+  """Evaluates the classifiers of the latest checkpoint in `directory`; entries of `known`
+  (the existing results.json) for the same checkpoint are reused, not recomputed."""
+  step = checkpoints.latest_step(directory)
+  checkpoint = os.path.join(directory, str(step))
+  written = os.path.getmtime(checkpoint)
+  cached = {n: r for n, r in known.items()
+            if r.get("checkpoint") == checkpoint and r.get("checkpoint_mtime") == written}
+  if cached:
+    return cached
   state, meta, step = checkpoints.load_product(directory, os.path.basename(directory))
   results = {}
   for name, entry in common.classifiers_in(meta).items():
@@ -33,7 +42,7 @@ def evaluate_dir(directory, splits, mesh, data_dir) -> dict:
                        mesh)
     described = {k: v for k, v in entry.items() if k not in ("path", "mean", "std", "arch")}
     results[name] = {"top1": top1, "num_params": common.num_params(variables["params"]),
-                     "checkpoint": os.path.join(directory, str(step)), "step": step,
+                     "checkpoint": checkpoint, "checkpoint_mtime": written, "step": step,
                      **described}
   return results
 
@@ -43,17 +52,17 @@ def run(config, workdir: str) -> dict:
     raise checkpoints.CheckpointError(f"--workdir={workdir!r} does not exist; point it at the "
                                       "folder your stages wrote.")
   mesh = parallel.make_mesh()
-  splits = {}
-  results = {}
-  for directory in checkpoint_dirs(workdir):
-    results.update(evaluate_dir(directory, splits, mesh, config.data.dir))
-  if not results:
-    raise checkpoints.CheckpointError(f"no checkpoint found in {workdir!r}; run a stage first.")
   path = os.path.join(workdir, RESULTS_FILE)
   merged = {}
   if os.path.exists(path):
     with open(path) as f:
       merged = json.load(f)
+  splits = {}
+  results = {}
+  for directory in checkpoint_dirs(workdir):
+    results.update(evaluate_dir(directory, splits, mesh, config.data.dir, merged))
+  if not results:
+    raise checkpoints.CheckpointError(f"no checkpoint found in {workdir!r}; run a stage first.")
   merged.update(results)
   if training.is_main_process():
     tmp = path + ".tmp"

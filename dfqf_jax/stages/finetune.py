@@ -43,8 +43,12 @@ def student_optimizer(config, steps_per_epoch: int):
 
 
 def kd_step(generator, teacher, student, s_tx, batch_size: int, latent_dim: int, mesh,
-            state: FinetuneState, teacher_vars, key, real_images=None):
-  """One KD step on fresh generated images (or on `real_images`)."""
+            bn_train: bool, state: FinetuneState, teacher_vars, key, real_images=None):
+  """One KD step on fresh generated images (or on `real_images`).
+
+  bn_train: the student's BNs normalize with batch statistics and update their running
+  statistics (the reference); False keeps the teacher's running statistics frozen.
+  """
   if real_images is None:
     z = jax.lax.with_sharding_constraint(sample_latent(key, batch_size, latent_dim),
                                          parallel.batch_sharding(mesh))
@@ -54,9 +58,12 @@ def kd_step(generator, teacher, student, s_tx, batch_size: int, latent_dim: int,
   t = teacher.apply(teacher_vars, x, train=False)
 
   def loss_fn(params):
-    s, updates = student.apply({"params": params, "batch_stats": state.student["batch_stats"]},
-                               x, train=True, mutable=["batch_stats"])
-    return L.kd_loss(t, s), (s, updates["batch_stats"])
+    variables = {"params": params, "batch_stats": state.student["batch_stats"]}
+    if bn_train:
+      s, updates = student.apply(variables, x, train=True, mutable=["batch_stats"])
+      return L.kd_loss(t, s), (s, updates["batch_stats"])
+    s = student.apply(variables, x, train=False)
+    return L.kd_loss(t, s), (s, state.student["batch_stats"])
 
   (loss, (s, s_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.student["params"])
@@ -97,6 +104,7 @@ def run(config, workdir: str) -> None:
       model_name=name, weight_bits=w, act_bits=a, protocol=config.protocol,
       calibration=config.calibration, calibration_data=config.calibration_data,
       data_source=config.data_source, adversarial_generator=config.adversarial_generator,
+      student_bn_train=config.student_bn_train,
       steps=total_steps, batch_size=config.batch_size)
   meta = {**meta, "classifiers": {name: meta}}
 
@@ -118,8 +126,9 @@ def run(config, workdir: str) -> None:
         generator, teacher, student, g_tx, s_tx, hp, s, tv, k, mesh), donate_argnums=0)
   else:
     step_fn = jax.jit(lambda s, tv, k, x: kd_step(generator, teacher, student, s_tx,
-                                                  config.batch_size, latent_dim, mesh, s, tv,
-                                                  k, x), donate_argnums=0)
+                                                  config.batch_size, latent_dim, mesh,
+                                                  config.student_bn_train, s, tv, k, x),
+                      donate_argnums=0)
   base_key = jax.random.key(config.seed + 4)
   rows = parallel.process_slice(config.batch_size)
 

@@ -63,7 +63,7 @@ def quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, batches):
   return model, calibration.calibrate(model, variables, batches, spec, method)
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, evaluate_after: bool = True) -> dict | None:
   _, teacher_vars, teacher_meta = common.load_teacher(workdir, config.teacher_dir)
   common.check_teacher_depth(config, teacher_meta)
   batches = calibration_batches(config, workdir, teacher_meta, config.calibration_data,
@@ -87,4 +87,4 @@ def run(config, workdir: str) -> dict:
         checkpoints.save(mngr, 0, variables, meta, force=True)
         mngr.wait_until_finished()
         mngr.close()
-  return evaluate.run(config, workdir)
+  return evaluate.run(config, workdir) if evaluate_after else None

@@ -1,0 +1,47 @@
+"""The whole DFQF pipeline. Arg: 'smoke' | 'budget' | 'reference' (default).
+
+python main.py --config=configs/pipeline.py:budget --workdir=DIR --config.data.dir=../shared/data \
+    --config.teacher_weights=../shared/data/resnet20-12fca82f_weights.npz
+Without teacher_weights the teacher is trained first. Each stage's settings live in
+config.<stage>_stage (the stage's own config file), e.g. --config.finetune_stage.num_epochs=5.
+
+smoke:     every stage in about a minute on a 2-core CPU (used by the tests).
+budget:    the 2-core CPU recipe (about 1.5 hours with an imported teacher); its settings
+           were chosen on a validation split of the training data, never the test set.
+reference: the full METHOD.md schedule (hours on an accelerator).
+"""
+from configs import finetune, generator, import_teacher, ptq, teacher
+from configs.common import base_config
+
+
+def get_config(schedule: str = "reference"):
+  if schedule not in ("smoke", "budget", "reference"):
+    raise ValueError(f"configs/pipeline.py:{schedule} is unknown; use smoke, budget or "
+                     "reference.")
+  config = base_config("pipeline")
+  config.schedule = schedule
+  config.teacher_weights = ""  # a PyTorch state dict .npz to import instead of training
+  config.bits = "w4a4"  # students to fine-tune, comma-separated
+  config.teacher_stage = teacher.get_config("smoke" if schedule == "smoke" else "reference")
+  config.import_stage = import_teacher.get_config()
+  config.generator_stage = generator.get_config(
+      {"smoke": "smoke", "budget": "cpu", "reference": "reference"}[schedule])
+  config.finetune_stage = finetune.get_config("w4a4")
+  config.ptq_stage = ptq.get_config("w8a8,w6a6,w4a4")
+  config.ptq_stage.calibration = "max,mse,aciq,kl,ft"
+  config.ptq_stage.protocol = "dfqf,standard"
+  if schedule == "smoke":
+    config.generator_stage.eval_every_epochs = 100
+    ft = config.finetune_stage
+    ft.batch_size, ft.steps_per_epoch, ft.num_epochs = 16, 2, 1
+    ft.calibration_batches, ft.calibration_batch_size = 2, 16
+    ft.log_every_steps = 1
+    config.ptq_stage.bits = "w4a4"
+    config.ptq_stage.calibration = "max,ft"
+    config.ptq_stage.calibration_batches = 2
+    config.ptq_stage.calibration_batch_size = 16
+  elif schedule == "budget":
+    ft = config.finetune_stage
+    ft.steps_per_epoch, ft.num_epochs = 200, 10
+    ft.checkpoint_every_steps = 200
+  return config

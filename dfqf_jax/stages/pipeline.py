@@ -1,0 +1,79 @@
+"""The whole DFQF pipeline: teacher -> generator -> calibration + fine-tuning -> PTQ
+baselines -> evaluation -> report.
+
+Every stage resumes from its own checkpoints, so a finished stage costs nothing when the
+pipeline is rerun, and an interrupted one continues where it stopped. Wall time per stage
+(summed over invocations) is kept in DIR/timing.json for the report.
+"""
+import copy
+import json
+import os
+import time
+
+from dfqf_jax import checkpoints, report, training, validation
+from dfqf_jax.stages import (common, evaluate, finetune, generator, import_teacher, ptq,
+                             teacher)
+
+TIMING_FILE = "timing.json"
+SHARED_DATA_FIELDS = ("name", "dir", "validation_size")
+
+
+def stage_configs(config) -> list:
+  """(name, run, validate, config) for each stage, with the pipeline's data settings."""
+  def with_shared(sub):
+    sub = copy.deepcopy(sub)
+    sub.unlock()
+    sub.seed = config.seed
+    for field in SHARED_DATA_FIELDS:
+      sub.data[field] = config.data[field]
+    sub.model.depth = config.model.depth
+    return sub
+
+  stages = []
+  if config.teacher_weights:
+    sub = with_shared(config.import_stage)
+    sub.weights = config.teacher_weights
+    stages.append(("teacher", import_teacher.run, validation.import_teacher, sub))
+  else:
+    stages.append(("teacher", teacher.run, validation.teacher, with_shared(config.teacher_stage)))
+  stages.append(("generator", generator.run, validation.generator,
+                 with_shared(config.generator_stage)))
+  for bits in ptq.split_names(config.bits):
+    sub = with_shared(config.finetune_stage)
+    sub.bits = bits
+    stages.append((f"finetune_{bits}", finetune.run, validation.finetune, sub))
+  stages.append(("ptq", lambda c, w: ptq.run(c, w, evaluate_after=False), validation.ptq,
+                 with_shared(config.ptq_stage)))
+  return stages
+
+
+def validate(config) -> None:
+  validation.common(config)
+  for _, _, check, sub in stage_configs(config):
+    check(sub)
+
+
+def _add_time(workdir: str, stage: str, seconds: float) -> dict:
+  path = os.path.join(workdir, TIMING_FILE)
+  timing = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      timing = json.load(f)
+  timing[stage] = timing.get(stage, 0.0) + seconds
+  if training.is_main_process():
+    with open(path + ".tmp", "w") as f:
+      json.dump(timing, f, indent=1)
+    os.replace(path + ".tmp", path)
+  return timing
+
+
+def run(config, workdir: str) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  for name, run_stage, _, sub in stage_configs(config):
+    print(f"pipeline: {name}")
+    started = time.time()
+    run_stage(sub, workdir)
+    timing = _add_time(workdir, name, time.time() - started)
+  results = evaluate.run(config, workdir)
+  report.write_report(workdir, results, timing, config.schedule)
+  return results
