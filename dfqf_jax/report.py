@@ -62,6 +62,7 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "workdir": os.path.abspath(workdir),
       "results": results,
+      "stage_wall_seconds": {name: r.get("stage_wall_seconds") for name, r in results.items()},
       "curves": curves(workdir),
   }
   if training.is_main_process():
@@ -76,15 +77,8 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
   return record
 
 
-def _stage_of(name: str) -> str:
-  """The pipeline stage that produced a model (keys of DIR/timing.json)."""
-  if name in ("teacher", "ptq"):
-    return name
-  if name.startswith("ptq_"):
-    return "ptq"
-  if name.startswith(("student_", "qat_real_")):
-    return "finetune_" + next(p for p in name.split("_") if p.startswith("w"))
-  return "generator"
+def _seconds(value) -> str:
+  return "" if value is None else f"{value:.0f} s"
 
 
 def plot_curves(workdir: str, path: str) -> list[str]:
@@ -114,17 +108,16 @@ def plot_curves(workdir: str, path: str) -> list[str]:
   return written
 
 
-def write_report(workdir: str, results: dict, timing: dict, schedule: str) -> str:
+def write_report(workdir: str, results: dict, schedule: str) -> str:
   """DIR/report.md: one table (teacher, PTQ baselines, DFQF students), grid and curves.
 
-  Also adds `drop_vs_teacher` and the stage wall time to each entry of DIR/results.json.
+  Also adds `drop_vs_teacher` and the hardware to each entry of DIR/results.json.
   """
   teacher_top1 = results.get("teacher", {}).get("top1")
   host = hardware()
   for name, entry in results.items():
     if teacher_top1 is not None:
       entry["drop_vs_teacher"] = teacher_top1 - entry["top1"]
-    entry["stage_wall_seconds"] = round(timing.get(_stage_of(name), float("nan")), 1)
     entry["hardware"] = host
   order = lambda n: (0 if n == "teacher" else 2 if n.startswith("ptq_") else 1, n)
   lines = [f"# DFQF report ({schedule} schedule)", "", f"Hardware: {host}", "",
@@ -137,7 +130,7 @@ def write_report(workdir: str, results: dict, timing: dict, schedule: str) -> st
     lines.append(
         f"| {name} | {100 * r['top1']:.2f}% | {'' if drop is None else f'{100 * drop:+.2f}'} "
         f"| {bits} | {r.get('protocol', '')} | {r.get('calibration', '')} | "
-        f"{r.get('steps', r.get('step', ''))} | {r['stage_wall_seconds']:.0f} s |")
+        f"{r.get('steps', r.get('step', ''))} | {_seconds(r.get('stage_wall_seconds'))} |")
   lines += ["", "Top-1 on the full CIFAR test split of each *final* model (no test-set "
             "selection). Stage wall time includes compilation and per-epoch monitoring.", ""]
   if os.path.exists(os.path.join(workdir, "generator", "grid.png")):

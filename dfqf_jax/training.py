@@ -71,6 +71,28 @@ class MetricWriter:
       self._tb.close()
 
 
+WALL_FILE = "wall_seconds.json"
+
+
+def add_wall_time(directory: str, seconds: float) -> None:
+  """Adds to the stage's wall time, summed over all the invocations that worked on it."""
+  if not is_main_process():
+    return
+  total = read_wall_time(directory) or 0.0
+  path = os.path.join(directory, WALL_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"seconds": round(total + seconds, 1)}, f)
+  os.replace(path + ".tmp", path)
+
+
+def read_wall_time(directory: str) -> float | None:
+  path = os.path.join(directory, WALL_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["seconds"]
+
+
 def read_metrics(directory: str) -> list[dict]:
   """The rows of `directory/metrics.jsonl`, keeping the last row per step (resumed runs)."""
   path = os.path.join(directory, "metrics.jsonl")
@@ -136,7 +158,7 @@ def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
   Returns (state, completed).
   """
   history = []
-  started = time.time()
+  started = last_saved = time.time()
   with _TermSignal() as term, tqdm(total=total_steps, initial=start_step, desc=name,
                                    disable=not is_main_process(), dynamic_ncols=True,
                                    mininterval=2.0) as bar:
@@ -160,6 +182,9 @@ def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
         bar.set_postfix({k: f"{v:.4g}" for k, v in list(summary.items())[:4]})
       if save_now:
         checkpoints.save(ckpt, done, state, meta, force=True)
+        now = time.time()
+        add_wall_time(ckpt.directory, now - last_saved)
+        last_saved = now
       bar.update(1)
       if stop:
         ckpt.wait_until_finished()

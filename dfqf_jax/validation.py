@@ -42,7 +42,7 @@ def _get(config, field: str):
   return node
 
 
-def common(config) -> None:
+def common(config, splits=("train", "test")) -> None:
   one_of(config, "data.name", sorted(data.DATASETS))
   one_of(config, "model.depth", DEPTHS)
   for field in ("log_every_steps", "checkpoint_every_steps"):
@@ -52,7 +52,7 @@ def common(config) -> None:
     _fail("data.std", tuple(config.data.std), "3 positive per-channel values (and 3 means)")
   data_dir = data.resolve_dir(config.data.dir)
   if data_dir:
-    for split in ("train", "test"):
+    for split in splits:
       path = os.path.join(data_dir, f"{config.data.name}_{split}.npz")
       if not os.path.isfile(path):
         raise ConfigError(
@@ -75,15 +75,15 @@ def teacher(config) -> None:
 
 
 def import_teacher(config) -> None:
-  common(config)
+  common(config, splits=())
 
 
 def evaluate(config) -> None:
-  common(config)
+  common(config, splits=("test",))
 
 
 def generator(config) -> None:
-  common(config)
+  common(config, splits=("test",))
   divisible_batch(config, "batch_size")
   for field in ("iters_per_epoch", "num_epochs", "eval_every_epochs", "lambda_is", "lambda_bn",
                 "lambda_adv", "generator.latent_dim", "generator.learning_rate",
@@ -117,13 +117,18 @@ def _quantization(config) -> None:
     positive(config, field)
 
 
+def _needs_train_split(config) -> bool:
+  return (config.data.validation_size > 0 or config.calibration_data == "real"
+          or config.get("data_source") == "real")
+
+
 def ptq(config) -> None:
-  common(config)
+  common(config, splits=("train", "test") if _needs_train_split(config) else ("test",))
   _quantization(config)
 
 
 def finetune(config) -> None:
-  common(config)
+  common(config, splits=("train", "test") if _needs_train_split(config) else ("test",))
   _quantization(config)
   if len(config.bits.split(",")) != 1 or len(config.protocol.split(",")) != 1 or len(
       config.calibration.split(",")) != 1:

@@ -43,6 +43,7 @@ def evaluate_dir(directory, splits, mesh, data_dir, known: dict) -> dict:
     described = {k: v for k, v in entry.items() if k not in ("path", "mean", "std", "arch")}
     results[name] = {"top1": top1, "num_params": common.num_params(variables["params"]),
                      "checkpoint": checkpoint, "checkpoint_mtime": written, "step": step,
+                     "stage_wall_seconds": training.read_wall_time(directory),
                      **described}
   return results
 

@@ -86,9 +86,11 @@ def run(config, workdir: str) -> None:
     generator, g_vars, _ = stage1.load_generator(workdir, config.generator_dir)
   mesh = parallel.make_mesh()
   test_split = data.load_split(teacher_meta["dataset"], "test", config.data.dir)
-  train_split, val_split = data.train_validation_split(
-      data.load_split(teacher_meta["dataset"], "train", config.data.dir),
-      config.data.validation_size, config.seed)
+  train_split = val_split = data.Split(test_split.images[:0], test_split.labels[:0])
+  if config.data_source == "real" or config.data.validation_size > 0:
+    train_split, val_split = data.train_validation_split(
+        data.load_split(teacher_meta["dataset"], "train", config.data.dir),
+        config.data.validation_size, config.seed)
   mean, std = teacher_meta["mean"], teacher_meta["std"]
 
   spec = q.QuantSpec(w, a, config.protocol)

@@ -2,19 +2,16 @@
 baselines -> evaluation -> report.
 
 Every stage resumes from its own checkpoints, so a finished stage costs nothing when the
-pipeline is rerun, and an interrupted one continues where it stopped. Wall time per stage
-(summed over invocations) is kept in DIR/timing.json for the report.
+pipeline is rerun, and an interrupted one continues where it stopped. Each stage folder
+keeps its wall time summed over invocations (wall_seconds.json) for the report.
 """
 import copy
-import json
 import os
-import time
 
-from dfqf_jax import checkpoints, report, training, validation
-from dfqf_jax.stages import (common, evaluate, finetune, generator, import_teacher, ptq,
+from dfqf_jax import report, validation
+from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, ptq,
                              teacher)
 
-TIMING_FILE = "timing.json"
 SHARED_DATA_FIELDS = ("name", "dir", "validation_size")
 
 
@@ -53,27 +50,11 @@ def validate(config) -> None:
     check(sub)
 
 
-def _add_time(workdir: str, stage: str, seconds: float) -> dict:
-  path = os.path.join(workdir, TIMING_FILE)
-  timing = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      timing = json.load(f)
-  timing[stage] = timing.get(stage, 0.0) + seconds
-  if training.is_main_process():
-    with open(path + ".tmp", "w") as f:
-      json.dump(timing, f, indent=1)
-    os.replace(path + ".tmp", path)
-  return timing
-
-
 def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   for name, run_stage, _, sub in stage_configs(config):
     print(f"pipeline: {name}")
-    started = time.time()
     run_stage(sub, workdir)
-    timing = _add_time(workdir, name, time.time() - started)
   results = evaluate.run(config, workdir)
-  report.write_report(workdir, results, timing, config.schedule)
+  report.write_report(workdir, results, config.schedule)
   return results

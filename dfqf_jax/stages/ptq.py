@@ -6,12 +6,13 @@ the result saved as DIR/ptq_w{W}a{A}_{calibration}_{protocol}[_real]; then the w
 is evaluated into DIR/results.json.
 """
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfqf_jax import calibration, checkpoints, data, parallel
+from dfqf_jax import calibration, checkpoints, data, parallel, training
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import sample_latent
 from dfqf_jax.stages import common, evaluate
@@ -66,25 +67,29 @@ def quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, batches):
 def run(config, workdir: str, evaluate_after: bool = True) -> dict | None:
   _, teacher_vars, teacher_meta = common.load_teacher(workdir, config.teacher_dir)
   common.check_teacher_depth(config, teacher_meta)
+  started = time.time()
   batches = calibration_batches(config, workdir, teacher_meta, config.calibration_data,
                                 jax.random.key(config.seed + 3))
+  sampling_seconds = time.time() - started
   for w, a in parse_bits(config.bits):
     for protocol in split_names(config.protocol):
       for method in split_names(config.calibration):
         spec = q.QuantSpec(w, a, protocol)
         name = model_name("ptq", w, a, method, protocol, config.calibration_data)
         stage_dir = os.path.join(workdir, name)
+        if checkpoints.exists(stage_dir):
+          checkpoints.load_product(stage_dir, name)  # readable, and never overwritten
+          continue
+        started = time.time()
         _, variables = quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, batches)
         meta = common.classifier_meta(
             teacher_meta["depth"], teacher_meta["dataset"], teacher_meta["mean"],
             teacher_meta["std"], spec, model_name=name, weight_bits=w, act_bits=a,
             protocol=protocol, calibration=method, calibration_data=config.calibration_data,
             calibration_images=len(batches) * config.calibration_batch_size)
-        if checkpoints.exists(stage_dir):
-          checkpoints.load_product(stage_dir, name)  # readable, and not overwritten
-          continue
         mngr = checkpoints.manager(stage_dir)
         checkpoints.save(mngr, 0, variables, meta, force=True)
         mngr.wait_until_finished()
         mngr.close()
+        training.add_wall_time(stage_dir, time.time() - started + sampling_seconds)
   return evaluate.run(config, workdir) if evaluate_after else None

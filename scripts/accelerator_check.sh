@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One-call accelerator reproduction: the DFQF pipeline (W4A4, imported ResNet-20 teacher) on
+# whatever accelerator JAX finds, writing results.json, report.md, the run record and the log
+# to OUT_DIR.
+#
+#   scripts/accelerator_check.sh OUT_DIR [reference|budget|smoke] [--config.field=value ...]
+#
+# Needs only the test split and the teacher weights: DFQF_DATA_DIR (default ../shared/data)
+# must hold cifar10_test.npz and resnet20-12fca82f_weights.npz. Wheels in .whl/ (if present)
+# are installed first, for machines without a package index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: scripts/accelerator_check.sh OUT_DIR [schedule] [config overrides]}
+SCHEDULE=${2:-reference}
+shift $(( $# >= 2 ? 2 : 1 ))
+DATA=${DFQF_DATA_DIR:-../shared/data}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install --quiet --no-index --find-links .whl .whl/*.whl
+fi
+DEVICE=$("$PYTHON" -c "import jax; d = jax.devices()[0]; print(d.platform + '_' + d.device_kind.replace(' ', '_').lower())")
+RECORD="$OUT/reference_${DEVICE}.json"
+start=$(date +%s)
+"$PYTHON" main.py --config="configs/pipeline.py:${SCHEDULE}" --workdir="$OUT/run" \
+  --config.data.dir="$DATA" --config.teacher_weights="$DATA/resnet20-12fca82f_weights.npz" \
+  --config.record_to="$RECORD" "$@" 2>&1 | tee "$OUT/log.txt"
+cp "$OUT/run/results.json" "$OUT/run/report.md" "$OUT/"
+echo "accelerator_check: $SCHEDULE on $DEVICE took $(( $(date +%s) - start )) s; record: $RECORD"
