@@ -87,3 +87,36 @@ def test_sigterm_saves_the_current_step(tmp_path, shared_data):
   saved = checkpoints.latest_step(os.path.join(tmp_path, "teacher"))
   assert saved == logged_steps(tmp_path, "teacher")[-1]
   assert 10 <= saved < 40
+
+
+def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                                 shared_data):
+  args = [*COMMON, "--config.num_steps=40", "--config.learning_rate=1e12"]
+  result = run_main("configs/teacher.py:smoke", tmp_path, *args, "--config.log_every_steps=5")
+  assert result.returncode == 2, result.stderr[-2000:]
+  error = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert len(error) == 1 and "'loss'" in error[0] and "by step" in error[0], result.stderr[-2000:]
+  stage_dir = os.path.join(tmp_path, "teacher")
+  saved = checkpoints.latest_step(stage_dir)
+  assert saved is None or saved < 40
+  if saved is not None:  # the kept checkpoint holds finite parameters
+    state, _, _ = checkpoints.load_product(stage_dir, "teacher")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_corrupted_checkpoint_is_reported_and_not_overwritten(tmp_path, shared_data):
+  config, extra = STAGES["teacher"]
+  result = run_main(config, tmp_path, *COMMON, "--config.num_steps=10")
+  assert result.returncode == 0, result.stderr[-2000:]
+  step_dir = os.path.join(tmp_path, "teacher", "10", "state")
+  data_files = [os.path.join(root, f) for root, _, files in os.walk(step_dir) for f in files
+                if os.path.getsize(os.path.join(root, f)) > 1000]
+  for path in data_files:  # truncate the array data
+    with open(path, "r+b") as f:
+      f.truncate(100)
+  snapshot = {p: os.path.getsize(p) for p in data_files}
+  result = run_main(config, tmp_path, *COMMON, "--config.num_steps=20")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "cannot be restored" in result.stderr and "delete it" in result.stderr
+  assert {p: os.path.getsize(p) for p in data_files} == snapshot
+  assert checkpoints.latest_step(os.path.join(tmp_path, "teacher")) == 10
