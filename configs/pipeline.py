@@ -41,7 +41,12 @@ def get_config(schedule: str = "reference"):
     config.ptq_stage.calibration_batches = 2
     config.ptq_stage.calibration_batch_size = 16
   elif schedule == "budget":
+    # Chosen on 5,000 training images held out as a validation split (runs of 200 steps,
+    # val top-1 from the 93.3% PTQ start): BNs in training mode 91.3%, lr 1e-4 with BNs in
+    # training mode 75.0%, BNs frozen at the teacher's statistics 97.9%.
+    config.data.validation_size = 5000
     ft = config.finetune_stage
+    ft.student_bn_train = False
     ft.steps_per_epoch, ft.num_epochs = 200, 10
     ft.checkpoint_every_steps = 200
   return config

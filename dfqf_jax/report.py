@@ -146,3 +146,28 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
   return text
+
+
+def ptq_table(results: dict) -> str:
+  """Markdown table: rows = calibration x protocol, columns = bit widths (PTQ models)."""
+  cells, bit_widths = {}, set()
+  for name, r in results.items():
+    if name.startswith("ptq_"):
+      bits = f"W{r['weight_bits']}A{r['act_bits']}"
+      bit_widths.add((r["weight_bits"], bits))
+      cells[(r["calibration"], r["protocol"], bits)] = r["top1"]
+  columns = [b for _, b in sorted(bit_widths, reverse=True)]
+  rows = sorted({(c, p) for c, p, _ in cells})
+  lines = ["| calibration | protocol | " + " | ".join(columns) + " |",
+           "|---|---|" + "---:|" * len(columns)]
+  for calibration, protocol in rows:
+    values = [cells.get((calibration, protocol, b)) for b in columns]
+    lines.append(f"| {calibration} | {protocol} | " + " | ".join(
+        "" if v is None else f"{100 * v:.2f}" for v in values) + " |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  with open(sys.argv[1]) as f:
+    loaded = json.load(f)
+  print(ptq_table(loaded.get("results", loaded)))
