@@ -55,7 +55,8 @@ def curves(workdir: str) -> dict:
 def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> dict:
   """Writes the run record JSON (atomically) and returns it."""
   record = {
-      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "command": " ".join([f"{k}={os.environ[k]}" for k in ("XLA_FLAGS", "JAX_PLATFORMS")
+                           if os.environ.get(k)] + ["python"] + sys.argv),
       "commit": git_commit(),
       "hardware": hardware(),
       "wall_seconds": round(wall_seconds, 1),
