@@ -45,7 +45,7 @@ def stage_configs(config) -> list:
 
 
 def validate(config) -> None:
-  validation.common(config)
+  validation.common(config, splits=("test",))  # each stage checks the splits it reads
   for _, _, check, sub in stage_configs(config):
     check(sub)
 
