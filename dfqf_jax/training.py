@@ -145,18 +145,32 @@ class _TermSignal:
 
 
 def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
-              train_step: Callable, meta: dict, writer: MetricWriter, log_every: int,
-              loss_keys=("loss",), evaluate: Callable | None = None,
-              eval_every: int = 0, on_log: Callable | None = None):
-  """Runs steps [start_step, total_steps) of a stage.
+              train_step: Callable, meta: dict, log_every: int, loss_keys=("loss",),
+              evaluate: Callable | None = None, eval_every: int = 0,
+              evaluate_start: bool = False):
+  """Runs steps [start_step, total_steps) of a stage, logging to the checkpoint folder.
 
   train_step(state, step) -> (state, metrics) dispatches one jitted step without waiting
   for it. Metrics stay on device and are fetched every `log_every` steps (one transfer),
   checked for NaN/Inf and written. Checkpoints are saved every `ckpt`'s interval, only right
   after a finite check, and at the end. SIGTERM/SIGINT save the current step and return
-  early. evaluate(state, step) -> dict of monitoring metrics, every `eval_every` steps.
+  early. evaluate(state, step) -> dict of monitoring metrics, every `eval_every` steps (and
+  at step 0 of a fresh run with `evaluate_start`). Closes the checkpoint manager at the end.
   Returns (state, completed).
   """
+  writer = MetricWriter(str(ckpt.directory), start_step)
+  try:
+    if evaluate_start and evaluate is not None and start_step == 0:
+      writer.write(0, evaluate(state, 0))
+    return _run_steps(name, ckpt, state, start_step, total_steps, train_step, meta, writer,
+                      log_every, loss_keys, evaluate, eval_every)
+  finally:
+    writer.close()
+    ckpt.close()
+
+
+def _run_steps(name, ckpt, state, start_step, total_steps, train_step, meta, writer,
+               log_every, loss_keys, evaluate, eval_every):
   history = []
   started = last_saved = time.time()
   with _TermSignal() as term, tqdm(total=total_steps, initial=start_step, desc=name,
@@ -177,8 +191,6 @@ def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
         if eval_now:
           summary.update(evaluate(state, done))
         writer.write(done, summary)
-        if on_log is not None:
-          on_log(state, done, summary)
         bar.set_postfix({k: f"{v:.4g}" for k, v in list(summary.items())[:4]})
       if save_now:
         checkpoints.save(ckpt, done, state, meta, force=True)

@@ -150,15 +150,9 @@ def run(config, workdir: str) -> None:
       result["val_top1"] = common.top1(student, s_vars, val_split, mean, std, mesh)
     return result
 
-  writer = training.MetricWriter(stage_dir, start)
-  try:
-    if start == 0:  # the calibrated starting point (PTQ), as step 0 of the curves
-      writer.write(0, evaluate(state, 0))
-    training.run_steps(name=name, ckpt=ckpt, state=state, start_step=start,
-                       total_steps=total_steps, train_step=do_step, meta=meta, writer=writer,
-                       log_every=config.log_every_steps,
-                       loss_keys=("loss_kd", "loss_g", "loss_adv"), evaluate=evaluate,
-                       eval_every=config.eval_every_epochs * config.steps_per_epoch)
-  finally:
-    writer.close()
-    ckpt.close()
+  training.run_steps(name=name, ckpt=ckpt, state=state, start_step=start,
+                     total_steps=total_steps, train_step=do_step, meta=meta,
+                     log_every=config.log_every_steps,
+                     loss_keys=("loss_kd", "loss_g", "loss_adv"), evaluate=evaluate,
+                     eval_every=config.eval_every_epochs * config.steps_per_epoch,
+                     evaluate_start=True)

@@ -203,13 +203,8 @@ def run(config, workdir: str) -> None:
                 teacher_meta, jax.random.key(config.seed + 2))
     return result
 
-  writer = training.MetricWriter(stage_dir, start)
-  try:
-    training.run_steps(name="generator", ckpt=ckpt, state=state, start_step=start,
-                       total_steps=total_steps, train_step=do_step, meta=meta, writer=writer,
-                       log_every=config.log_every_steps, loss_keys=LOSS_KEYS,
-                       evaluate=evaluate,
-                       eval_every=config.eval_every_epochs * config.iters_per_epoch)
-  finally:
-    writer.close()
-    ckpt.close()
+  training.run_steps(name="generator", ckpt=ckpt, state=state, start_step=start,
+                     total_steps=total_steps, train_step=do_step, meta=meta,
+                     log_every=config.log_every_steps, loss_keys=LOSS_KEYS,
+                     evaluate=evaluate,
+                     eval_every=config.eval_every_epochs * config.iters_per_epoch)

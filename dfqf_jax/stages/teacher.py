@@ -85,12 +85,7 @@ def run(config, workdir: str) -> None:
       result["val_top1"] = common.top1(model, variables, val_split, mean, std, mesh)
     return result
 
-  writer = training.MetricWriter(stage_dir, start)
-  try:
-    training.run_steps(name="teacher", ckpt=ckpt, state=state, start_step=start,
-                       total_steps=total_steps, train_step=do_step, meta=meta, writer=writer,
-                       log_every=config.log_every_steps, evaluate=evaluate,
-                       eval_every=config.eval_every_epochs * per_epoch)
-  finally:
-    writer.close()
-    ckpt.close()
+  training.run_steps(name="teacher", ckpt=ckpt, state=state, start_step=start,
+                     total_steps=total_steps, train_step=do_step, meta=meta,
+                     log_every=config.log_every_steps, evaluate=evaluate,
+                     eval_every=config.eval_every_epochs * per_epoch)
