@@ -3,6 +3,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -72,10 +73,29 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
     if os.path.exists(grid):
       record["grid"] = os.path.basename(path).removesuffix(".json") + "_grid.png"
       shutil.copyfile(grid, os.path.join(os.path.dirname(os.path.abspath(path)), record["grid"]))
+    report_md = os.path.join(workdir, "report.md")
+    if os.path.exists(report_md):
+      record["report"] = _copy_report(report_md, workdir, path)
     with open(path + ".tmp", "w") as f:
       json.dump(record, f, indent=1)
     os.replace(path + ".tmp", path)
   return record
+
+
+def _copy_report(report_md: str, workdir: str, record_path: str) -> str:
+  """Copies DIR/report.md and the images it shows next to the record, links rewritten."""
+  folder = os.path.dirname(os.path.abspath(record_path))
+  stem = os.path.basename(record_path).removesuffix(".json")
+  with open(report_md) as f:
+    text = f.read()
+  for image in sorted(set(re.findall(r"\]\(([^)]+\.png)\)", text))):
+    copied = f"{stem}_{os.path.basename(image)}"
+    shutil.copyfile(os.path.join(workdir, image), os.path.join(folder, copied))
+    text = text.replace(f"]({image})", f"]({copied})")
+  name = f"{stem}_report.md"
+  with open(os.path.join(folder, name), "w") as f:
+    f.write(text)
+  return name
 
 
 def _seconds(value) -> str:
@@ -122,14 +142,14 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
     entry["hardware"] = host
   order = lambda n: (0 if n == "teacher" else 2 if n.startswith("ptq_") else 1, n)
   lines = [f"# DFQF report ({schedule} schedule)", "", f"Hardware: {host}", "",
-           "| model | top-1 | drop vs teacher | W/A bits | protocol | calibration | steps | "
+           "| model | top-1 | drop vs teacher (points) | W/A bits | protocol | calibration | steps | "
            "stage wall time |", "|---|---:|---:|---|---|---|---:|---:|"]
   for name in sorted(results, key=order):
     r = results[name]
     bits = f"{r['weight_bits']}/{r['act_bits']}" if "weight_bits" in r else "32/32"
     drop = r.get("drop_vs_teacher")
     lines.append(
-        f"| {name} | {100 * r['top1']:.2f}% | {'' if drop is None else f'{100 * drop:+.2f}'} "
+        f"| {name} | {100 * r['top1']:.2f}% | {'' if drop is None else f'{100 * drop:.2f}'} "
         f"| {bits} | {r.get('protocol', '')} | {r.get('calibration', '')} | "
         f"{r.get('steps', r.get('step', ''))} | {_seconds(r.get('stage_wall_seconds'))} |")
   lines += ["", "Top-1 on the full CIFAR test split of each *final* model (no test-set "

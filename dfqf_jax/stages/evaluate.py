@@ -29,8 +29,9 @@ def evaluate_dir(directory, splits, mesh, data_dir, known: dict) -> dict:
   written = os.path.getmtime(checkpoint)
   cached = {n: r for n, r in known.items()
             if r.get("checkpoint") == checkpoint and r.get("checkpoint_mtime") == written}
-  if cached:
-    return cached
+  if cached:  # the wall time may have grown since (a resumed stage)
+    return {n: {**r, "stage_wall_seconds": training.read_wall_time(directory)}
+            for n, r in cached.items()}
   state, meta, step = checkpoints.load_product(directory, os.path.basename(directory))
   results = {}
   for name, entry in common.classifiers_in(meta).items():
