@@ -65,6 +65,10 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
       "workdir": os.path.abspath(workdir),
       "results": results,
       "stage_wall_seconds": {name: r.get("stage_wall_seconds") for name, r in results.items()},
+      # Each stage folder counted once (a stage may hold several models).
+      "stage_wall_seconds_total": round(sum(
+          {os.path.dirname(r["checkpoint"]): r.get("stage_wall_seconds") or 0.0
+           for r in results.values() if "checkpoint" in r}.values()), 1),
       "curves": curves(workdir),
   }
   if training.is_main_process():

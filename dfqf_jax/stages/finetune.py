@@ -113,7 +113,8 @@ def run(config, workdir: str) -> None:
   replicated = parallel.replicated(mesh)
   state = jax.device_put(FinetuneState(
       jnp.zeros((), jnp.int32), jax.tree.map(jnp.asarray, g_vars),
-      g_tx.init(g_vars["params"]), variables, s_tx.init(variables["params"])), replicated)
+      g_tx.init(g_vars.get("params", {})), variables, s_tx.init(variables["params"])),
+      replicated)
   teacher_vars = parallel.replicate(mesh, teacher_vars)
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
   state, start = checkpoints.resume(ckpt, stage_dir, state, meta)
