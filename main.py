@@ -32,14 +32,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def initialize_distributed(config) -> None:
-  """Multi-process runs: explicit coordinator, or auto-detected (Cloud TPU, SLURM...)."""
-  if config.distributed.coordinator or config.distributed.num_processes > 1:
+  """Multi-process runs: an explicit coordinator, or num_processes=0 (or > 1 without a
+  coordinator) to let JAX detect the cluster (Cloud TPU, SLURM, ...); 1 = one process."""
+  if config.distributed.coordinator or config.distributed.num_processes != 1:
     # Cross-process collectives for the CPU backend (no effect on GPU/TPU).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if config.distributed.coordinator:
     jax.distributed.initialize(config.distributed.coordinator,
                                config.distributed.num_processes, config.distributed.process_id)
-  elif config.distributed.num_processes > 1:
+  elif config.distributed.num_processes != 1:
     jax.distributed.initialize()
 
 

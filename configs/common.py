@@ -27,6 +27,6 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   config.record_to = ""
   config.distributed = ml_collections.ConfigDict()
   config.distributed.coordinator = ""
-  config.distributed.num_processes = 1
+  config.distributed.num_processes = 1  # 0: detect the cluster (Cloud TPU pod slices)
   config.distributed.process_id = 0
   return config
