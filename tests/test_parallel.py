@@ -1,4 +1,6 @@
 """Data parallelism: 1 device and 8 devices give the same steps for the same global batch."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,9 @@ from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
 from dfqf_jax.stages import generator as stage1
 from dfqf_jax.stages import teacher as stage0
+
+
+ONE, ALL = tuple(jax.devices()[:1]), tuple(jax.devices())  # runs are cached by these keys
 
 
 def assert_same_update(a, b, start, tol=1e-2):
@@ -26,6 +31,7 @@ def assert_same_update(a, b, start, tol=1e-2):
   assert np.sqrt(diff / moved) < tol, np.sqrt(diff / moved)
 
 
+@functools.lru_cache
 def run_teacher_steps(devices, num_steps=3, batch_size=32):
   mesh = parallel.make_mesh(devices)
   model = CifarResNet(20)
@@ -45,15 +51,16 @@ def run_teacher_steps(devices, num_steps=3, batch_size=32):
 
 def test_teacher_steps_match_on_1_and_8_devices():
   assert jax.device_count() == 8
-  start, _ = run_teacher_steps(jax.devices()[:1], num_steps=0)
-  one, m1 = run_teacher_steps(jax.devices()[:1])
-  eight, m8 = run_teacher_steps(jax.devices())
+  start, _ = run_teacher_steps(ONE, num_steps=0)
+  one, m1 = run_teacher_steps(ONE)
+  eight, m8 = run_teacher_steps(ALL)
   assert len(jax.tree.leaves(eight.params)[0].sharding.device_set) == 8
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
   assert_same_update(one.params, eight.params, start.params)
   assert_same_update(one.batch_stats, eight.batch_stats, start.batch_stats, tol=1e-4)
 
 
+@functools.lru_cache
 def run_generator_steps(devices, num_steps=2, batch_size=16, single_pass=True):
   mesh = parallel.make_mesh(devices)
   teacher = CifarResNet(20)
@@ -77,9 +84,9 @@ def run_generator_steps(devices, num_steps=2, batch_size=16, single_pass=True):
 
 
 def test_generator_steps_match_on_1_and_8_devices():
-  start, _ = run_generator_steps(jax.devices()[:1], num_steps=0)
-  one, h1 = run_generator_steps(jax.devices()[:1])
-  eight, h8 = run_generator_steps(jax.devices())
+  start, _ = run_generator_steps(ONE, num_steps=0)
+  one, h1 = run_generator_steps(ONE)
+  eight, h8 = run_generator_steps(ALL)
   for a, b in zip(h1, h8):
     for key in stage1.LOSS_KEYS:
       np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=key)
@@ -88,14 +95,15 @@ def test_generator_steps_match_on_1_and_8_devices():
 
 
 def test_single_student_pass_equals_two_passes():
-  start, _ = run_generator_steps(jax.devices()[:1], num_steps=0)
-  single, _ = run_generator_steps(jax.devices()[:1], single_pass=True)
-  double, _ = run_generator_steps(jax.devices()[:1], single_pass=False)
+  start, _ = run_generator_steps(ONE, num_steps=0)
+  single, _ = run_generator_steps(ONE)  # single pass is the default (and cached)
+  double, _ = run_generator_steps(ONE, single_pass=False)
   assert_same_update(single.generator, double.generator, start.generator)
   assert_same_update(single.student["params"], double.student["params"],
                      start.student["params"])
 
 
+@functools.lru_cache
 def run_finetune_steps(devices, num_steps=2, batch_size=16):
   from dfqf_jax import calibration
   from dfqf_jax import quant as q
@@ -136,9 +144,9 @@ def test_finetune_steps_match_on_1_and_8_devices():
   weights that sit at a 4-bit grid boundary, and the fake-quantized forward then jumps by
   a grid step; that happens equally between two 1-device runs fed permuted batches.
   """
-  start, _ = run_finetune_steps(jax.devices()[:1], num_steps=0)
-  one, h1 = run_finetune_steps(jax.devices()[:1], num_steps=1)
-  eight, h8 = run_finetune_steps(jax.devices(), num_steps=1)
+  start, _ = run_finetune_steps(ONE, num_steps=0)
+  one, h1 = run_finetune_steps(ONE, num_steps=1)
+  eight, h8 = run_finetune_steps(ALL, num_steps=1)
   for a, b in zip(h1, h8):
     np.testing.assert_allclose(a["loss_kd"], b["loss_kd"], rtol=1e-4)
   assert_same_update(one.student, eight.student, start.student)
