@@ -4,6 +4,7 @@ python main.py --config=configs/finetune.py:w4a4 --workdir=DIR --config.data.dir
 Needs DIR/teacher and DIR/generator. Reference settings (METHOD.md) by default.
 `--config.data_source=real` gives the real-data QAT bound (DIR/qat_real_w4a4).
 """
+from configs import generator
 from configs.common import base_config
 
 
@@ -27,12 +28,13 @@ def get_config(bits: str = "w4a4"):
   # The student's BNs in training mode (the reference): their running statistics move to
   # generated-image statistics. False keeps the teacher's statistics frozen.
   config.student_bn_train = True
-  # Keep training G adversarially against the quantized student (off in the reference).
+  # Keep training G adversarially against the quantized student (off in the reference),
+  # with stage 1's loss weights and learning rate.
   config.adversarial_generator = False
-  config.lambda_is = 40.0
-  config.lambda_bn = 0.1
-  config.lambda_adv = 5.0
-  config.generator_learning_rate = 0.005
+  stage1 = generator.get_config()
+  config.lambda_is, config.lambda_bn = stage1.lambda_is, stage1.lambda_bn
+  config.lambda_adv = stage1.lambda_adv
+  config.generator_learning_rate = stage1.generator.learning_rate
   config.eval_every_epochs = 1
   config.log_every_steps = 50
   config.checkpoint_every_steps = 391

@@ -3,6 +3,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -14,6 +15,20 @@ from dfqf_jax.stages import teacher as stage0
 
 
 ONE, ALL = tuple(jax.devices()[:1]), tuple(jax.devices())  # runs are cached by these keys
+
+
+def initial_variables(module, seed, example):
+  variables = module.init(jax.random.key(seed), example)
+  return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def run_steps(step, state, teacher_vars, num_steps, first_key):
+  """num_steps jitted steps, step i with key first_key + i; returns (state, metrics list)."""
+  history = []
+  for i in range(num_steps):
+    state, metrics = step(state, teacher_vars, jax.random.key(first_key + i))
+    history.append(jax.device_get(metrics))
+  return state, history
 
 
 def assert_same_update(a, b, start, tol=1e-2):
@@ -64,9 +79,8 @@ def test_teacher_steps_match_on_1_and_8_devices():
 def run_generator_steps(devices, num_steps=2, batch_size=16, single_pass=True):
   mesh = parallel.make_mesh(devices)
   teacher = CifarResNet(20)
-  teacher_vars = teacher.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
-  teacher_vars = parallel.replicate(mesh, {"params": teacher_vars["params"],
-                                           "batch_stats": teacher_vars["batch_stats"]})
+  teacher_vars = parallel.replicate(
+      mesh, initial_variables(teacher, 3, jnp.zeros((1, 32, 32, 3))))
   generator, student = Generator(latent_dim=24), CifarResNet(20)
   # SGD for G: Adam turns round-off in near-zero gradients into full-size steps, which
   # would hide what is compared here (the losses below are compared under Adam's inputs).
@@ -76,11 +90,7 @@ def run_generator_steps(devices, num_steps=2, batch_size=16, single_pass=True):
                   out_shardings=parallel.replicated(mesh))(jax.random.key(0))
   step = jax.jit(lambda s, tv, k: stage1.train_step(generator, teacher, student, g_tx, s_tx,
                                                     hp, s, tv, k, mesh))
-  history = []
-  for i in range(num_steps):
-    state, metrics = step(state, teacher_vars, jax.random.key(10 + i))
-    history.append(jax.device_get(metrics))
-  return state, history
+  return run_steps(step, state, teacher_vars, num_steps, first_key=10)
 
 
 def test_generator_steps_match_on_1_and_8_devices():
@@ -110,31 +120,24 @@ def run_finetune_steps(devices, num_steps=2, batch_size=16):
   from dfqf_jax.stages import finetune
   mesh = parallel.make_mesh(devices)
   teacher = CifarResNet(20)
-  init = teacher.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
-  teacher_vars = {"params": init["params"], "batch_stats": init["batch_stats"]}
+  teacher_vars = initial_variables(teacher, 3, jnp.zeros((1, 32, 32, 3)))
   spec = q.QuantSpec(4, 4, "dfqf")
   student, variables = calibration.quantized_student(teacher_vars, 20, 10, spec)
   generator = Generator(latent_dim=24)
-  g_init = generator.init(jax.random.key(4), jnp.zeros((2, 24)))
-  g_vars = {"params": g_init["params"], "batch_stats": g_init["batch_stats"]}
+  g_vars = initial_variables(generator, 4, jnp.zeros((2, 24)))
   x = [generator.apply(g_vars, jax.random.normal(jax.random.key(5), (16, 24)),
                        mutable=["batch_stats"])[0]]
   variables = calibration.calibrate(student, variables, x, spec, "ft")
-  s_tx = stage1.optax.multi_transform(
-      {"weight": training.sgd(0.01), "clip": stage1.optax.sgd(1e-3)},
-      lambda p: jax.tree_util.tree_map_with_path(
-          lambda path, _: "clip" if path[-1].key.endswith("_clip") else "weight", p))
+  s_tx, _ = finetune.student_optimizer(ml_collections.ConfigDict(dict(
+      learning_rate=0.01, lr_milestones=(), momentum=0.9, weight_decay=5e-4,
+      clip_learning_rate=1e-3)), steps_per_epoch=10)
   state = jax.device_put(finetune.FinetuneState(
       jnp.zeros((), jnp.int32), g_vars, (), variables, s_tx.init(variables["params"])),
       parallel.replicated(mesh))
   teacher_vars = parallel.replicate(mesh, teacher_vars)
   step = jax.jit(lambda s, tv, k: finetune.kd_step(generator, teacher, student, s_tx,
                                                    batch_size, 24, mesh, True, s, tv, k))
-  history = []
-  for i in range(num_steps):
-    state, metrics = step(state, teacher_vars, jax.random.key(20 + i))
-    history.append(jax.device_get(metrics))
-  return state, history
+  return run_steps(step, state, teacher_vars, num_steps, first_key=20)
 
 
 def test_finetune_steps_match_on_1_and_8_devices():

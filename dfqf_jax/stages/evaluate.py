@@ -7,7 +7,6 @@ DIR/results.json, one entry per model, merged with what is already there.
 import json
 import os
 
-from absl import logging
 
 from dfqf_jax import checkpoints, data, parallel, training
 from dfqf_jax.stages import common
@@ -71,7 +70,6 @@ def run(config, workdir: str) -> dict:
     with open(tmp, "w") as f:
       json.dump(merged, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
-  logging.info("\n%s", format_table(results))
   print(format_table(results))
   return merged
 

@@ -94,10 +94,12 @@ def run(config, workdir: str) -> None:
   mean, std = teacher_meta["mean"], teacher_meta["std"]
 
   spec = q.QuantSpec(w, a, config.protocol)
-  batches = ptq.calibration_batches(config, workdir, teacher_meta, config.calibration_data,
-                                    jax.random.key(config.seed + 3))
-  student, variables = ptq.quantize_and_calibrate(teacher_vars, teacher_meta, spec,
-                                                  config.calibration, batches)
+  student, variables = calibration.quantized_student(
+      teacher_vars, teacher_meta["depth"], teacher_meta["num_classes"], spec)
+  if checkpoints.latest_step(stage_dir) is None:  # a resumed run restores calibrated clips
+    batches = ptq.calibration_batches(config, workdir, teacher_meta, config.calibration_data,
+                                      jax.random.key(config.seed + 3))
+    variables = calibration.calibrate(student, variables, batches, spec, config.calibration)
   s_tx, schedule = student_optimizer(config, config.steps_per_epoch)
   g_tx = optax.adam(config.generator_learning_rate)
   total_steps = config.num_epochs * config.steps_per_epoch
@@ -125,13 +127,18 @@ def run(config, workdir: str) -> None:
   if config.adversarial_generator:
     hp = stage1.Hyper(config.batch_size, latent_dim, config.lambda_is, config.lambda_bn,
                       config.lambda_adv)
-    step_fn = jax.jit(lambda s, tv, k, _: stage1.train_step(
-        generator, teacher, student, g_tx, s_tx, hp, s, tv, k, mesh), donate_argnums=0)
+    one_step = lambda s, tv, k, _: stage1.train_step(generator, teacher, student, g_tx, s_tx, hp,
+                                                 s, tv, k, mesh)
   else:
-    step_fn = jax.jit(lambda s, tv, k, x: kd_step(generator, teacher, student, s_tx,
-                                                  config.batch_size, latent_dim, mesh,
-                                                  config.student_bn_train, s, tv, k, x),
-                      donate_argnums=0)
+    one_step = lambda s, tv, k, x: kd_step(generator, teacher, student, s_tx, config.batch_size,
+                                       latent_dim, mesh, config.student_bn_train, s, tv, k, x)
+
+  def step_with_lr(state, teacher_vars, key, real_uint8):
+    real_images = None if real_uint8 is None else data.normalize(real_uint8, mean, std)
+    new_state, metrics = one_step(state, teacher_vars, key, real_images)
+    return new_state, {**metrics, "learning_rate": schedule(state.step)}
+
+  step_fn = jax.jit(step_with_lr, donate_argnums=0)
   base_key = jax.random.key(config.seed + 4)
   rows = parallel.process_slice(config.batch_size)
 
@@ -139,9 +146,8 @@ def run(config, workdir: str) -> None:
     real = None
     if config.data_source == "real":
       batch = data.train_batch(train_split, config.batch_size, config.seed, step, rows)
-      real = data.normalize(parallel.global_batch(mesh, batch)["images"], mean, std)
-    state, metrics = step_fn(state, teacher_vars, jax.random.fold_in(base_key, step), real)
-    return state, {**metrics, "learning_rate": schedule(step)}
+      real = parallel.global_batch(mesh, batch)["images"]
+    return step_fn(state, teacher_vars, jax.random.fold_in(base_key, step), real)
 
   def evaluate(state, step):
     s_vars = common.variables_of(state.student)

@@ -183,14 +183,16 @@ def run(config, workdir: str) -> None:
   if start:
     print(f"generator: resuming from step {start}")
 
-  step_fn = jax.jit(
-      lambda s, tv, k: train_step(generator, teacher, student, g_tx, s_tx, hp, s, tv, k, mesh),
-      donate_argnums=0)
+  def step_with_lr(state, teacher_vars, key):
+    new_state, metrics = train_step(generator, teacher, student, g_tx, s_tx, hp, state,
+                                    teacher_vars, key, mesh)
+    return new_state, {**metrics, "student_learning_rate": s_schedule(state.step)}
+
+  step_fn = jax.jit(step_with_lr, donate_argnums=0)
   base_key = jax.random.key(config.seed + 1)
 
   def do_step(state, step):
-    state, metrics = step_fn(state, teacher_vars, jax.random.fold_in(base_key, step))
-    return state, {**metrics, "student_learning_rate": s_schedule(step)}
+    return step_fn(state, teacher_vars, jax.random.fold_in(base_key, step))
 
   def evaluate(state, step):
     s_vars = common.variables_of(state.student)

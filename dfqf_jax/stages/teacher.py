@@ -68,14 +68,17 @@ def run(config, workdir: str) -> None:
   if start:
     print(f"teacher: resuming from step {start}")
 
-  step_fn = jax.jit(lambda s, b: train_step(model, tx, mean, std, s, b), donate_argnums=0)
+  def step_with_lr(state, batch):  # the learning rate is logged from inside the jitted step
+    new_state, metrics = train_step(model, tx, mean, std, state, batch)
+    return new_state, {**metrics, "learning_rate": schedule(state.step)}
+
+  step_fn = jax.jit(step_with_lr, donate_argnums=0)
   rows = parallel.process_slice(config.batch_size)
 
   def do_step(state, step):
     batch = data.train_batch(train_split, config.batch_size, config.seed, step, rows,
                              config.data.augment)
-    state, metrics = step_fn(state, parallel.global_batch(mesh, batch))
-    return state, {**metrics, "learning_rate": schedule(step)}
+    return step_fn(state, parallel.global_batch(mesh, batch))
 
   def evaluate(state, step):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
