@@ -1,41 +1,101 @@
 """Multi-host: 2 processes x 2 devices (gloo collectives) equal 1 process x 4 devices."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 
 import jax
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from cli import REPO, environment, main_command, run_main
 from conftest import SHARED_DATA, TEACHER_WEIGHTS
 import jax.numpy as jnp
 import optax
 
+from configs import finetune
 from configs import generator as generator_config
 from dfqf_jax import checkpoints, training
+from dfqf_jax import quant as q
 from dfqf_jax.models.resnet import CifarResNet
+from dfqf_jax.stages import common, ptq
 from dfqf_jax.stages import generator as stage1
 from test_parallel import assert_same_update
 
-# Small learning rates and one teacher step: float round-off (gloo reduces in another order
-# than one process does) is then not amplified into visible parameter differences. The
-# measured relative difference of the update is ~2e-3; a wrong data shard or a missing
-# cross-process reduction gives differences of order 1.
+# Small learning rates and one step: float round-off (gloo reduces in another order than
+# one process does) is then not amplified into visible parameter differences, nor does it
+# flip the 4-bit rounding of the fine-tuned student (whose default learning rates, 1e-3 and
+# 1e-4 for the clips, are small). The measured relative difference of the update is ~2e-3
+# (teacher) and ~1e-5 (student); a wrong data shard or a missing cross-process reduction
+# gives differences of order 1.
 STAGES = {
     "teacher": ("configs/teacher.py:smoke", ["--config.num_steps=1",
                                              "--config.learning_rate=0.01"]),
     "generator": ("configs/generator.py:smoke", ["--config.num_epochs=1",
                                                  "--config.student.learning_rate=0.01"]),
+    "student_w4a4": ("configs/finetune.py:w4a4", ["--config.batch_size=16",
+                                                  "--config.steps_per_epoch=1",
+                                                  "--config.num_epochs=1",
+                                                  "--config.calibration_batches=1",
+                                                  "--config.calibration_batch_size=16"]),
 }
-# Adam normalizes each gradient entry, so round-off in near-zero gradients of the generator
-# becomes a full-size (lr) step: its parameters are compared through the logged losses.
-COMPARED = {"teacher": ("params", "batch_stats"), "generator": ("student",)}
+# Paths into the checkpointed state. Adam normalizes each gradient entry, so round-off in
+# near-zero gradients of the generator becomes a full-size (lr) step: its parameters are
+# compared through the logged losses. The student's batch statistics move far more than its
+# weights in one step, so each is compared on its own scale.
+COMPARED = {"teacher": ("params", "batch_stats"), "generator": ("student",),
+            "student_w4a4": ("student/params", "student/batch_stats")}
 
 
-def initial_state(stage: str) -> dict:
-  """The stage's state before its first step (same seed and code as the runs)."""
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, shared_data):
+  """The shared data with every 20th test image (50 per class): the runs' test accuracies
+  are only monitored here, and a twentieth of the test split keeps them quick."""
+  directory = tmp_path_factory.mktemp("data")
+  os.symlink(os.path.abspath(os.path.join(shared_data, "cifar10_train.npz")),
+             directory / "cifar10_train.npz")
+  with np.load(os.path.join(shared_data, "cifar10_test.npz")) as test:
+    np.savez(directory / "cifar10_test.npz", images=test["images"][::20],
+             labels=test["labels"][::20])
+  return str(directory)
+
+
+def prepare(workdir, stage: str, data_dir: str) -> None:
+  """What the stage reads: the imported teacher, and for fine-tuning a one-step generator."""
+  os.makedirs(workdir)
+  if stage != "teacher":
+    result = run_main("configs/import_teacher.py", workdir, f"--config.weights={TEACHER_WEIGHTS}")
+    assert result.returncode == 0, result.stderr[-3000:]
+  if stage == "student_w4a4":
+    result = run_main("configs/generator.py:smoke", workdir, f"--config.data.dir={data_dir}",
+                      "--config.num_epochs=1", "--config.iters_per_epoch=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def finetune_config():
+  """The fine-tuning runs' config: configs/finetune.py:w4a4 with STAGES' overrides."""
+  argv = ["main.py", *STAGES["student_w4a4"][1]]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_dict("config", finetune.get_config("w4a4"), flag_values=flag_values,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def initial_state(stage: str, inputs=None) -> dict:
+  """The stage's state before its first step (same seed and code as the runs); for
+  fine-tuning, the student calibrated from the teacher and generator in `inputs`."""
+  if stage == "student_w4a4":
+    config = finetune_config()
+    _, teacher_vars, teacher_meta = common.load_teacher(str(inputs))
+    batches = ptq.calibration_batches(config, str(inputs), teacher_meta, "generated",
+                                      jax.random.key(config.seed + 3))
+    _, student = ptq.quantize_and_calibrate(teacher_vars, teacher_meta, q.QuantSpec(4, 4, "dfqf"),
+                                            config.calibration, batches)
+    return {"student": student}
   model = CifarResNet(20)
   init = jax.jit(lambda: model.init(jax.random.key(0),
                                     jnp.zeros((1, 32, 32, 3))))
@@ -70,33 +130,65 @@ def run_two_processes(config, workdir, *overrides):
   return outputs
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
-def test_two_processes_match_one_process_with_the_same_devices(stage, tmp_path, shared_data):
-  config, extra = STAGES[stage]
-  args = [f"--config.data.dir={SHARED_DATA}", *extra]
-  single, multi = tmp_path / "single", tmp_path / "multi"
-  for workdir in (single, multi):
-    if stage != "teacher":
-      assert run_main("configs/import_teacher.py", workdir,
-                      f"--config.weights={TEACHER_WEIGHTS}").returncode == 0
-  result = run_main(config, single, *args, devices=4)
-  assert result.returncode == 0, result.stderr[-3000:]
-  run_two_processes(config, multi, *args)
-  a, _, step_a = checkpoints.load_product(os.path.join(single, stage), stage)
-  b, _, step_b = checkpoints.load_product(os.path.join(multi, stage), stage)
+def subtree(state: dict, path: str):
+  for key in path.split("/"):
+    state = state[key]
+  return state
+
+
+def assert_same_run(stage: str, expected, got, start: dict) -> None:
+  """The stage in workdir `got` ended where the one in `expected` did: same last step,
+  same files (one checkpoint and one log, written once: no per-process copies), the same
+  parameter updates (COMPARED) and the same logged steps and losses."""
+  a, _, step_a = checkpoints.load_product(os.path.join(expected, stage), stage)
+  b, _, step_b = checkpoints.load_product(os.path.join(got, stage), stage)
   assert step_a == step_b
-  # One checkpoint and one log, written once: no per-process copies.
-  assert sorted(os.listdir(multi / stage)) == sorted(os.listdir(single / stage))
-  start = initial_state(stage)
-  for key in COMPARED[stage]:
-    assert_same_update(a[key], b[key], start[key], tol=1e-2)
-  rows_a = training.read_metrics(single / stage)
-  rows_b = training.read_metrics(multi / stage)
+  assert sorted(os.listdir(got / stage)) == sorted(os.listdir(expected / stage))
+  for path in COMPARED[stage]:
+    assert_same_update(subtree(a, path), subtree(b, path), subtree(start, path), tol=1e-2)
+  rows_a = training.read_metrics(expected / stage)
+  rows_b = training.read_metrics(got / stage)
   assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
   for ra, rb in zip(rows_a, rows_b):
     for key in ra:
       if key.startswith("loss"):
         np.testing.assert_allclose(ra[key], rb[key], rtol=1e-3, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_two_processes_match_one_process_with_the_same_devices(stage, tmp_path, small_data):
+  """Each training stage (teacher, generator, fine-tuned 4-bit student) gives the same
+  result by 2 processes x 2 devices as by 1 process x 4 devices for the same global batch,
+  from the same inputs (prepared once, by one process)."""
+  config, extra = STAGES[stage]
+  args = [f"--config.data.dir={small_data}", *extra]
+  inputs, single, multi = tmp_path / "inputs", tmp_path / "single", tmp_path / "multi"
+  prepare(inputs, stage, small_data)
+  shutil.copytree(inputs, single)
+  shutil.copytree(inputs, multi)
+  result = run_main(config, single, *args, devices=4)
+  assert result.returncode == 0, result.stderr[-3000:]
+  run_two_processes(config, multi, *args)
+  assert_same_run(stage, single, multi, initial_state(stage, inputs))
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, small_data):
+  """A teacher run by 2 processes x 2 devices stops at its step-1 checkpoint; the same
+  command in 1 process x 4 devices resumes it and ends at step 2 where an uninterrupted
+  1-process run does: a checkpoint does not depend on the number of processes that wrote
+  it. (Not bit-identical: step 1's gloo reduction rounds differently; measured relative
+  difference of the update 2e-3. Learning rate 1e-3: at 1e-2 step 2 amplifies it to 7e-3.)"""
+  config = "configs/teacher.py:smoke"
+  args = [f"--config.data.dir={small_data}", "--config.learning_rate=0.001"]
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  result = run_main(config, straight, *args, "--config.num_steps=2", devices=4)
+  assert result.returncode == 0, result.stderr[-3000:]
+  run_two_processes(config, resumed, *args, "--config.num_steps=1")
+  assert checkpoints.latest_step(resumed / "teacher") == 1
+  result = run_main(config, resumed, *args, "--config.num_steps=2", devices=4)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "teacher: resuming from step 1" in result.stdout
+  assert_same_run("teacher", straight, resumed, initial_state("teacher"))
 
 
 def test_evaluation_over_two_processes_equals_one_process(tmp_path, shared_data):
