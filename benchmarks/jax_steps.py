@@ -1,0 +1,177 @@
+"""The project's own jitted steps, built for timing the way each stage's run() builds them.
+
+Each builder returns a `Step`: the jitted function and its arguments, placed on a mesh of all
+devices (state and teacher replicated, batches sharded along `data`), with the same
+`jax.jit(..., donate_argnums=0)` as the stage. The wrappers `step_with_lr` repeat the
+stage's own two-line closure (run() defines it locally, so it cannot be imported); they only
+add the logged learning rate, so the compute graph is the stage's.
+
+Weights are random (or, for the quantized student, the random teacher's weights with clips
+calibrated on generated images as stage 2 does): speed does not depend on their values.
+Inputs are random uint8 images already on the devices; host-side loading and augmentation
+are not part of any step.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import evaluate as evaluate_config
+from configs import finetune as finetune_config
+from configs import generator as generator_config
+from configs import teacher as teacher_config
+from dfqf_jax import calibration, data, parallel, training
+from dfqf_jax import quant as q
+from dfqf_jax.models.generator import sample_latent
+from dfqf_jax.models.resnet import CifarResNet
+from dfqf_jax.stages import common, finetune, ptq
+from dfqf_jax.stages import generator as stage1
+from dfqf_jax.stages import teacher as stage0
+
+CIFAR_TRAIN_SIZE = 50_000
+CALIBRATION_BATCH = 32  # generated images for the stage-2 clips (values only, not timed)
+
+
+@dataclasses.dataclass
+class Step:
+  """fn(*args) is one step; with `carries_state`, output[0] replaces args[0] (donated)."""
+  fn: object
+  args: tuple
+  carries_state: bool
+
+
+def _random_images(batch: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  return {"images": rng.integers(0, 256, (batch, 32, 32, 3), np.uint8),
+          "labels": rng.integers(0, 10, batch).astype(np.int32)}
+
+
+def _classifier(config, dtype, **kwargs) -> CifarResNet:
+  return CifarResNet(config.model.depth, data.num_classes(config.data.name), dtype=dtype,
+                     **kwargs)
+
+
+def _random_variables(model, mesh, seed: int = 0) -> dict:
+  """params and batch_stats only, as a loaded checkpoint has them (init also fills the
+  `bn_input_stats` collection, which would then collect twice)."""
+  init = jax.jit(lambda key: common.variables_of(model.init(key, jnp.zeros((1, 32, 32, 3)))),
+                 out_shardings=parallel.replicated(mesh))
+  return init(jax.random.key(seed))
+
+
+def teacher_step(batch: int, dtype, mesh) -> Step:
+  """stages/teacher.py: SGD step on a real-shaped uint8 batch, normalized in the step."""
+  config = teacher_config.get_config()
+  model = _classifier(config, dtype)
+  mean, std = tuple(config.data.mean), tuple(config.data.std)
+  per_epoch = data.steps_per_epoch(CIFAR_TRAIN_SIZE, batch)
+  schedule = training.step_decay(config.learning_rate, config.lr_milestones, per_epoch)
+  tx = training.sgd(schedule, config.momentum, config.weight_decay)
+  init = jax.jit(lambda key: stage0.create_state(model, tx, key),
+                 out_shardings=parallel.replicated(mesh))
+  state = init(jax.random.key(config.seed))
+
+  def step_with_lr(state, batch):
+    new_state, metrics = stage0.train_step(model, tx, mean, std, state, batch)
+    return new_state, {**metrics, "learning_rate": schedule(state.step)}
+
+  rows = parallel.process_slice(batch)
+  images = parallel.global_batch(
+      mesh, {k: v[rows] for k, v in _random_images(batch).items()})
+  return Step(jax.jit(step_with_lr, donate_argnums=0), (state, images), True)
+
+
+def generator_step(batch: int, dtype, mesh, student_passes: int) -> Step:
+  """stages/generator.py: one stage-1 iteration (G Adam step + student SGD step).
+
+  student_passes=1 is the project's default (one backward pass gives both gradients);
+  2 runs the student a second time on detached images, as the reference code does.
+  """
+  config = generator_config.get_config()
+  teacher = _classifier(config, dtype)
+  student = _classifier(config, dtype)
+  generator = stage1.make_generator(config).clone(dtype=dtype)
+  total_steps = config.num_epochs * config.iters_per_epoch
+  g_tx = stage1.generator_optimizer(config)
+  s_tx, s_schedule = stage1.student_optimizer(config, total_steps)
+  hp = stage1.Hyper(batch, config.generator.latent_dim, config.lambda_is, config.lambda_bn,
+                    config.lambda_adv, single_student_pass=student_passes == 1)
+  teacher_vars = _random_variables(teacher, mesh)
+  init = jax.jit(lambda key: stage1.create_state(generator, student, g_tx, s_tx, key,
+                                                 hp.latent_dim),
+                 out_shardings=parallel.replicated(mesh))
+  state = init(jax.random.key(config.seed))
+
+  def step_with_lr(state, teacher_vars, key):
+    new_state, metrics = stage1.train_step(generator, teacher, student, g_tx, s_tx, hp, state,
+                                           teacher_vars, key, mesh)
+    return new_state, {**metrics, "student_learning_rate": s_schedule(state.step)}
+
+  return Step(jax.jit(step_with_lr, donate_argnums=0),
+              (state, teacher_vars, jax.random.key(config.seed + 1)), True)
+
+
+def _calibrated_student(config, teacher_vars, generator, g_vars, dtype):
+  """stage 2's quantized student: the teacher's weights, clips calibrated on generated
+  images by the configured rule (stages/finetune.py run())."""
+  (w, a), = ptq.parse_bits(config.bits)
+  spec = q.QuantSpec(w, a, config.protocol)
+  student, variables = calibration.quantized_student(
+      jax.device_get(teacher_vars), config.model.depth, data.num_classes(config.data.name),
+      spec)
+  z = sample_latent(jax.random.key(config.seed + 3), CALIBRATION_BATCH, generator.latent_dim)
+  images = generator.apply(g_vars, z, train=True, mutable=["batch_stats"])[0]
+  variables = calibration.calibrate(student, variables, [images], spec, config.calibration)
+  return student.clone(dtype=dtype), variables
+
+
+def finetune_step(batch: int, dtype, mesh) -> Step:
+  """stages/finetune.py: one KD step of the W4A4 student on fresh generated images."""
+  config = finetune_config.get_config("w4a4")
+  g_config = generator_config.get_config()
+  teacher = _classifier(config, dtype)
+  generator = stage1.make_generator(g_config).clone(dtype=dtype)
+  teacher_vars = _random_variables(teacher, mesh)
+  g_vars = common.variables_of(
+      generator.init(jax.random.key(1), jnp.zeros((2, generator.latent_dim))))
+  student, variables = _calibrated_student(config, teacher_vars, generator, g_vars, dtype)
+  s_tx, schedule = finetune.student_optimizer(config, config.steps_per_epoch)
+  g_tx = optax.adam(config.generator_learning_rate)
+  state = jax.device_put(finetune.FinetuneState(
+      jnp.zeros((), jnp.int32), g_vars, g_tx.init(g_vars["params"]), variables,
+      s_tx.init(variables["params"])), parallel.replicated(mesh))
+
+  def step_with_lr(state, teacher_vars, key):
+    new_state, metrics = finetune.kd_step(generator, teacher, student, s_tx, batch,
+                                          generator.latent_dim, mesh, config.student_bn_train,
+                                          state, teacher_vars, key)
+    return new_state, {**metrics, "learning_rate": schedule(state.step)}
+
+  return Step(jax.jit(step_with_lr, donate_argnums=0),
+              (state, teacher_vars, jax.random.key(config.seed + 4)), True)
+
+
+def evaluate_step(batch: int, dtype, mesh) -> Step:
+  """stages/common.py `_count_correct`: one evaluation batch of `top1()`."""
+  config = evaluate_config.get_config()
+  model = _classifier(config, dtype)
+  variables = _random_variables(model, mesh)
+  rows = parallel.process_slice(batch)
+  inputs = _random_images(batch)
+  inputs["valid"] = np.ones(batch, bool)
+  inputs = parallel.global_batch(mesh, {k: v[rows] for k, v in inputs.items()})
+  return Step(common._count_correct,
+              (model, variables, inputs["images"], inputs["labels"], inputs["valid"],
+               tuple(config.data.mean), tuple(config.data.std)), False)
+
+
+def build(stage: str, batch: int, dtype: str, student_passes: int) -> Step:
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(f"--{stage}-batch", batch)
+  dtype = jnp.dtype(dtype)
+  if stage == "generator":
+    return generator_step(batch, dtype, mesh, student_passes)
+  return {"teacher": teacher_step, "finetune": finetune_step,
+          "evaluate": evaluate_step}[stage](batch, dtype, mesh)

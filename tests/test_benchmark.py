@@ -1,0 +1,39 @@
+"""benchmarks/benchmark.py writes complete rows (its JAX path; speed is never asserted)."""
+import json
+import os
+import subprocess
+import sys
+
+from cli import REPO, environment
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import benchmark  # noqa: E402
+
+FIELDS = {"stage", "impl", "backend", "device_kind", "num_devices", "batch", "dtype",
+          "images_per_s", "step_ms", "compile_s", "first_call_s", "peak_memory_bytes",
+          "memory_kind", "cpu_model", "xla_flags", "versions", "commit", "dirty", "date",
+          "run_id", "tag"}
+
+
+def test_one_row_per_impl_stage_and_student_passes():
+  args = benchmark.parse_args(["--stages", "generator,evaluate", "--student-passes", "1,2"])
+  assert benchmark.planned_runs(args) == [
+      ("jax", "generator", 1), ("jax", "generator", 2), ("torch", "generator", 2),
+      ("jax", "evaluate", None), ("torch", "evaluate", None)]
+
+
+def test_jax_evaluation_row_on_two_devices(tmp_path):
+  out = tmp_path / "bench.jsonl"
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "benchmark.py"), "--impl", "jax",
+       "--stages", "evaluate", "--evaluate-batch", "16", "--warmup", "1", "--repeats", "1",
+       "--tag", "test", "--out", str(out)],
+      cwd=REPO, env=environment(devices=2), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+  assert FIELDS <= set(row)
+  assert (row["stage"], row["impl"], row["backend"], row["num_devices"], row["batch"],
+          row["tag"]) == ("evaluate", "jax", "cpu", 2, 16, "test")
+  assert row["images_per_s"] > 0 and row["step_ms"] > 0 and row["compile_s"] > 0
+  assert row["memory_kind"] == "process_peak_rss" and row["peak_memory_bytes"] > 0
+  assert "device_count=2" in row["xla_flags"]
