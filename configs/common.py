@@ -20,6 +20,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   config.data.augment = True
   config.model = ml_collections.ConfigDict()
   config.model.depth = 20
+  # "bfloat16": mixed precision for the training steps (bfloat16 convolutions and matmuls;
+  # float32 parameters, BN statistics, losses and optimizer states). Evaluation stays float32.
+  config.compute_dtype = "float32"
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000
   # If set, the finished job appends a run record (command, commit, hardware, wall time,

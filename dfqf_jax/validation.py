@@ -7,6 +7,9 @@ from dfqf_jax import data, quant
 from dfqf_jax.models.resnet import DEPTHS
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 class ConfigError(ValueError):
   """A config field has a value the job cannot use."""
 
@@ -45,6 +48,7 @@ def _get(config, field: str):
 def common(config, splits=("train", "test")) -> None:
   one_of(config, "data.name", sorted(data.DATASETS))
   one_of(config, "model.depth", DEPTHS)
+  one_of(config, "compute_dtype", COMPUTE_DTYPES)
   for field in ("log_every_steps", "checkpoint_every_steps"):
     positive(config, field)
   positive(config, "data.validation_size", allow_zero=True)

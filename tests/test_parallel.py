@@ -1,5 +1,8 @@
 """Data parallelism: 1 device and 8 devices give the same steps for the same global batch."""
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cli import REPO
 from dfqf_jax import data, parallel, training
 from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
@@ -153,3 +157,16 @@ def test_finetune_steps_match_on_1_and_8_devices():
   for a, b in zip(h1, h8):
     np.testing.assert_allclose(a["loss_kd"], b["loss_kd"], rtol=1e-4)
   assert_same_update(one.student, eight.student, start.student)
+
+
+@pytest.mark.parametrize("xla_flags, expected", [
+    ("", min(8, 1 << ((os.cpu_count() or 1).bit_length() - 1))),
+    ("--xla_force_host_platform_device_count=3", 3)])
+def test_main_gives_xla_one_cpu_device_per_core_unless_told(xla_flags, expected):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-c", "import jax, main; main.use_cpu_cores(); print(jax.device_count())"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert int(result.stdout.split()[-1]) == expected

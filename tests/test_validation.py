@@ -43,6 +43,8 @@ CASES = {
     "non-positive learning rate": (TEACHER_SMOKE, ["--config.learning_rate=0"], 1,
                                    ["config.learning_rate=0"]),
     "unknown depth": (TEACHER_SMOKE, ["--config.model.depth=18"], 1, ["config.model.depth=18"]),
+    "unknown compute dtype": (TEACHER_SMOKE, ["--config.compute_dtype=float16"], 1,
+                              ["config.compute_dtype='float16'", "bfloat16"]),
     "weights of another depth": ("configs/import_teacher.py",
                                  [f"--config.weights={TEACHER_WEIGHTS}",
                                   "--config.model.depth=32"], 1,

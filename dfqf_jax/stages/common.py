@@ -26,6 +26,11 @@ def classifier_from_meta(meta: dict, dtype=jnp.float32) -> CifarResNet:
   return CifarResNet(meta["depth"], meta["num_classes"], quant=spec, dtype=dtype)
 
 
+def compute_dtype(config) -> jnp.dtype:
+  """The training steps' compute dtype (config.compute_dtype); parameters stay float32."""
+  return jnp.dtype(config.get("compute_dtype", "float32"))
+
+
 def load_teacher(workdir: str, teacher_dir: str | None = None):
   """(model, variables, meta) of the teacher checkpoint in `teacher_dir` or DIR/teacher."""
   directory = teacher_dir or os.path.join(workdir, TEACHER_DIR)

@@ -124,13 +124,16 @@ def run(config, workdir: str) -> None:
     print(f"{name}: resuming from step {start}")
 
   latent_dim = generator.latent_dim if generator else 0
+  dtype = common.compute_dtype(config)  # the step's models; evaluation stays float32
+  t_model, s_model = teacher.clone(dtype=dtype), student.clone(dtype=dtype)
+  g_model = generator.clone(dtype=dtype) if generator else None
   if config.adversarial_generator:
     hp = stage1.Hyper(config.batch_size, latent_dim, config.lambda_is, config.lambda_bn,
                       config.lambda_adv)
-    one_step = lambda s, tv, k, _: stage1.train_step(generator, teacher, student, g_tx, s_tx, hp,
+    one_step = lambda s, tv, k, _: stage1.train_step(g_model, t_model, s_model, g_tx, s_tx, hp,
                                                  s, tv, k, mesh)
   else:
-    one_step = lambda s, tv, k, x: kd_step(generator, teacher, student, s_tx, config.batch_size,
+    one_step = lambda s, tv, k, x: kd_step(g_model, t_model, s_model, s_tx, config.batch_size,
                                        latent_dim, mesh, config.student_bn_train, s, tv, k, x)
 
   def step_with_lr(state, teacher_vars, key, real_uint8):

@@ -24,6 +24,7 @@ def stage_configs(config) -> list:
     for field in SHARED_DATA_FIELDS:
       sub.data[field] = config.data[field]
     sub.model.depth = config.model.depth
+    sub.compute_dtype = config.compute_dtype
     return sub
 
   stages = []

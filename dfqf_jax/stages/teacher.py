@@ -57,6 +57,7 @@ def run(config, workdir: str) -> None:
   schedule = training.step_decay(config.learning_rate, config.lr_milestones, per_epoch)
   tx = training.sgd(schedule, config.momentum, config.weight_decay)
   model = CifarResNet(config.model.depth, data.num_classes(config.data.name))
+  train_model = model.clone(dtype=common.compute_dtype(config))
   meta = common.classifier_meta(config.model.depth, config.data.name, mean, std,
                                 source="trained", model_name="teacher")
 
@@ -69,7 +70,7 @@ def run(config, workdir: str) -> None:
     print(f"teacher: resuming from step {start}")
 
   def step_with_lr(state, batch):  # the learning rate is logged from inside the jitted step
-    new_state, metrics = train_step(model, tx, mean, std, state, batch)
+    new_state, metrics = train_step(train_model, tx, mean, std, state, batch)
     return new_state, {**metrics, "learning_rate": schedule(state.step)}
 
   step_fn = jax.jit(step_with_lr, donate_argnums=0)
