@@ -8,7 +8,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dfqf_jax import checkpoints, convert, data, report, training, validation
+from dfqf_jax import checkpoints, convert, data, parallel, report, training, validation
 from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, pipeline, ptq,
                              teacher)
 
@@ -31,33 +31,19 @@ flags.DEFINE_string("workdir", None, "Folder for this run's checkpoints, logs an
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-MAX_DEFAULT_CPU_DEVICES = 8
-
-
-def use_cpu_cores() -> None:
-  """Gives XLA one CPU device per core (a power of two, at most 8, so that the usual batch
-  sizes divide) unless XLA_FLAGS sets --xla_force_host_platform_device_count.
-
-  XLA:CPU makes a single device by default, which uses several cores poorly; on this
-  project's 2-core CPU, 2 devices run the teacher step 1.2x and the stage-1 iteration 1.5x
-  faster (docs/results/benchmarks.jsonl). Only the CPU backend is affected.
-  """
-  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-    return
-  cores = min(os.cpu_count() or 1, MAX_DEFAULT_CPU_DEVICES)
-  jax.config.update("jax_num_cpu_devices", 1 << (cores.bit_length() - 1))
+def is_multi_process(config) -> bool:
+  """An explicit coordinator, or num_processes=0 (detect the cluster: Cloud TPU, SLURM, ...)
+  or > 1; num_processes=1 without a coordinator is a single-process run."""
+  return bool(config.distributed.coordinator) or config.distributed.num_processes != 1
 
 
 def initialize_distributed(config) -> None:
-  """Multi-process runs: an explicit coordinator, or num_processes=0 (or > 1 without a
-  coordinator) to let JAX detect the cluster (Cloud TPU, SLURM, ...); 1 = one process."""
-  if config.distributed.coordinator or config.distributed.num_processes != 1:
-    # Cross-process collectives for the CPU backend (no effect on GPU/TPU).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Cross-process collectives for the CPU backend (no effect on GPU/TPU).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if config.distributed.coordinator:
     jax.distributed.initialize(config.distributed.coordinator,
                                config.distributed.num_processes, config.distributed.process_id)
-  elif config.distributed.num_processes != 1:
+  else:
     jax.distributed.initialize()
 
 
@@ -69,8 +55,10 @@ def main(argv) -> None:
   if config.stage not in STAGES:
     raise validation.ConfigError(f"config.stage={config.stage!r} is unknown; allowed: "
                                  f"{sorted(STAGES)}.")
-  use_cpu_cores()
-  initialize_distributed(config)
+  if is_multi_process(config):
+    initialize_distributed(config)
+  else:
+    parallel.use_cpu_cores()
   run, validate = STAGES[config.stage]
   validate(config)
   started = time.time()

@@ -61,11 +61,11 @@ def jax_passes(batch, size, c_in, c_out, stride):
   k = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out)) * 0.1, jnp.float32)
   y = conv(x, k)
   forward = jax.jit(conv)
-  input_grad = jax.jit(lambda k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0])
-  weight_grad = jax.jit(lambda x, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0])
+  input_grad = jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0])
+  weight_grad = jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0])
   return {"forward": lambda: forward(x, k).block_until_ready(),
-          "input_grad": lambda: input_grad(k, y).block_until_ready(),
-          "weight_grad": lambda: weight_grad(x, y).block_until_ready()}
+          "input_grad": lambda: input_grad(x, k, y).block_until_ready(),
+          "weight_grad": lambda: weight_grad(x, k, y).block_until_ready()}
 
 
 def torch_passes(batch, size, c_in, c_out, stride):
@@ -78,12 +78,10 @@ def torch_passes(batch, size, c_in, c_out, stride):
   x = torch.randn(batch, c_in, size, size).to(memory_format=torch.channels_last)
   k = (torch.randn(c_out, c_in, 3, 3) * 0.1).to(memory_format=torch.channels_last)
   y = F.conv2d(x, k, stride=stride, padding=1)
-  with torch.no_grad():
-    return {"forward": lambda: F.conv2d(x, k, stride=stride, padding=1),
-            "input_grad": lambda: nn_grad.conv2d_input(x.shape, k, y, stride=stride,
-                                                       padding=1),
-            "weight_grad": lambda: nn_grad.conv2d_weight(x, k.shape, y, stride=stride,
-                                                         padding=1)}
+  return {"forward": lambda: F.conv2d(x, k, stride=stride, padding=1),
+          "input_grad": lambda: nn_grad.conv2d_input(x.shape, k, y, stride=stride, padding=1),
+          "weight_grad": lambda: nn_grad.conv2d_weight(x, k.shape, y, stride=stride,
+                                                       padding=1)}
 
 
 def versions(impl) -> dict:

@@ -168,6 +168,7 @@ def evaluate_step(batch: int, dtype, mesh) -> Step:
 
 
 def build(stage: str, batch: int, dtype: str, student_passes: int) -> Step:
+  parallel.use_cpu_cores()  # the devices main.py would use
   mesh = parallel.make_mesh()
   parallel.check_batch_size(f"--{stage}-batch", batch)
   dtype = jnp.dtype(dtype)

@@ -159,14 +159,17 @@ def test_finetune_steps_match_on_1_and_8_devices():
   assert_same_update(one.student, eight.student, start.student)
 
 
-@pytest.mark.parametrize("xla_flags, expected", [
-    ("", min(8, 1 << ((os.cpu_count() or 1).bit_length() - 1))),
-    ("--xla_force_host_platform_device_count=3", 3)])
-def test_main_gives_xla_one_cpu_device_per_core_unless_told(xla_flags, expected):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+@pytest.mark.parametrize("environment, expected", [
+    ({}, min(8, 1 << (len(os.sched_getaffinity(0)).bit_length() - 1))),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, 3),
+    ({"JAX_NUM_CPU_DEVICES": "1"}, 1)])
+def test_one_cpu_device_per_core_unless_the_count_is_set(environment, expected):
+  """parallel.use_cpu_cores(): a power of two of the usable cores (at most 8) by default."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  env.update(JAX_PLATFORMS="cpu", **environment)
   result = subprocess.run(
-      [sys.executable, "-c", "import jax, main; main.use_cpu_cores(); print(jax.device_count())"],
+      [sys.executable, "-c", "import jax; from dfqf_jax import parallel; "
+       "parallel.use_cpu_cores(); print(jax.device_count())"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   assert int(result.stdout.split()[-1]) == expected

@@ -28,7 +28,7 @@ def classifier_from_meta(meta: dict, dtype=jnp.float32) -> CifarResNet:
 
 def compute_dtype(config) -> jnp.dtype:
   """The training steps' compute dtype (config.compute_dtype); parameters stay float32."""
-  return jnp.dtype(config.get("compute_dtype", "float32"))
+  return jnp.dtype(config.compute_dtype)
 
 
 def load_teacher(workdir: str, teacher_dir: str | None = None):

@@ -53,8 +53,7 @@ class Hyper:
 
 
 def make_generator(config) -> Generator:
-  return Generator(config.generator.latent_dim, reference_quirks=config.generator.reference_quirks,
-                   dtype=common.compute_dtype(config))
+  return Generator(config.generator.latent_dim, reference_quirks=config.generator.reference_quirks)
 
 
 def generator_optimizer(config):
@@ -167,9 +166,10 @@ def run(config, workdir: str) -> None:
   test_split = data.load_split(teacher_meta["dataset"], "test", config.data.dir)
 
   total_steps = config.num_epochs * config.iters_per_epoch
-  dtype = common.compute_dtype(config)
   generator = make_generator(config)
   student = CifarResNet(teacher_meta["depth"], teacher_meta["num_classes"])
+  dtype = common.compute_dtype(config)  # the step's models; evaluation and grids stay float32
+  g_model, t_model, s_model = (m.clone(dtype=dtype) for m in (generator, teacher, student))
   g_tx = generator_optimizer(config)
   s_tx, s_schedule = student_optimizer(config, total_steps)
   hp = Hyper(config.batch_size, config.generator.latent_dim, config.lambda_is,
@@ -186,8 +186,7 @@ def run(config, workdir: str) -> None:
     print(f"generator: resuming from step {start}")
 
   def step_with_lr(state, teacher_vars, key):
-    new_state, metrics = train_step(generator, teacher.clone(dtype=dtype),
-                                    student.clone(dtype=dtype), g_tx, s_tx, hp, state,
+    new_state, metrics = train_step(g_model, t_model, s_model, g_tx, s_tx, hp, state,
                                     teacher_vars, key, mesh)
     return new_state, {**metrics, "student_learning_rate": s_schedule(state.step)}
 
