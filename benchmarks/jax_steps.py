@@ -1,10 +1,8 @@
 """The project's own jitted steps, built for timing the way each stage's run() builds them.
 
-Each builder returns a `Step`: the jitted function and its arguments, placed on a mesh of all
-devices (state and teacher replicated, batches sharded along `data`), with the same
-`jax.jit(..., donate_argnums=0)` as the stage. The wrappers `step_with_lr` repeat the
-stage's own two-line closure (run() defines it locally, so it cannot be imported); they only
-add the logged learning rate, so the compute graph is the stage's.
+Each builder returns a `Step`: the stage's own `jitted_step` (the function its run()
+dispatches, state donated) and its arguments, placed on a mesh of all devices (state and
+teacher replicated, batches sharded along `data`).
 
 Weights are random (or, for the quantized student, the random teacher's weights with clips
 calibrated on generated images as stage 2 does): speed does not depend on their values.
@@ -73,14 +71,10 @@ def teacher_step(batch: int, dtype, mesh) -> Step:
                  out_shardings=parallel.replicated(mesh))
   state = init(jax.random.key(config.seed))
 
-  def step_with_lr(state, batch):
-    new_state, metrics = stage0.train_step(model, tx, mean, std, state, batch)
-    return new_state, {**metrics, "learning_rate": schedule(state.step)}
-
   rows = parallel.process_slice(batch)
   images = parallel.global_batch(
       mesh, {k: v[rows] for k, v in _random_images(batch).items()})
-  return Step(jax.jit(step_with_lr, donate_argnums=0), (state, images), True)
+  return Step(stage0.jitted_step(model, tx, schedule, mean, std), (state, images), True)
 
 
 def generator_step(batch: int, dtype, mesh, student_passes: int) -> Step:
@@ -104,13 +98,8 @@ def generator_step(batch: int, dtype, mesh, student_passes: int) -> Step:
                  out_shardings=parallel.replicated(mesh))
   state = init(jax.random.key(config.seed))
 
-  def step_with_lr(state, teacher_vars, key):
-    new_state, metrics = stage1.train_step(generator, teacher, student, g_tx, s_tx, hp, state,
-                                           teacher_vars, key, mesh)
-    return new_state, {**metrics, "student_learning_rate": s_schedule(state.step)}
-
-  return Step(jax.jit(step_with_lr, donate_argnums=0),
-              (state, teacher_vars, jax.random.key(config.seed + 1)), True)
+  step = stage1.jitted_step(generator, teacher, student, g_tx, s_tx, s_schedule, hp, mesh)
+  return Step(step, (state, teacher_vars, jax.random.key(config.seed + 1)), True)
 
 
 def _calibrated_student(config, teacher_vars, generator, g_vars, dtype):
@@ -143,14 +132,10 @@ def finetune_step(batch: int, dtype, mesh) -> Step:
       jnp.zeros((), jnp.int32), g_vars, g_tx.init(g_vars["params"]), variables,
       s_tx.init(variables["params"])), parallel.replicated(mesh))
 
-  def step_with_lr(state, teacher_vars, key):
-    new_state, metrics = finetune.kd_step(generator, teacher, student, s_tx, batch,
-                                          generator.latent_dim, mesh, config.student_bn_train,
-                                          state, teacher_vars, key)
-    return new_state, {**metrics, "learning_rate": schedule(state.step)}
-
-  return Step(jax.jit(step_with_lr, donate_argnums=0),
-              (state, teacher_vars, jax.random.key(config.seed + 4)), True)
+  config.batch_size = batch
+  step = finetune.jitted_step(config, generator, teacher, student, g_tx, s_tx, schedule,
+                              generator.latent_dim, mesh, config.data.mean, config.data.std)
+  return Step(step, (state, teacher_vars, jax.random.key(config.seed + 4), None), True)
 
 
 def evaluate_step(batch: int, dtype, mesh) -> Step:

@@ -75,6 +75,30 @@ def kd_step(generator, teacher, student, s_tx, batch_size: int, latent_dim: int,
       "loss_kd": loss, "teacher_agreement": agreement}
 
 
+def jitted_step(config, generator, teacher, student, g_tx, s_tx, schedule, latent_dim: int,
+                mesh, mean, std):
+  """The stage's step as run() dispatches it, jitted with the state donated: a KD step on
+  generated images (or on a real uint8 batch, normalized inside the step), or with
+  `adversarial_generator` a stage-1 iteration against the quantized student; plus the
+  learning rate, logged from inside the step."""
+  if config.adversarial_generator:
+    hp = stage1.Hyper(config.batch_size, latent_dim, config.lambda_is, config.lambda_bn,
+                      config.lambda_adv)
+    one_step = lambda s, tv, k, _: stage1.train_step(generator, teacher, student, g_tx, s_tx,
+                                                     hp, s, tv, k, mesh)
+  else:
+    one_step = lambda s, tv, k, x: kd_step(generator, teacher, student, s_tx, config.batch_size,
+                                           latent_dim, mesh, config.student_bn_train, s, tv, k,
+                                           x)
+
+  def step(state, teacher_vars, key, real_uint8):
+    real_images = None if real_uint8 is None else data.normalize(real_uint8, mean, std)
+    new_state, metrics = one_step(state, teacher_vars, key, real_images)
+    return new_state, {**metrics, "learning_rate": schedule(state.step)}
+
+  return jax.jit(step, donate_argnums=0)
+
+
 def run(config, workdir: str) -> None:
   (w, a), = ptq.parse_bits(config.bits)
   name = stage_name(config, w, a)
@@ -127,21 +151,8 @@ def run(config, workdir: str) -> None:
   dtype = common.compute_dtype(config)  # the step's models; evaluation stays float32
   t_model, s_model = teacher.clone(dtype=dtype), student.clone(dtype=dtype)
   g_model = generator.clone(dtype=dtype) if generator else None
-  if config.adversarial_generator:
-    hp = stage1.Hyper(config.batch_size, latent_dim, config.lambda_is, config.lambda_bn,
-                      config.lambda_adv)
-    one_step = lambda s, tv, k, _: stage1.train_step(g_model, t_model, s_model, g_tx, s_tx, hp,
-                                                 s, tv, k, mesh)
-  else:
-    one_step = lambda s, tv, k, x: kd_step(g_model, t_model, s_model, s_tx, config.batch_size,
-                                       latent_dim, mesh, config.student_bn_train, s, tv, k, x)
-
-  def step_with_lr(state, teacher_vars, key, real_uint8):
-    real_images = None if real_uint8 is None else data.normalize(real_uint8, mean, std)
-    new_state, metrics = one_step(state, teacher_vars, key, real_images)
-    return new_state, {**metrics, "learning_rate": schedule(state.step)}
-
-  step_fn = jax.jit(step_with_lr, donate_argnums=0)
+  step_fn = jitted_step(config, g_model, t_model, s_model, g_tx, s_tx, schedule, latent_dim,
+                        mesh, mean, std)
   base_key = jax.random.key(config.seed + 4)
   rows = parallel.process_slice(config.batch_size)
 

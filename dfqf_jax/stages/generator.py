@@ -132,6 +132,17 @@ def train_step(generator, teacher, student, g_tx, s_tx, hp: Hyper, state: Genera
   return new_state, metrics
 
 
+def jitted_step(generator, teacher, student, g_tx, s_tx, s_schedule, hp: Hyper, mesh):
+  """The stage's iteration as run() dispatches it: train_step plus the student's learning
+  rate (logged from inside the step), jitted with the state donated."""
+  def step(state, teacher_vars, key):
+    new_state, metrics = train_step(generator, teacher, student, g_tx, s_tx, hp, state,
+                                    teacher_vars, key, mesh)
+    return new_state, {**metrics, "student_learning_rate": s_schedule(state.step)}
+
+  return jax.jit(step, donate_argnums=0)
+
+
 def stage_meta(config, teacher_meta) -> dict:
   student = common.classifier_meta(teacher_meta["depth"], teacher_meta["dataset"],
                                    teacher_meta["mean"], teacher_meta["std"],
@@ -185,12 +196,7 @@ def run(config, workdir: str) -> None:
   if start:
     print(f"generator: resuming from step {start}")
 
-  def step_with_lr(state, teacher_vars, key):
-    new_state, metrics = train_step(g_model, t_model, s_model, g_tx, s_tx, hp, state,
-                                    teacher_vars, key, mesh)
-    return new_state, {**metrics, "student_learning_rate": s_schedule(state.step)}
-
-  step_fn = jax.jit(step_with_lr, donate_argnums=0)
+  step_fn = jitted_step(g_model, t_model, s_model, g_tx, s_tx, s_schedule, hp, mesh)
   base_key = jax.random.key(config.seed + 1)
 
   def do_step(state, step):

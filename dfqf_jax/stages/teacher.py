@@ -43,6 +43,16 @@ def train_step(model, tx, mean, std, state: TeacherState, batch):
   return state, {"loss": loss, "train_top1": top1_correct(logits, batch["labels"]).mean()}
 
 
+def jitted_step(model, tx, schedule, mean, std):
+  """The stage's step as run() dispatches it: train_step plus the learning rate (logged from
+  inside the step), jitted with the state donated."""
+  def step(state, batch):
+    new_state, metrics = train_step(model, tx, mean, std, state, batch)
+    return new_state, {**metrics, "learning_rate": schedule(state.step)}
+
+  return jax.jit(step, donate_argnums=0)
+
+
 def run(config, workdir: str) -> None:
   stage_dir = os.path.join(workdir, common.TEACHER_DIR)
   mesh = parallel.make_mesh()
@@ -69,11 +79,7 @@ def run(config, workdir: str) -> None:
   if start:
     print(f"teacher: resuming from step {start}")
 
-  def step_with_lr(state, batch):  # the learning rate is logged from inside the jitted step
-    new_state, metrics = train_step(train_model, tx, mean, std, state, batch)
-    return new_state, {**metrics, "learning_rate": schedule(state.step)}
-
-  step_fn = jax.jit(step_with_lr, donate_argnums=0)
+  step_fn = jitted_step(train_model, tx, schedule, mean, std)
   rows = parallel.process_slice(config.batch_size)
 
   def do_step(state, step):
