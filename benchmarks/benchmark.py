@@ -31,6 +31,7 @@ sys.path.insert(0, REPO)
 from configs import finetune as finetune_config  # noqa: E402  (no JAX import)
 from configs import generator as generator_config  # noqa: E402
 from configs import teacher as teacher_config  # noqa: E402
+from dfqf_jax.provenance import cpu_model, git_state  # noqa: E402  (no JAX import either)
 
 STAGES = ("teacher", "generator", "finetune", "evaluate")
 IMPLS = ("jax", "torch")
@@ -222,29 +223,6 @@ def torch_measurement(stage, batch, passes, args) -> Measurement:
 
 
 # ----------------------------------------------------------------------------- records
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def git_commit() -> tuple[str, bool | None]:
-  """(HEAD, whether tracked files differ from it); ('unknown', None) outside git."""
-  try:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout.strip()
-    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return head, bool(status.strip())
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown", None
-
-
 def measure(impl, stage, passes, args) -> dict:
   """One row. Memory: the accelerator's peak where the framework reports one, else the
   process's peak RSS (set-up, compilation, warm-up and timed steps); `timed_peak_rss_bytes`
@@ -260,7 +238,7 @@ def measure(impl, stage, passes, args) -> dict:
   timed_rss = peak_rss_bytes()
   memory, memory_kind = m.device_peak() or (max(setup_rss, timed_rss), "process_peak_rss")
   median = statistics.median(times)
-  commit, dirty = git_commit()
+  commit, dirty = git_state()
   record = {"stage": stage, "impl": impl, **m.fields(), "batch": batch, "dtype": args.dtype,
             "images_per_s": round(batch / median, 2), "step_ms": round(1e3 * median, 3),
             "step_ms_min": round(1e3 * min(times), 3),

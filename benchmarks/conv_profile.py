@@ -22,7 +22,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-from benchmark import append_jsonl, cpu_model, git_commit  # noqa: E402
+from benchmark import append_jsonl  # noqa: E402
+from dfqf_jax.provenance import cpu_model, git_state  # noqa: E402
 
 # (height = width, in channels, out channels, stride) of ResNet-20's 3x3 convolutions, and
 # how many of each shape the network has.
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
   p.add_argument("--impl", default="jax,torch")
   p.add_argument("--out", default=os.path.join(REPO, "docs", "results", "conv_profile.jsonl"))
   args = p.parse_args(argv)
-  commit, dirty = git_commit()
+  commit, dirty = git_state()
   date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   for impl in args.impl.split(","):
     make = jax_passes if impl == "jax" else torch_passes

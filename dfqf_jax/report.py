@@ -2,43 +2,28 @@
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
 
 import jax
 
-from dfqf_jax import training
+from dfqf_jax import provenance, training
 
 STAGE_DIRS = ("teacher", "generator")
 
 
 def hardware() -> str:
-  devices = jax.devices()
-  kind = devices[0].device_kind
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-    cpu = f"{names[0]} x{len(names)} threads" if names else cpu
-  except OSError:
-    pass
+  kind = jax.devices()[0].device_kind
   return (f"{jax.device_count()} x {kind} ({jax.default_backend()}), "
-          f"{jax.process_count()} process(es); host: {cpu}")
+          f"{jax.process_count()} process(es); host: {provenance.cpu_model()} "
+          f"x{os.cpu_count()} threads")
 
 
 def git_commit() -> str:
-  try:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                            text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True).stdout.strip()
-    return commit + ("+dirty" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+  """HEAD, with '+dirty' when tracked files differ from it."""
+  commit, dirty = provenance.git_state()
+  return commit + ("+dirty" if dirty else "")
 
 
 def curves(workdir: str) -> dict:

@@ -32,6 +32,17 @@ def step_decay(base_lr: float, milestones: list[float], steps_per_epoch: int,
   return optax.piecewise_constant_schedule(base_lr, boundaries)
 
 
+def jit_step(step: Callable, schedule: Callable, metric: str = "learning_rate"):
+  """jit(step) with the state (its first argument) donated and `metric` = schedule(state.step)
+  added to the metrics: the logged learning rate is computed inside the step, no host-side
+  op per step."""
+  def step_with_schedule(state, *args):
+    new_state, metrics = step(state, *args)
+    return new_state, {**metrics, metric: schedule(state.step)}
+
+  return jax.jit(step_with_schedule, donate_argnums=0)
+
+
 def is_main_process() -> bool:
   return jax.process_index() == 0
 

@@ -7,7 +7,6 @@ DIR/results.json, one entry per model, merged with what is already there.
 import json
 import os
 
-
 from dfqf_jax import checkpoints, data, parallel, training
 from dfqf_jax.stages import common
 

@@ -93,10 +93,9 @@ def jitted_step(config, generator, teacher, student, g_tx, s_tx, schedule, laten
 
   def step(state, teacher_vars, key, real_uint8):
     real_images = None if real_uint8 is None else data.normalize(real_uint8, mean, std)
-    new_state, metrics = one_step(state, teacher_vars, key, real_images)
-    return new_state, {**metrics, "learning_rate": schedule(state.step)}
+    return one_step(state, teacher_vars, key, real_images)
 
-  return jax.jit(step, donate_argnums=0)
+  return training.jit_step(step, schedule)
 
 
 def run(config, workdir: str) -> None:

@@ -13,6 +13,7 @@ student does not depend on whether t and x are detached, so dKL/dÎ¸_S = -dL_G/dÎ
 The reference code runs the student twice (once per loss); `single_student_pass=False` does
 that too (the student's BN running statistics are then updated twice per iteration).
 """
+import functools
 import os
 
 import jax
@@ -133,14 +134,9 @@ def train_step(generator, teacher, student, g_tx, s_tx, hp: Hyper, state: Genera
 
 
 def jitted_step(generator, teacher, student, g_tx, s_tx, s_schedule, hp: Hyper, mesh):
-  """The stage's iteration as run() dispatches it: train_step plus the student's learning
-  rate (logged from inside the step), jitted with the state donated."""
-  def step(state, teacher_vars, key):
-    new_state, metrics = train_step(generator, teacher, student, g_tx, s_tx, hp, state,
-                                    teacher_vars, key, mesh)
-    return new_state, {**metrics, "student_learning_rate": s_schedule(state.step)}
-
-  return jax.jit(step, donate_argnums=0)
+  """The stage's iteration as run() dispatches it: step(state, teacher_vars, key)."""
+  step = functools.partial(train_step, generator, teacher, student, g_tx, s_tx, hp, mesh=mesh)
+  return training.jit_step(step, s_schedule, "student_learning_rate")
 
 
 def stage_meta(config, teacher_meta) -> dict:

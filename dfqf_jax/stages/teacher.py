@@ -1,4 +1,5 @@
 """Stage 0: train the full-precision teacher on real data (the reference recipe by default)."""
+import functools
 import os
 
 import jax
@@ -44,13 +45,8 @@ def train_step(model, tx, mean, std, state: TeacherState, batch):
 
 
 def jitted_step(model, tx, schedule, mean, std):
-  """The stage's step as run() dispatches it: train_step plus the learning rate (logged from
-  inside the step), jitted with the state donated."""
-  def step(state, batch):
-    new_state, metrics = train_step(model, tx, mean, std, state, batch)
-    return new_state, {**metrics, "learning_rate": schedule(state.step)}
-
-  return jax.jit(step, donate_argnums=0)
+  """The stage's step as run() dispatches it: step(state, batch) -> (state, metrics)."""
+  return training.jit_step(functools.partial(train_step, model, tx, mean, std), schedule)
 
 
 def run(config, workdir: str) -> None:
