@@ -8,7 +8,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def git_state() -> tuple[str, bool | None]:
-  """(HEAD, whether tracked files differ from it); ('unknown', None) outside git."""
+  """(HEAD, whether tracked files differ from it).
+
+  Outside git (e.g. a copy of the working tree on a remote accelerator) HEAD is taken from
+  $DFQF_COMMIT, else 'unknown'; the dirty flag is then None (not known).
+  """
   try:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                           text=True, check=True).stdout.strip()
@@ -16,7 +20,7 @@ def git_state() -> tuple[str, bool | None]:
                             cwd=REPO, capture_output=True, text=True, check=True).stdout
     return head, bool(status.strip())
   except (OSError, subprocess.CalledProcessError):
-    return "unknown", None
+    return os.environ.get("DFQF_COMMIT", "unknown"), None
 
 
 def cpu_model() -> str:

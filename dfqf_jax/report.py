@@ -56,6 +56,10 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
            for r in results.values() if "checkpoint" in r}.values()), 1),
       "curves": curves(workdir),
   }
+  stopped = {stage: c[training.STOPPED_KEY][-1][0] for stage, c in record["curves"].items()
+             if training.STOPPED_KEY in c}
+  if stopped:  # a signal ended these stages early: at these steps, short of their schedule
+    record["stopped_early_at_step"] = stopped
   if training.is_main_process():
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid = os.path.join(workdir, "generator", "grid.png")

@@ -59,7 +59,8 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
       os.makedirs(directory, exist_ok=True)
       path = os.path.join(directory, "metrics.jsonl")
-      kept = [r for r in read_metrics(directory) if r["step"] <= start_step]
+      kept = [r for r in read_metrics(directory)
+              if r["step"] <= start_step and STOPPED_KEY not in r]
       with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
       os.replace(path + ".tmp", path)
@@ -130,6 +131,9 @@ def check_finite(metrics: dict, step: int, loss_keys) -> None:
       raise NonFiniteLossError(
           f"the loss term {key!r} became {metrics[key]} by step {step}; the run stopped and "
           "the last good checkpoint is kept. Lower the learning rate or the loss weights.")
+
+
+STOPPED_KEY = "stopped_by_signal"  # logged at the step where SIGTERM/SIGINT ended a run
 
 
 class _TermSignal:
@@ -210,6 +214,7 @@ def _run_steps(name, ckpt, state, start_step, total_steps, train_step, meta, wri
         last_saved = now
       bar.update(1)
       if stop:
+        writer.write(done, {STOPPED_KEY: 1.0})
         ckpt.wait_until_finished()
         logging.warning("%s: stopped by signal at step %d; checkpoint saved.", name, done)
         return state, False

@@ -87,7 +87,7 @@ def evaluate(config) -> None:
 
 
 def generator(config) -> None:
-  common(config, splits=("test",))
+  common(config, splits=("train", "test") if config.data.validation_size > 0 else ("test",))
   divisible_batch(config, "batch_size")
   for field in ("iters_per_epoch", "num_epochs", "eval_every_epochs", "lambda_is", "lambda_bn",
                 "lambda_adv", "generator.latent_dim", "generator.learning_rate",

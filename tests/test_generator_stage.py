@@ -1,7 +1,12 @@
-"""Stage-1 iteration: the generator ascends the adversarial KL, the student descends it."""
+"""Stage 1: the generator ascends the adversarial KL, the student descends it; monitoring."""
+import json
+
 import jax
 import jax.numpy as jnp
 import optax
+
+from cli import run_main
+from conftest import SHARED_DATA, TEACHER_WEIGHTS
 
 from dfqf_jax import losses as L
 from dfqf_jax import training
@@ -34,3 +39,15 @@ def test_one_iteration_moves_generator_up_and_student_down_the_adversarial_loss(
   before = adversarial_kl(g_old, state.student["params"])
   assert adversarial_kl(g_new, state.student["params"]) > before  # G ascends L_adv
   assert adversarial_kl(g_old, new.student["params"]) < before  # S descends it
+
+
+def test_the_fp_student_is_measured_on_held_out_training_images(tmp_path, shared_data):
+  """data.validation_size > 0: student_val_top1 (for comparing settings) beside the test top-1."""
+  assert run_main("configs/import_teacher.py", tmp_path,
+                  f"--config.weights={TEACHER_WEIGHTS}").returncode == 0
+  result = run_main("configs/generator.py:smoke", tmp_path, f"--config.data.dir={SHARED_DATA}",
+                    "--config.data.validation_size=200")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / "generator" / "metrics.jsonl") as f:
+    evaluations = [row for row in map(json.loads, f) if "student_test_top1" in row]
+  assert evaluations and all(0 <= row["student_val_top1"] <= 1 for row in evaluations)

@@ -11,7 +11,7 @@ import pytest
 
 from cli import REPO, environment, main_command, run_main
 from conftest import SHARED_DATA, TEACHER_WEIGHTS
-from dfqf_jax import checkpoints
+from dfqf_jax import checkpoints, report
 
 STAGES = {
     "teacher": ("configs/teacher.py:smoke", ["--config.num_steps=40"]),
@@ -99,6 +99,8 @@ def test_sigterm_saves_the_current_step(tmp_path, shared_data):
   saved = checkpoints.latest_step(os.path.join(tmp_path, "teacher"))
   assert saved == logged_steps(tmp_path, "teacher")[-1]
   assert 10 <= saved < 40
+  record = report.record_run(str(tmp_path / "record.json"), str(tmp_path), {}, 1.0)
+  assert record["stopped_early_at_step"] == {"teacher": saved}  # a record says it was cut short
 
 
 def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path,

@@ -166,11 +166,24 @@ def save_grid(path, generator, g_vars, teacher, teacher_vars, latent_dim, teache
   images.save_png(path, images.class_grid(pictures, predicted, teacher_meta["num_classes"]))
 
 
+def held_out_training_images(config, dataset: str):
+  """The data.validation_size held-out training images, or None when it is 0.
+
+  Stage 1 trains on no real data; these images only measure the FP student, so that
+  settings can be compared without looking at the test split.
+  """
+  if config.data.validation_size <= 0:
+    return None
+  train = data.load_split(dataset, "train", config.data.dir)
+  return data.train_validation_split(train, config.data.validation_size, config.seed)[1]
+
+
 def run(config, workdir: str) -> None:
   stage_dir = os.path.join(workdir, STAGE_DIR)
   teacher, teacher_vars, teacher_meta = common.load_teacher(workdir, config.teacher_dir)
   mesh = parallel.make_mesh()
   test_split = data.load_split(teacher_meta["dataset"], "test", config.data.dir)
+  val_split = held_out_training_images(config, teacher_meta["dataset"])
 
   total_steps = config.num_epochs * config.iters_per_epoch
   generator = make_generator(config)
@@ -200,9 +213,11 @@ def run(config, workdir: str) -> None:
 
   def evaluate(state, step):
     s_vars = common.variables_of(state.student)
-    result = {"epoch": step / config.iters_per_epoch,
-              "student_test_top1": common.top1(student, s_vars, test_split,
-                                               teacher_meta["mean"], teacher_meta["std"], mesh)}
+    top1 = functools.partial(common.top1, student, s_vars, mean=teacher_meta["mean"],
+                             std=teacher_meta["std"], mesh=mesh)
+    result = {"epoch": step / config.iters_per_epoch, "student_test_top1": top1(test_split)}
+    if val_split is not None:
+      result["student_val_top1"] = top1(val_split)
     if training.is_main_process():
       path = os.path.join(stage_dir, "grid.png")
       save_grid(path, generator, state.generator, teacher, teacher_vars, hp.latent_dim,
