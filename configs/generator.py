@@ -1,7 +1,7 @@
 """Stage 1: DFQF generator training against the teacher in DIR/teacher.
 
 Arg: 'reference' (METHOD.md: batch 512, 200 epochs x 120 iterations; default), 'cpu'
-(a ~1 h run on a 2-core CPU) or 'smoke'.
+(a ~1 h run on a 2-core CPU, with one documented deviation) or 'smoke'.
 python main.py --config=configs/generator.py --workdir=DIR --config.data.dir=../shared/data
 """
 import ml_collections
@@ -33,9 +33,15 @@ def get_config(schedule: str = "reference"):
   config.log_every_steps = 20
   config.checkpoint_every_steps = 600
   if schedule == "cpu":
+    # 1/40 of the reference images. Deviation: lambda_bn 10 instead of 0.1, chosen with
+    # scripts/stage1_sweep.sh on 5,000 held-out *training* images (never the test split):
+    # FP student val top-1 after these 2,400 iterations 28.2% vs 18.2% with the reference
+    # weights (docs/results/stage1_sweep_h200.json). The full reference schedule needs no
+    # such change (88.3% val, docs/results/generator_reference_h200.json).
     config.batch_size = 128
     config.iters_per_epoch = 100
-    config.num_epochs = 12
+    config.num_epochs = 24
+    config.lambda_bn = 10.0
     config.checkpoint_every_steps = 200
   elif schedule == "smoke":
     config.batch_size = 16
