@@ -36,8 +36,8 @@ def get_config(schedule: str = "reference"):
     # 1/40 of the reference images. Deviation: lambda_bn 10 instead of 0.1, chosen with
     # scripts/stage1_sweep.sh on 5,000 held-out *training* images (never the test split):
     # FP student val top-1 after these 2,400 iterations 28.2% vs 18.2% with the reference
-    # weights (docs/results/stage1_sweep_h200.json). The full reference schedule needs no
-    # such change (88.3% val, docs/results/generator_reference_h200.json).
+    # weights (docs/results/stage1_h200/sweep.txt). The full reference schedule needs no
+    # such change (88.3% val, docs/results/stage1_h200/reference_full.json).
     config.batch_size = 128
     config.iters_per_epoch = 100
     config.num_epochs = 24

@@ -46,7 +46,8 @@ def test_the_fp_student_is_measured_on_held_out_training_images(tmp_path, shared
   assert run_main("configs/import_teacher.py", tmp_path,
                   f"--config.weights={TEACHER_WEIGHTS}").returncode == 0
   result = run_main("configs/generator.py:smoke", tmp_path, f"--config.data.dir={SHARED_DATA}",
-                    "--config.data.validation_size=200")
+                    "--config.data.validation_size=200", "--config.num_epochs=1",
+                    "--config.iters_per_epoch=1")
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / "generator" / "metrics.jsonl") as f:
     evaluations = [row for row in map(json.loads, f) if "student_test_top1" in row]
