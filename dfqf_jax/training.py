@@ -14,6 +14,8 @@ from tqdm import tqdm
 
 from dfqf_jax import checkpoints
 
+STOPPED_KEY = "stopped_by_signal"  # logged at the step where SIGTERM/SIGINT ended a run
+
 
 class NonFiniteLossError(FloatingPointError):
   """A loss became NaN or Inf; the last good checkpoint is kept."""
@@ -59,8 +61,9 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
       os.makedirs(directory, exist_ok=True)
       path = os.path.join(directory, "metrics.jsonl")
-      kept = [r for r in read_metrics(directory)
-              if r["step"] <= start_step and STOPPED_KEY not in r]
+      # A resumed run is no longer one that a signal stopped: drop that mark, keep the step.
+      kept = [{k: v for k, v in r.items() if k != STOPPED_KEY}
+              for r in read_metrics(directory) if r["step"] <= start_step]
       with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
       os.replace(path + ".tmp", path)
@@ -131,9 +134,6 @@ def check_finite(metrics: dict, step: int, loss_keys) -> None:
       raise NonFiniteLossError(
           f"the loss term {key!r} became {metrics[key]} by step {step}; the run stopped and "
           "the last good checkpoint is kept. Lower the learning rate or the loss weights.")
-
-
-STOPPED_KEY = "stopped_by_signal"  # logged at the step where SIGTERM/SIGINT ended a run
 
 
 class _TermSignal:

@@ -16,9 +16,7 @@ shift $(( $# >= 2 ? 2 : 1 ))
 DATA=${DFQF_DATA_DIR:-../shared/data}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
-if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
-  "$PYTHON" -m pip install --quiet --no-index --find-links .whl .whl/*.whl
-fi
+source scripts/carried_wheels.sh
 DEVICE=$("$PYTHON" -c "import jax; d = jax.devices()[0]; print(d.platform + '_' + d.device_kind.replace(' ', '_').lower())")
 RECORD="$OUT/reference_${DEVICE}.json"
 start=$(date +%s)

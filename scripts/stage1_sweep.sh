@@ -21,10 +21,7 @@ shift 3
 DATA=${DFQF_DATA_DIR:-../shared/data}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
-if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
-  "$PYTHON" -m pip install --quiet --upgrade --no-index --no-deps --target /tmp/dfqf_site .whl/*.whl
-  export PYTHONPATH=/tmp/dfqf_site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source scripts/carried_wheels.sh
 # Several processes share one accelerator: allocate memory as needed, not 75% each.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 "$PYTHON" main.py --config=configs/import_teacher.py --workdir="$OUT/teacher_import" \
@@ -41,18 +38,16 @@ for setting in "$@"; do
     --config.data.validation_size=5000 --config.record_to="$OUT/$name.json" \
     "${overrides[@]}" > "$OUT/$name.log" 2>&1 &
 done
-status=0
-wait || status=$?
 wait
 "$PYTHON" - "$OUT" "$@" <<'PY' | tee "$OUT/sweep.txt"
-import json, os, sys
+import os, sys
+from dfqf_jax.training import read_metrics
 out = sys.argv[1]
 print(f"{'setting':<16} {'steps':>6} {'val top-1 final':>16} {'val best (step)':>18} "
       f"{'L_BN final':>10} {'test top-1 final':>16}")
 for setting in sys.argv[2:]:
   name = setting.split("=", 1)[0]
-  path = os.path.join(out, name, "generator", "metrics.jsonl")
-  rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+  rows = read_metrics(os.path.join(out, name, "generator"))
   evals = [r for r in rows if "student_val_top1" in r]
   bn = [r["loss_bn"] for r in rows if "loss_bn" in r]
   if not evals:

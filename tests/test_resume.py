@@ -101,6 +101,11 @@ def test_sigterm_saves_the_current_step(tmp_path, shared_data):
   assert 10 <= saved < 40
   record = report.record_run(str(tmp_path / "record.json"), str(tmp_path), {}, 1.0)
   assert record["stopped_early_at_step"] == {"teacher": saved}  # a record says it was cut short
+  config, extra = STAGES["teacher"]
+  assert run_main(config, tmp_path, *COMMON, *extra).returncode == 0  # resumed to the end
+  record = report.record_run(str(tmp_path / "record.json"), str(tmp_path), {}, 1.0)
+  assert "stopped_early_at_step" not in record
+  assert saved in [step for step, _ in record["curves"]["teacher"]["loss"]]  # its row is kept
 
 
 def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path,
