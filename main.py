@@ -1,16 +1,21 @@
 """dfqf-jax entry point: python main.py --config=configs/<job>.py[:arg] --workdir=DIR."""
+import contextlib
 import json
 import os
 import sys
 import time
 
 import jax
+import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from dfqf_jax import checkpoints, convert, data, parallel, report, training, validation
+from dfqf_jax import parallel, report, training, validation, workdir
+from dfqf_jax.errors import UserError
 from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, pipeline, ptq,
                              teacher)
+from dfqf_jax.stages import export  # integer deployment (issue 18)
 
 STAGES = {
     "teacher": (teacher.run, validation.teacher),
@@ -20,9 +25,8 @@ STAGES = {
     "finetune": (finetune.run, validation.finetune),
     "evaluate": (evaluate.run, validation.evaluate),
     "pipeline": (pipeline.run, pipeline.validate),
+    "export": (export.run, export.validate),
 }
-USER_ERRORS = (validation.ConfigError, data.DataError, checkpoints.CheckpointError,
-               convert.ConversionError, training.NonFiniteLossError)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:arg]).",
@@ -47,6 +51,36 @@ def initialize_distributed(config) -> None:
     jax.distributed.initialize()
 
 
+@contextlib.contextmanager
+def workdir_held(path: str):
+  """Holds the workdir's lock for the job (process 0 takes it; the others learn whether it
+  could)."""
+  lock = workdir.Lock(path) if jax.process_index() == 0 else None
+  error = None
+  if lock is not None:
+    try:
+      lock.__enter__()
+    except workdir.WorkdirError as e:
+      error = e
+  if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(
+      np.int32(error is None)) and error is None:
+    error = workdir.WorkdirError("process 0 could not take the workdir's lock (see its error).")
+  if error is not None:
+    raise error
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.__exit__(None, None, None)
+
+
+def record(config, started: float) -> None:
+  results = (evaluate.run(config, FLAGS.workdir) if config.stage != "pipeline" else
+             json.load(open(os.path.join(FLAGS.workdir, evaluate.RESULTS_FILE))))
+  report.record_run(config.record_to, FLAGS.workdir, results, time.time() - started)
+  print(f"run record written to {config.record_to}")
+
+
 def main(argv) -> None:
   del argv
   if not FLAGS["verbosity"].present:
@@ -55,6 +89,7 @@ def main(argv) -> None:
   if config.stage not in STAGES:
     raise validation.ConfigError(f"config.stage={config.stage!r} is unknown; allowed: "
                                  f"{sorted(STAGES)}.")
+  workdir.check(FLAGS.workdir)
   if is_multi_process(config):
     initialize_distributed(config)
   else:
@@ -62,22 +97,44 @@ def main(argv) -> None:
   run, validate = STAGES[config.stage]
   validate(config)
   started = time.time()
-  run(config, FLAGS.workdir)
-  if config.record_to:
-    results = (evaluate.run(config, FLAGS.workdir) if config.stage != "pipeline" else
-               json.load(open(os.path.join(FLAGS.workdir, evaluate.RESULTS_FILE))))
-    report.record_run(config.record_to, FLAGS.workdir, results, time.time() - started)
-    logging.info("run record written to %s", config.record_to)
+  with workdir_held(FLAGS.workdir):
+    try:
+      run(config, FLAGS.workdir)
+    except training.StoppedBySignal as stop:
+      if config.record_to and config.stage != "pipeline":
+        record(config, started)  # the record says where the stage stopped
+      print(f"stopped: {stop}", file=sys.stderr)
+      sys.exit(training.StoppedBySignal.EXIT_CODE)
+    if config.record_to:
+      record(config, started)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad config file argument or an unknown --config.* field
+  reported as one `error:` line."""
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # config_flags raises whatever the config file or ConfigDict raise
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    cause = e.__cause__ or e
+    if isinstance(cause, (AttributeError, KeyError)):
+      field = str(cause).strip("\"'")
+      culprit = next((a for a in overrides if field in a.split("=")[0]), " ".join(overrides))
+      message = (f"{culprit}: the config has no field {field!r}; see the config file for the "
+                 "field names.")
+    else:
+      message = str(cause).strip().splitlines()[-1].removeprefix("ValueError: ")
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _main(argv) -> None:
   try:
     main(argv)
-  except USER_ERRORS as e:
-    logging.error("%s", e)
+  except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(_main)
+  app.run(_main, flags_parser=parse_flags)

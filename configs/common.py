@@ -23,6 +23,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   # "bfloat16": mixed precision for the training steps (bfloat16 convolutions and matmuls;
   # float32 parameters, BN statistics, losses and optimizer states). Evaluation stays float32.
   config.compute_dtype = "float32"
+  # A checkpoint built from other upstream checkpoints (teacher, generator) than the workdir
+  # now holds: "stop" with the fix, or "rebuild" it (the pipeline's setting).
+  config.on_stale_upstream = "stop"
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000
   # If set, the finished job appends a run record (command, commit, hardware, wall time,

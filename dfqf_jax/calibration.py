@@ -1,84 +1,116 @@
 """Builds a fake-quantized student from a teacher and calibrates its clip values.
 
 Weight clips come from the teacher's weights; activation clips from the full-precision
-teacher's activations at the quantization points on a few calibration batches (generated
-images by default), averaged over batches, as in the reference code.
+teacher's inputs to the quantized ReLUs on a few calibration batches (generated images by
+default), one clip per batch, averaged over batches, as in the reference code. The rules
+themselves are in `dfqf_jax.clip_rules`.
 """
+import concurrent.futures
+import dataclasses
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from dfqf_jax import clip_rules
 from dfqf_jax import quant as q
 from dfqf_jax.models.resnet import QUANT_INPUTS, CifarResNet
 
 WEIGHT_CLIP, ACT_CLIP = "weight_clip", "act_clip"
 
 
+@functools.lru_cache
+def _param_paths(depth: int, num_classes: int, spec: q.QuantSpec) -> tuple:
+  """The parameter paths of the quantized model (a trace of its init, done once per spec)."""
+  model = CifarResNet(depth, num_classes, quant=spec)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  return tuple(traverse_util.flatten_dict(shapes["params"]))
+
+
 def quantized_student(teacher_vars: dict, depth: int, num_classes: int, spec: q.QuantSpec):
   """(model, variables): the teacher with fake quantization inserted, clips set to 1."""
-  model = CifarResNet(depth, num_classes, quant=spec)
-  init = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-  params = traverse_util.flatten_dict(jax.tree.map(lambda _: None, init["params"],
-                                                   is_leaf=lambda x: x is None or hasattr(x, "shape")))
   teacher_params = traverse_util.flatten_dict(teacher_vars["params"])
-  merged = {}
-  for path in params:
-    if path[-1] in (WEIGHT_CLIP, ACT_CLIP):
-      merged[path] = jnp.ones((), jnp.float32)
-    else:
-      merged[path] = jnp.asarray(teacher_params[path])
-  variables = {"params": traverse_util.unflatten_dict(merged),
+  params = {path: jnp.ones((), jnp.float32) if path[-1] in (WEIGHT_CLIP, ACT_CLIP)
+            else jnp.asarray(teacher_params[path])
+            for path in _param_paths(depth, num_classes, spec)}
+  variables = {"params": traverse_util.unflatten_dict(params),
                "batch_stats": jax.tree.map(jnp.asarray, teacher_vars["batch_stats"])}
-  return model, variables
+  return CifarResNet(depth, num_classes, quant=spec), variables
 
 
-def weight_clips(params: dict, spec: q.QuantSpec, method: str) -> dict:
-  """path -> clip for every weight_clip parameter, from the kernel beside it."""
-  flat = traverse_util.flatten_dict(params)
-  clips = {}
+@dataclasses.dataclass
+class Summaries:
+  """What calibration reads of a teacher and its calibration batches, once, for every bit
+  width, protocol and rule in `methods` (see `clip_rules.Summary`).
+
+  weights: kernel's weight_clip path -> Summary of the kernel (signed).
+  relu_inputs: act_clip path -> one Summary per batch of that ReLU's input (unsigned), for
+  every ReLU that some protocol quantizes (the standard protocol's set includes the dfqf one).
+  """
+
+  methods: tuple
+  weights: dict
+  relu_inputs: dict
+  _clips: dict = dataclasses.field(default_factory=dict)
+
+  def clips(self, method: str, wanted: list[tuple[clip_rules.Summary, int]]) -> list[float]:
+    """The clips of (tensor summary, bits) pairs, each computed once across protocols."""
+    keys = [(id(summary), bits, method) for summary, bits in wanted]
+    missing = {key: (summary, bits) for key, (summary, bits) in zip(keys, wanted)
+               if key not in self._clips}
+    self._clips.update(zip(missing, _in_threads(
+        lambda pair: clip_rules.clip(method, *pair), missing.values())))
+    return [self._clips[key] for key in keys]
+
+
+def _in_threads(fn, items) -> list:
+  """[fn(item) for item in items] on a thread per core (the NumPy work releases the GIL)."""
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    return list(pool.map(fn, items))
+
+
+def _summarize_all(tensors: dict, signed: bool, methods) -> dict:
+  """path -> Summary of each tensor."""
+  return dict(zip(tensors, _in_threads(lambda v: clip_rules.summarize(v, signed, methods),
+                                       tensors.values())))
+
+
+def summarize(teacher_vars: dict, depth: int, num_classes: int, batches, methods) -> Summaries:
+  """Reads the teacher's kernels and, on each batch, the inputs of every ReLU a quantized
+  student may quantize (full-precision network, BNs in inference mode)."""
+  methods = tuple(methods)
+  kernels = {path[:-1] + (WEIGHT_CLIP,): np.asarray(value) for path, value in
+             traverse_util.flatten_dict(teacher_vars["params"]).items() if path[-1] == "kernel"}
+  probe = CifarResNet(depth, num_classes, quant=q.QuantSpec(
+      q.FULL_PRECISION_BITS, q.FULL_PRECISION_BITS, "standard"))
+  record = jax.jit(lambda v, x: probe.apply(v, x, train=False, mutable=[QUANT_INPUTS])[1])
+  relu_inputs = {}
+  for x in batches:
+    recorded = traverse_util.flatten_dict(record(teacher_vars, x)[QUANT_INPUTS])
+    tensors = {path[:-1] + (ACT_CLIP,): np.asarray(value) for path, (value,) in recorded.items()}
+    for path, summary in _summarize_all(tensors, False, methods).items():
+      relu_inputs.setdefault(path, []).append(summary)
+  return Summaries(methods, _summarize_all(kernels, True, methods), relu_inputs)
+
+
+def calibrate(variables: dict, spec: q.QuantSpec, method: str, summaries: Summaries) -> dict:
+  """Returns the quantized student's `variables` with every clip set by `method`: weight
+  clips from the kernels; activation clips = the mean over batches of the per-batch clip."""
+  if method not in summaries.methods:
+    raise ValueError(f"the summaries were made for {summaries.methods}, not {method!r}.")
+  flat = traverse_util.flatten_dict(variables["params"])
+  wanted = {}  # clip path -> the (summary, bits) pairs whose clips it averages
   for path in flat:
     if path[-1] == WEIGHT_CLIP:
-      kernel = np.asarray(flat[path[:-1] + ("kernel",)])
       bits = spec.edge_weight_bits if path[0] in ("conv1", "linear") else spec.weight_bits
-      clips[path] = q.calibrate_clip(method, kernel, bits, signed=True)
-  return clips
-
-
-def activation_clips(model_q: CifarResNet, variables: dict, batches, spec: q.QuantSpec,
-                     method: str) -> dict:
-  """path -> clip for every act_clip: the mean over batches of the per-batch clip.
-
-  Activations are those of the full-precision network (same weights, no quantization,
-  BNs in inference mode) at the student's quantization points.
-  """
-  probe = CifarResNet(model_q.depth, model_q.num_classes,
-                      quant=q.QuantSpec(q.FULL_PRECISION_BITS, q.FULL_PRECISION_BITS,
-                                        spec.protocol))
-  fp_params = {k: v for k, v in traverse_util.flatten_dict(variables["params"]).items()
-               if k[-1] not in (WEIGHT_CLIP, ACT_CLIP)}
-  fp_vars = {"params": traverse_util.unflatten_dict(fp_params),
-             "batch_stats": variables["batch_stats"]}
-  record = jax.jit(lambda v, x: probe.apply(v, x, train=False, mutable=[QUANT_INPUTS])[1])
-  per_batch = {}
-  for x in batches:
-    recorded = traverse_util.flatten_dict(record(fp_vars, x)[QUANT_INPUTS])
-    for path, (value,) in recorded.items():
-      clip_path = path[:-1] + (ACT_CLIP,)
-      per_batch.setdefault(clip_path, []).append(
-          q.calibrate_clip(method, np.asarray(value), spec.act_bits, signed=False))
-  return {path: float(np.mean(values)) for path, values in per_batch.items()}
-
-
-def calibrate(model_q: CifarResNet, variables: dict, batches, spec: q.QuantSpec,
-              method: str) -> dict:
-  """Returns `variables` with every weight and activation clip set by `method`."""
-  flat = traverse_util.flatten_dict(variables["params"])
-  clips = weight_clips(variables["params"], spec, method)
-  if spec.act_bits != q.FULL_PRECISION_BITS:
-    clips.update(activation_clips(model_q, variables, batches, spec, method))
-  missing = [p for p in flat if p[-1] in (WEIGHT_CLIP, ACT_CLIP) and p not in clips]
-  assert not missing, f"uncalibrated clips: {missing}"
-  for path, clip in clips.items():
-    flat[path] = jnp.asarray(max(clip, 1e-8), jnp.float32)
+      wanted[path] = [(summaries.weights[path], bits)]
+    elif path[-1] == ACT_CLIP:
+      wanted[path] = [(s, spec.act_bits) for s in summaries.relu_inputs[path]]
+  clips = iter(summaries.clips(method, [pair for pairs in wanted.values() for pair in pairs]))
+  for path, pairs in wanted.items():
+    clip = np.mean([next(clips) for _ in pairs])
+    flat[path] = jnp.asarray(max(clip, clip_rules.TINY_CLIP), jnp.float32)
   return {"params": traverse_util.unflatten_dict(flat), "batch_stats": variables["batch_stats"]}

@@ -6,15 +6,20 @@ evaluator can rebuild the right model without the config that produced it. Orbax
 each step to a temporary folder and renames it when complete, so an interrupted save never
 looks like a checkpoint.
 """
+import hashlib
 import os
+import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
+
+from dfqf_jax.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint that is missing, unreadable or does not fit; the message says which."""
 
 
@@ -69,7 +74,8 @@ def latest_step(directory: str) -> int | None:
 
 
 def load_product(directory: str, what: str) -> tuple[dict, dict, int]:
-  """The latest checkpoint in `directory` as host NumPy arrays: (state dict, meta, step).
+  """The latest checkpoint in `directory` as host NumPy arrays: (state dict, meta, step),
+  the meta with the checkpoint's `origin` added (see lineage below).
 
   Used to read another stage's result (e.g. the teacher) whatever the device layout it was
   written with.
@@ -80,9 +86,7 @@ def load_product(directory: str, what: str) -> tuple[dict, dict, int]:
                           "first (or point the config at the workdir that holds it).")
   path = os.path.join(os.path.abspath(directory), str(step))
   try:
-    meta = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta")
-                                 ).restore(step, args=ocp.args.Composite(
-                                     meta=ocp.args.JsonRestore())).meta
+    meta = read_meta(directory, step)
     checkpointer = ocp.PyTreeCheckpointer()
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)  # reading an item folder directly warns needlessly
@@ -98,7 +102,72 @@ def load_product(directory: str, what: str) -> tuple[dict, dict, int]:
     raise CheckpointError(f"the {what} checkpoint {path!r} cannot be read ({type(e).__name__}: "
                           f"{e}); it is incomplete or corrupted: delete it or rerun the stage."
                           ) from e
-  return state, meta, step
+  return state, {**meta, ORIGIN: origin(what, step, state, meta)}, step
+
+
+# -- lineage -------------------------------------------------------------------------------
+# A stage's meta records `total_steps` (its schedule) and `lineage`: for each upstream stage
+# it read, the `origin` of that checkpoint (step, fingerprint of its state, whether it was
+# finished). `load_product` attaches the origin of what it loads under ORIGIN (not stored).
+ORIGIN = "origin"
+
+
+def fingerprint(tree) -> str:
+  """A short hash of every array of a checkpoint's state (paths, dtypes, shapes, bytes)."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.ascontiguousarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()[:16]
+
+
+def is_finished(meta: dict, step: int) -> bool:
+  """Its final step is saved and everything it was built from was finished."""
+  total = meta.get("total_steps")
+  return (total is not None and step >= total
+          and all(entry["finished"] for entry in meta.get("lineage", {}).values()))
+
+
+def origin(what: str, step: int, state, meta: dict) -> dict:
+  return {"stage": what, "step": int(step), "fingerprint": fingerprint(state),
+          "finished": is_finished(meta, step)}
+
+
+def describe_origin(entry: dict) -> str:
+  return (f"{entry['stage']} step {entry['step']} ({entry['fingerprint'][:8]}"
+          f"{'' if entry['finished'] else ', unfinished'})")
+
+
+def read_meta(directory: str, step: int) -> dict:
+  return ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta")
+                               ).restore(step, args=ocp.args.Composite(
+                                   meta=ocp.args.JsonRestore())).meta
+
+
+def check_lineage(directory: str, name: str, lineage: dict, on_stale: str) -> None:
+  """Before a stage resumes or skips its checkpoint in `directory`: that checkpoint must have
+  been built from exactly the upstream checkpoints in `lineage` (stage -> origin). If not,
+  it is neither resumed nor kept: on_stale='rebuild' deletes it (one line says why), 'stop'
+  raises with the fix."""
+  step = latest_step(directory)
+  if step is None:
+    return
+  saved = read_meta(directory, step).get("lineage")
+  fingerprints = lambda entries: {k: v["fingerprint"] for k, v in (entries or {}).items()}
+  if saved is not None and fingerprints(saved) == fingerprints(lineage):
+    return
+  was = ", ".join(describe_origin(e) for e in saved.values()) if saved else "unrecorded inputs"
+  now = ", ".join(describe_origin(e) for e in lineage.values())
+  reason = f"{name} in {directory!r} was built from {was}, but the workdir now holds {now}"
+  if on_stale != "rebuild":
+    raise CheckpointError(f"{reason}; delete that folder to rebuild it (the pipeline does "
+                          "this itself), or use another --workdir.")
+  print(f"{reason}: rebuilding it.")
+  if jax.process_index() == 0:
+    shutil.rmtree(directory)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"rebuild {directory}")
 
 
 IDENTITY_KEYS = ("arch", "depth", "dataset", "num_classes", "quant", "latent_dim")

@@ -6,10 +6,12 @@ and become HWIO; the dense weight [out, in] becomes [in, out].
 """
 import numpy as np
 
+from dfqf_jax import data
+from dfqf_jax.errors import UserError
 from dfqf_jax.models.resnet import blocks_per_stage
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
   """The state dict does not fit the chosen architecture."""
 
 
@@ -73,5 +75,13 @@ def torch_resnet_to_flax(state_dict: dict, depth: int, num_classes: int) -> dict
 
 
 def load_state_dict_npz(path: str) -> dict:
-  with np.load(path) as f:
-    return {k: f[k] for k in f.files}
+  """The named arrays of a PyTorch state dict saved as .npz, each finite."""
+  tensors = data.read_npz(path, "Export the state dict again (numpy.savez of each tensor).")
+  for name, value in tensors.items():
+    if not np.issubdtype(value.dtype, np.number):
+      raise ConversionError(f"{path}: tensor {name!r} has dtype {value.dtype}, not numbers; "
+                            "export the state dict's tensors as numeric arrays.")
+    if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+      raise ConversionError(f"{path}: tensor {name!r} holds NaN or Inf values; these weights "
+                            "are broken: export them again from a healthy checkpoint.")
+  return tensors

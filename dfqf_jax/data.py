@@ -9,9 +9,13 @@ depend on the number of devices or processes, and a resumed run sees exactly the
 it would have seen.
 """
 import dataclasses
+import hashlib
 import os
+import zipfile
 
 import numpy as np
+
+from dfqf_jax.errors import UserError
 
 DATASETS = {"cifar10": 10, "cifar100": 100}
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -21,7 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DATA_DIR_ENV = "DFQF_DATA_DIR"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Input data that cannot be used; the message names the problem and the fix."""
 
 
@@ -45,12 +49,41 @@ def resolve_dir(configured: str | None) -> str | None:
 
 
 def load_split(name: str, split: str, data_dir: str | None) -> Split:
-  """Loads `split` ('train' or 'test') of dataset `name` into memory."""
-  num_classes(name)
+  """Loads `split` ('train' or 'test') of dataset `name` into memory, checked: uint8 images
+  [N, 32, 32, 3], one integer label per image, each in [0, num_classes)."""
+  classes = num_classes(name)
   data_dir = resolve_dir(data_dir)
   if data_dir:
-    return _load_npz(name, split, data_dir)
-  return _load_tfds(name, split)
+    loaded, where = _load_npz(name, split, data_dir), os.path.join(data_dir, f"{name}_{split}.npz")
+  else:
+    loaded, where = _load_tfds(name, split), f"TFDS {name}:{split}"
+  labels = loaded.labels
+  if labels.size and (labels.min() < 0 or labels.max() >= classes):
+    raise DataError(f"{where}: labels range over [{labels.min()}, {labels.max()}], but {name} "
+                    f"has {classes} classes (labels 0..{classes - 1}); fix the file or choose "
+                    "the matching data.name.")
+  return loaded
+
+
+def fingerprint(split: Split) -> str:
+  """A short hash of a split's images and labels (what decides an evaluation's number)."""
+  digest = hashlib.sha256(np.ascontiguousarray(split.images).tobytes())
+  digest.update(np.ascontiguousarray(split.labels, np.int64).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def read_npz(path: str, fix: str) -> dict:
+  """The arrays of an .npz file, or one DataError naming the file, the problem and `fix`:
+  not a readable archive (truncated, not a zip), or arrays that need pickle (refused)."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  except ValueError as e:  # object arrays would need pickle
+    raise DataError(f"{path} holds arrays that need pickle ({e}); save plain numeric arrays "
+                    f"with numpy.savez. {fix}") from None
+  except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    raise DataError(f"{path} is not a readable .npz archive ({type(e).__name__}: {e}); it is "
+                    f"truncated or not an .npz file. {fix}") from None
 
 
 def _load_npz(name: str, split: str, data_dir: str) -> Split:
@@ -59,15 +92,17 @@ def _load_npz(name: str, split: str, data_dir: str) -> Split:
     raise DataError(
         f"data.dir={data_dir!r} has no {name}_{split}.npz; point data.dir (or ${DATA_DIR_ENV}) "
         f"at a folder holding {name}_train.npz and {name}_test.npz with 'images' and 'labels'.")
-  with np.load(path) as f:
-    missing = {"images", "labels"} - set(f.files)
-    if missing:
-      raise DataError(f"{path} lacks the arrays {sorted(missing)}; it needs 'images' uint8 "
-                      "[N, 32, 32, 3] and 'labels'.")
-    images, labels = f["images"], f["labels"]
+  arrays = read_npz(path, f"Replace it with a valid {name}_{split}.npz.")
+  missing = {"images", "labels"} - set(arrays)
+  if missing:
+    raise DataError(f"{path} lacks the arrays {sorted(missing)}; it needs 'images' uint8 "
+                    "[N, 32, 32, 3] and 'labels'.")
+  images, labels = arrays["images"], arrays["labels"]
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
     raise DataError(f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 "
                     "[N, 32, 32, 3].")
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f"{path}: 'labels' is {labels.dtype} {labels.shape}; expected integers [N].")
   if len(labels) != len(images):
     raise DataError(f"{path}: {len(images)} images but {len(labels)} labels.")
   return Split(images, labels.astype(np.int32))

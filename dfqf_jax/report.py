@@ -8,7 +8,7 @@ import sys
 
 import jax
 
-from dfqf_jax import provenance, training
+from dfqf_jax import checkpoints, provenance, training
 
 STAGE_DIRS = ("teacher", "generator")
 
@@ -136,7 +136,7 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
   order = lambda n: (0 if n == "teacher" else 2 if n.startswith("ptq_") else 1, n)
   lines = [f"# DFQF report ({schedule} schedule)", "", f"Hardware: {host}", "",
            "| model | top-1 | drop vs teacher (points) | W/A bits | protocol | calibration | steps | "
-           "stage wall time |", "|---|---:|---:|---|---|---|---:|---:|"]
+           "stage wall time | built from |", "|---|---:|---:|---|---|---|---:|---:|---|"]
   for name in sorted(results, key=order):
     r = results[name]
     bits = f"{r['weight_bits']}/{r['act_bits']}" if "weight_bits" in r else "32/32"
@@ -144,9 +144,12 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
     lines.append(
         f"| {name} | {100 * r['top1']:.2f}% | {'' if drop is None else f'{100 * drop:.2f}'} "
         f"| {bits} | {r.get('protocol', '')} | {r.get('calibration', '')} | "
-        f"{r.get('steps', r.get('step', ''))} | {_seconds(r.get('stage_wall_seconds'))} |")
+        f"{r.get('steps', r.get('step', ''))} | {_seconds(r.get('stage_wall_seconds'))} | "
+        f"{built_from(r)} |")
   lines += ["", "Top-1 on the full CIFAR test split of each *final* model (no test-set "
-            "selection). Stage wall time includes compilation and per-epoch monitoring.", ""]
+            "selection). Stage wall time includes compilation and per-epoch monitoring. "
+            "'Built from': the upstream checkpoints (stage, step, fingerprint of its state).",
+            ""]
   if os.path.exists(os.path.join(workdir, "generator", "grid.png")):
     lines += ["## Generated images (one row per teacher-predicted class)", "",
               "![grid](generator/grid.png)", ""]
@@ -157,9 +160,17 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
   if training.is_main_process():
     with open(os.path.join(workdir, "report.md"), "w") as f:
       f.write(text)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
+    path = os.path.join(workdir, "results.json")
+    with open(path + ".tmp", "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
   return text
+
+
+def built_from(entry: dict) -> str:
+  """'generator step 100 (1a2b3c4d)' for each upstream checkpoint except the teacher."""
+  return ", ".join(checkpoints.describe_origin(origin) for stage, origin in
+                   entry.get("lineage", {}).items() if stage != "teacher")
 
 
 def ptq_table(results: dict) -> str:

@@ -13,12 +13,26 @@ from absl import logging
 from tqdm import tqdm
 
 from dfqf_jax import checkpoints
+from dfqf_jax.errors import UserError
 
 STOPPED_KEY = "stopped_by_signal"  # logged at the step where SIGTERM/SIGINT ended a run
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """A loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class StoppedBySignal(Exception):
+  """SIGTERM/SIGINT stopped a stage after it saved its current step. The whole invocation
+  stops (a pipeline does not go on to build on an unfinished stage); main.py exits with
+  EXIT_CODE, and rerunning the same command continues."""
+
+  EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+
+  def __init__(self, name: str, step: int):
+    super().__init__(f"{name}: stopped by signal at step {step}; its checkpoint is saved. "
+                     "Rerun the same command to continue.")
+    self.name, self.step = name, step
 
 
 def sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 5e-4):
@@ -171,7 +185,7 @@ def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
   after a finite check, and at the end. SIGTERM/SIGINT save the current step and return
   early. evaluate(state, step) -> dict of monitoring metrics, every `eval_every` steps (and
   at step 0 of a fresh run with `evaluate_start`). Closes the checkpoint manager at the end.
-  Returns (state, completed).
+  Returns the final state; raises StoppedBySignal after saving if a signal arrived.
   """
   writer = MetricWriter(str(ckpt.directory), start_step)
   try:
@@ -216,8 +230,7 @@ def _run_steps(name, ckpt, state, start_step, total_steps, train_step, meta, wri
       if stop:
         writer.write(done, {STOPPED_KEY: 1.0})
         ckpt.wait_until_finished()
-        logging.warning("%s: stopped by signal at step %d; checkpoint saved.", name, done)
-        return state, False
+        raise StoppedBySignal(name, done)
   ckpt.wait_until_finished()
   logging.info("%s: %d steps in %.1fs", name, total_steps - start_step, time.time() - started)
-  return state, True
+  return state

@@ -4,13 +4,14 @@ import os
 import jax
 
 from dfqf_jax import data, quant
+from dfqf_jax.errors import UserError
 from dfqf_jax.models.resnet import DEPTHS
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config field has a value the job cannot use."""
 
 
@@ -49,6 +50,7 @@ def common(config, splits=("train", "test")) -> None:
   one_of(config, "data.name", sorted(data.DATASETS))
   one_of(config, "model.depth", DEPTHS)
   one_of(config, "compute_dtype", COMPUTE_DTYPES)
+  one_of(config, "on_stale_upstream", ("stop", "rebuild"))
   for field in ("log_every_steps", "checkpoint_every_steps"):
     positive(config, field)
   positive(config, "data.validation_size", allow_zero=True)

@@ -19,3 +19,24 @@ def shared_data():
   if not os.path.isfile(os.path.join(SHARED_DATA, "cifar10_test.npz")):
     pytest.skip("../shared/data is not present")
   return SHARED_DATA
+
+
+def write_small_split(src: str, dst: str, size: int, seed: int = 0) -> None:
+  """A random `size`-image subset of a CIFAR .npz split (the shared files are class-major)."""
+  import numpy as np
+  with np.load(src) as f:
+    images, labels = f["images"], f["labels"]
+  keep = np.sort(np.random.default_rng(seed).permutation(len(labels))[:size])
+  np.savez(dst, images=images[keep], labels=labels[keep])
+
+
+@pytest.fixture(scope="session")
+def small_data(shared_data, tmp_path_factory):
+  """A data folder with 500 test and 1,000 training images, for subprocess runs whose
+  numbers do not matter (evaluation of the full test split dominates a smoke run)."""
+  folder = tmp_path_factory.mktemp("small_data")
+  write_small_split(os.path.join(shared_data, "cifar10_test.npz"),
+                    str(folder / "cifar10_test.npz"), 500)
+  write_small_split(os.path.join(shared_data, "cifar10_train.npz"),
+                    str(folder / "cifar10_train.npz"), 1000)
+  return str(folder)

@@ -91,10 +91,12 @@ def initial_state(stage: str, inputs=None) -> dict:
   if stage == "student_w4a4":
     config = finetune_config()
     _, teacher_vars, teacher_meta = common.load_teacher(str(inputs))
-    batches = ptq.calibration_batches(config, str(inputs), teacher_meta, "generated",
-                                      jax.random.key(config.seed + 3))
+    generator = stage1.load_generator(str(inputs))[:2]
+    batches = ptq.calibration_batches(config, teacher_meta, "generated",
+                                      jax.random.key(config.seed + 3), generator)
+    summaries = ptq.summarize(teacher_vars, teacher_meta, batches, [config.calibration])
     _, student = ptq.quantize_and_calibrate(teacher_vars, teacher_meta, q.QuantSpec(4, 4, "dfqf"),
-                                            config.calibration, batches)
+                                            config.calibration, summaries)
     return {"student": student}
   model = CifarResNet(20)
   init = jax.jit(lambda: model.init(jax.random.key(0),

@@ -131,7 +131,8 @@ def run_finetune_steps(devices, num_steps=2, batch_size=16):
   g_vars = initial_variables(generator, 4, jnp.zeros((2, 24)))
   x = [generator.apply(g_vars, jax.random.normal(jax.random.key(5), (16, 24)),
                        mutable=["batch_stats"])[0]]
-  variables = calibration.calibrate(student, variables, x, spec, "ft")
+  summaries = calibration.summarize(teacher_vars, 20, 10, x, ["ft"])
+  variables = calibration.calibrate(variables, spec, "ft", summaries)
   s_tx, _ = finetune.student_optimizer(ml_collections.ConfigDict(dict(
       learning_rate=0.01, lr_milestones=(), momentum=0.9, weight_decay=5e-4,
       clip_learning_rate=1e-3)), steps_per_epoch=10)

@@ -1,6 +1,9 @@
 """Bad input: one clear error naming the problem and the fix, exit code 2, nothing written."""
+import json
 import os
+import shutil
 
+import numpy as np
 import pytest
 
 from cli import run_main
@@ -27,6 +30,7 @@ def nothing_written(workdir):
 
 @pytest.fixture
 def imported_teacher(tmp_path_factory, shared_data):
+  """A workdir holding the imported teacher (a fresh copy for each test)."""
   workdir = tmp_path_factory.mktemp("imported")
   result = run_main("configs/import_teacher.py", workdir, f"--config.weights={TEACHER_WEIGHTS}")
   assert result.returncode == 0, result.stderr[-2000:]
@@ -99,3 +103,127 @@ def test_teacher_of_another_depth_is_rejected_by_stage_2(imported_teacher, share
                     "--config.model.depth=32", "--config.calibration_data=real")
   assert_clean_failure(result, imported_teacher, "ResNet-20", "config.model.depth=32")
   assert sorted(os.listdir(imported_teacher)) == ["teacher"]
+
+
+# ---- files that are broken, and config / workdir problems caught before any work ---------
+def data_dir_with(tmp_path, small_data, split: str, **changes):
+  """A copy of the small data folder whose `split` file has `changes` applied."""
+  folder = tmp_path / "data"
+  shutil.copytree(small_data, folder)
+  path = folder / f"cifar10_{split}.npz"
+  with np.load(path) as f:
+    arrays = dict(f)
+  arrays.update(changes)
+  np.savez(path, **arrays)
+  return folder
+
+
+def truncated_copy(src, dst):
+  dst.write_bytes(open(src, "rb").read()[:5000])
+  return dst
+
+
+def test_test_labels_out_of_range_are_rejected_before_evaluation(imported_teacher, tmp_path,
+                                                                 small_data):
+  labels = np.load(os.path.join(small_data, "cifar10_test.npz"))["labels"].copy()
+  labels[7] = 10
+  folder = data_dir_with(tmp_path, small_data, "test", labels=labels)
+  result = run_main("configs/evaluate.py", imported_teacher, f"--config.data.dir={folder}")
+  assert_clean_failure(result, imported_teacher, "cifar10_test.npz", "[0, 10]", "10 classes")
+  assert not (imported_teacher / "results.json").exists()
+
+
+def test_train_labels_out_of_range_are_rejected_before_training(tmp_path, small_data):
+  labels = np.load(os.path.join(small_data, "cifar10_train.npz"))["labels"].copy()
+  labels[3] = -1
+  folder = data_dir_with(tmp_path, small_data, "train", labels=labels)
+  result = run_main(TEACHER_SMOKE, tmp_path / "run", f"--config.data.dir={folder}")
+  assert_clean_failure(result, tmp_path / "run", "cifar10_train.npz", "[-1, 9]")
+  assert nothing_written(tmp_path / "run")
+
+
+def test_a_truncated_or_pickled_data_file_is_named(tmp_path, small_data):
+  folder = data_dir_with(tmp_path, small_data, "test")
+  truncated_copy(os.path.join(small_data, "cifar10_test.npz"), folder / "cifar10_test.npz")
+  result = run_main("configs/evaluate.py", tmp_path / "run", f"--config.data.dir={folder}")
+  assert_clean_failure(result, tmp_path / "run", "cifar10_test.npz", "not a readable .npz")
+  np.savez(folder / "cifar10_test.npz", images=np.zeros((2, 32, 32, 3), np.uint8),
+           labels=np.array([{"a": 1}, None], dtype=object))
+  result = run_main("configs/evaluate.py", tmp_path / "run", f"--config.data.dir={folder}")
+  assert_clean_failure(result, tmp_path / "run", "cifar10_test.npz", "need pickle")
+  assert nothing_written(tmp_path / "run")
+
+
+@pytest.mark.parametrize("damage", ["nan", "truncated", "pickled"])
+def test_broken_teacher_weights_are_rejected_on_import(tmp_path, damage):
+  weights = dict(np.load(TEACHER_WEIGHTS))
+  path = tmp_path / "weights.npz"
+  if damage == "nan":
+    weights["layer2.1.conv1.weight"][0, 0, 0, 0] = np.nan
+    np.savez(path, **weights)
+    phrases = ["'layer2.1.conv1.weight'", "NaN"]
+  elif damage == "truncated":
+    truncated_copy(TEACHER_WEIGHTS, path)
+    phrases = ["weights.npz", "not a readable .npz"]
+  else:
+    np.savez(path, **weights, extra=np.array([object()], dtype=object))
+    phrases = ["weights.npz", "need pickle"]
+  result = run_main("configs/import_teacher.py", tmp_path / "run", f"--config.weights={path}")
+  assert_clean_failure(result, tmp_path / "run", *phrases)
+  assert nothing_written(tmp_path / "run")
+
+
+@pytest.mark.parametrize("config,overrides,phrases", [
+    (GENERATOR_SMOKE, ["--config.no_such=1"], ["--config.no_such=1", "no field 'no_such'"]),
+    (GENERATOR_SMOKE, ["--config.generator.no_such=1"], ["no field 'no_such'"]),
+    ("configs/generator.py:foo", [], ["configs/generator.py:foo is unknown", "smoke"]),
+    ("configs/pipeline.py:smoke", ["--config.bits="], ["config.bits=''", "no student"]),
+    ("configs/pipeline.py:smoke", ["--config.on_stale_upstream=ignore"],
+     ["config.on_stale_upstream='ignore'"]),
+], ids=["unknown field", "unknown nested field", "unknown config argument", "empty bits",
+        "unknown stale-upstream policy"])
+def test_config_errors(tmp_path, config, overrides, phrases, small_data):
+  result = run_main(config, tmp_path / "run", f"--config.data.dir={small_data}", *overrides)
+  assert_clean_failure(result, tmp_path / "run", *phrases)
+  assert nothing_written(tmp_path / "run")
+
+
+@pytest.mark.parametrize("kind", ["a file", "inside a file", "not creatable", "read-only"])
+def test_workdir_problems(tmp_path, kind, small_data):
+  if kind == "a file":
+    workdir = tmp_path / "file"
+    workdir.write_text("x")
+    phrases = ["is a file"]
+  elif kind == "inside a file":
+    (tmp_path / "file").write_text("x")
+    workdir, phrases = tmp_path / "file" / "run", ["cannot be created"]
+  elif kind == "not creatable":
+    workdir, phrases = "/proc/dfqf-run", ["cannot be created"]
+  else:
+    if os.geteuid() == 0:
+      pytest.skip("root writes into read-only folders")
+    workdir = tmp_path / "ro"
+    workdir.mkdir()
+    workdir.chmod(0o555)
+    phrases = ["is not writable"]
+  result = run_main(GENERATOR_SMOKE, workdir, f"--config.data.dir={small_data}")
+  assert_clean_failure(result, workdir, *phrases)
+
+
+def test_evaluation_is_redone_for_other_test_data_and_forgets_deleted_checkpoints(
+    imported_teacher, tmp_path, small_data):
+  run = lambda folder: run_main("configs/evaluate.py", imported_teacher,
+                                f"--config.data.dir={folder}")
+  assert run(small_data).returncode == 0
+  first = json.loads((imported_teacher / "results.json").read_text())["teacher"]
+  other = data_dir_with(tmp_path, small_data, "test", labels=np.roll(
+      np.load(os.path.join(small_data, "cifar10_test.npz"))["labels"], 1))
+  assert run(other).returncode == 0
+  second = json.loads((imported_teacher / "results.json").read_text())["teacher"]
+  assert second["test_data"] != first["test_data"] and second["top1"] < first["top1"]
+  results = json.loads((imported_teacher / "results.json").read_text())
+  results["ptq_gone"] = {**second, "checkpoint": str(imported_teacher / "ptq_gone" / "0")}
+  (imported_teacher / "results.json").write_text(json.dumps(results))
+  assert run(small_data).returncode == 0
+  third = json.loads((imported_teacher / "results.json").read_text())
+  assert set(third) == {"teacher"} and third["teacher"]["top1"] == first["top1"]

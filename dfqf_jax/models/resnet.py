@@ -70,10 +70,11 @@ class QuantDense(nn.Module):
     return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
 
 
-class ActQuant(nn.Module):
-  """Unsigned fake quantization of a post-ReLU activation with a learned clip.
+class QuantReLU(nn.Module):
+  """ReLU whose output is fake-quantized (unsigned) with a learned clip `act_clip`.
 
-  Records its input in the `quant_inputs` collection when that is mutable (calibration).
+  Records its *input* in the `quant_inputs` collection when that is mutable: the calibration
+  rules read the ReLU's input, as the reference code's hooks on its ReLU modules do.
   """
 
   bits: int
@@ -82,6 +83,7 @@ class ActQuant(nn.Module):
   def __call__(self, x):
     if self.is_mutable_collection(QUANT_INPUTS):
       self.sow(QUANT_INPUTS, "x", x)
+    x = nn.relu(x)
     if self.bits == q.FULL_PRECISION_BITS:
       return x
     clip = self.param("act_clip", nn.initializers.ones, (), jnp.float32)
@@ -107,15 +109,14 @@ class BasicBlock(nn.Module):
   def __call__(self, x):
     bits = self.quant.weight_bits if self.quant else q.FULL_PRECISION_BITS
     protocol = self.quant.protocol if self.quant else "dfqf"
-    act = (lambda y, name: ActQuant(self.quant.act_bits, name=name)(y)) if self.quant else (
-        lambda y, name: y)
+    relu = (lambda y, name: QuantReLU(self.quant.act_bits, name=name)(y)) if self.quant else (
+        lambda y, name: nn.relu(y))
     y = QuantConv(self.features, self.strides, bits, protocol, name="conv1")(x)
     y = BatchNorm(use_running_average=not self.train, name="bn1")(y)
-    y = act(nn.relu(y), "act1")
+    y = relu(y, "act1")
     y = QuantConv(self.features, 1, bits, protocol, name="conv2")(y)
     y = BatchNorm(use_running_average=not self.train, name="bn2")(y)
-    y = nn.relu(y + _option_a_shortcut(x, self.features, self.strides))
-    return act(y, "act2")
+    return relu(y + _option_a_shortcut(x, self.features, self.strides), "act2")
 
 
 class CifarResNet(nn.Module):
@@ -132,9 +133,11 @@ class CifarResNet(nn.Module):
     edge_bits = self.quant.edge_weight_bits if self.quant else q.FULL_PRECISION_BITS
     protocol = self.quant.protocol if self.quant else "dfqf"
     x = QuantConv(16, 1, edge_bits, protocol, name="conv1")(x)
-    x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
+    x = BatchNorm(use_running_average=not train, name="bn1")(x)
     if self.quant and self.quant.quantize_stem_activation:
-      x = ActQuant(self.quant.act_bits, name="act1")(x)
+      x = QuantReLU(self.quant.act_bits, name="act1")(x)
+    else:
+      x = nn.relu(x)
     for stage, features in enumerate((16, 32, 64)):
       for block in range(blocks_per_stage(self.depth)):
         strides = 2 if stage > 0 and block == 0 else 1

@@ -9,6 +9,7 @@ import os
 
 from dfqf_jax import checkpoints, data, parallel, training
 from dfqf_jax.stages import common
+from dfqf_jax.stages import export  # integer exports (issue 18)
 
 RESULTS_FILE = "results.json"
 
@@ -19,31 +20,47 @@ def checkpoint_dirs(workdir: str) -> list[str]:
   return [d for d in dirs if checkpoints.exists(d)]
 
 
-def evaluate_dir(directory, splits, mesh, data_dir, known: dict) -> dict:
-  """Evaluates the classifiers of the latest checkpoint in `directory`; entries of `known`
-  (the existing results.json) for the same checkpoint are reused, not recomputed."""
+class TestSplits(dict):
+  """dataset -> (test split, its fingerprint), each loaded once, when first needed."""
+
+  def __init__(self, data_dir):
+    super().__init__()
+    self.data_dir = data_dir
+
+  def __missing__(self, dataset):
+    split = data.load_split(dataset, "test", self.data_dir)
+    self[dataset] = (split, data.fingerprint(split))
+    return self[dataset]
+
+
+def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
+  """Evaluates the classifiers of the latest checkpoint in `directory`. An entry of `known`
+  (the existing results.json) is reused only if it was computed from this very checkpoint
+  (path and modification time) on this very test data (fingerprint of images and labels)."""
   step = checkpoints.latest_step(directory)
   checkpoint = os.path.join(directory, str(step))
   written = os.path.getmtime(checkpoint)
   cached = {n: r for n, r in known.items()
-            if r.get("checkpoint") == checkpoint and r.get("checkpoint_mtime") == written}
+            if r.get("checkpoint") == checkpoint and r.get("checkpoint_mtime") == written
+            and r.get("test_data") == splits[r["dataset"]][1]}
   if cached:  # the wall time may have grown since (a resumed stage)
     return {n: {**r, "stage_wall_seconds": training.read_wall_time(directory)}
             for n, r in cached.items()}
   state, meta, step = checkpoints.load_product(directory, os.path.basename(directory))
   results = {}
   for name, entry in common.classifiers_in(meta).items():
-    if entry["dataset"] not in splits:
-      splits[entry["dataset"]] = data.load_split(entry["dataset"], "test", data_dir)
+    split, split_fingerprint = splits[entry["dataset"]]
     model = common.classifier_from_meta(entry)
     variables = common.variables_of(state, entry.get("path", ()))
-    top1 = common.top1(model, variables, splits[entry["dataset"]], entry["mean"], entry["std"],
-                       mesh)
-    described = {k: v for k, v in entry.items() if k not in ("path", "mean", "std", "arch")}
+    top1 = common.top1(model, variables, split, entry["mean"], entry["std"], mesh)
+    described = {k: v for k, v in entry.items()
+                 if k not in ("path", "mean", "std", "arch", checkpoints.ORIGIN)}
     results[name] = {"top1": top1, "num_params": common.num_params(variables["params"]),
                      "checkpoint": checkpoint, "checkpoint_mtime": written, "step": step,
                      "stage_wall_seconds": training.read_wall_time(directory),
-                     **described}
+                     "test_data": split_fingerprint, **described,
+                     "lineage": meta.get("lineage", {}),
+                     "finished": meta[checkpoints.ORIGIN]["finished"]}
   return results
 
 
@@ -53,17 +70,22 @@ def run(config, workdir: str) -> dict:
                                       "folder your stages wrote.")
   mesh = parallel.make_mesh()
   path = os.path.join(workdir, RESULTS_FILE)
-  merged = {}
+  known = {}
   if os.path.exists(path):
     with open(path) as f:
-      merged = json.load(f)
-  splits = {}
+      known = json.load(f)
+  splits = TestSplits(config.data.dir)
   results = {}
   for directory in checkpoint_dirs(workdir):
-    results.update(evaluate_dir(directory, splits, mesh, config.data.dir, merged))
+    results.update(evaluate_dir(directory, splits, mesh, known))
+  # -- integer exports: DIR/export/<name>/ scored as export_<name> (issue 18) --
+  results.update(export.evaluate_exports(workdir, splits, mesh, known))
+  # -- end integer exports --
   if not results:
     raise checkpoints.CheckpointError(f"no checkpoint found in {workdir!r}; run a stage first.")
-  merged.update(results)
+  # Entries of checkpoints that are gone (deleted, rebuilt) are dropped.
+  merged = {**{n: r for n, r in known.items() if os.path.isdir(r.get("checkpoint", ""))},
+            **results}
   if training.is_main_process():
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -105,8 +105,11 @@ def run(config, workdir: str) -> None:
   teacher, teacher_vars, teacher_meta = common.load_teacher(workdir, config.teacher_dir)
   common.check_teacher_depth(config, teacher_meta)
   generator, g_vars = None, {}
+  lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
   if "generated" in (config.data_source, config.calibration_data) or config.adversarial_generator:
-    generator, g_vars, _ = stage1.load_generator(workdir, config.generator_dir)
+    generator, g_vars, g_meta = stage1.load_generator(workdir, config.generator_dir)
+    lineage["generator"] = g_meta[checkpoints.ORIGIN]
+  checkpoints.check_lineage(stage_dir, name, lineage, config.on_stale_upstream)
   mesh = parallel.make_mesh()
   test_split = data.load_split(teacher_meta["dataset"], "test", config.data.dir)
   train_split = val_split = data.Split(test_split.images[:0], test_split.labels[:0])
@@ -120,9 +123,10 @@ def run(config, workdir: str) -> None:
   student, variables = calibration.quantized_student(
       teacher_vars, teacher_meta["depth"], teacher_meta["num_classes"], spec)
   if checkpoints.latest_step(stage_dir) is None:  # a resumed run restores calibrated clips
-    batches = ptq.calibration_batches(config, workdir, teacher_meta, config.calibration_data,
-                                      jax.random.key(config.seed + 3))
-    variables = calibration.calibrate(student, variables, batches, spec, config.calibration)
+    batches = ptq.calibration_batches(config, teacher_meta, config.calibration_data,
+                                      jax.random.key(config.seed + 3), (generator, g_vars))
+    summaries = ptq.summarize(teacher_vars, teacher_meta, batches, [config.calibration])
+    variables = calibration.calibrate(variables, spec, config.calibration, summaries)
   s_tx, schedule = student_optimizer(config, config.steps_per_epoch)
   g_tx = optax.adam(config.generator_learning_rate)
   total_steps = config.num_epochs * config.steps_per_epoch
@@ -133,6 +137,7 @@ def run(config, workdir: str) -> None:
       data_source=config.data_source, adversarial_generator=config.adversarial_generator,
       student_bn_train=config.student_bn_train,
       steps=total_steps, batch_size=config.batch_size)
+  meta.update(total_steps=total_steps, lineage=lineage)
   meta = {**meta, "classifiers": {name: meta}}
 
   replicated = parallel.replicated(mesh)

@@ -194,7 +194,9 @@ def run(config, workdir: str) -> None:
   s_tx, s_schedule = student_optimizer(config, total_steps)
   hp = Hyper(config.batch_size, config.generator.latent_dim, config.lambda_is,
              config.lambda_bn, config.lambda_adv, config.single_student_pass)
-  meta = stage_meta(config, teacher_meta)
+  lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
+  meta = {**stage_meta(config, teacher_meta), "total_steps": total_steps, "lineage": lineage}
+  checkpoints.check_lineage(stage_dir, "generator", lineage, config.on_stale_upstream)
 
   replicated = parallel.replicated(mesh)
   teacher_vars = parallel.replicate(mesh, teacher_vars)

@@ -19,7 +19,7 @@ def run(config, workdir: str) -> None:
                                            data.num_classes(config.data.name))
   meta = common.classifier_meta(config.model.depth, config.data.name, config.data.mean,
                                 config.data.std, source=os.path.abspath(config.weights),
-                                model_name="teacher")
+                                model_name="teacher", total_steps=0)
   stage_dir = os.path.join(workdir, common.TEACHER_DIR)
   if checkpoints.exists(stage_dir):
     _, saved_meta, _ = checkpoints.load_product(stage_dir, "teacher")

@@ -25,6 +25,7 @@ def stage_configs(config) -> list:
       sub.data[field] = config.data[field]
     sub.model.depth = config.model.depth
     sub.compute_dtype = config.compute_dtype
+    sub.on_stale_upstream = "rebuild"
     return sub
 
   stages = []
@@ -47,6 +48,9 @@ def stage_configs(config) -> list:
 
 def validate(config) -> None:
   validation.common(config, splits=("test",))  # each stage checks the splits it reads
+  if not ptq.split_names(config.bits):
+    raise validation.ConfigError(f"config.bits={config.bits!r} names no student to fine-tune; "
+                                 "give one or more of w<W>a<A>, e.g. --config.bits=w4a4.")
   for _, _, check, sub in stage_configs(config):
     check(sub)
 

@@ -65,7 +65,8 @@ def run(config, workdir: str) -> None:
   model = CifarResNet(config.model.depth, data.num_classes(config.data.name))
   train_model = model.clone(dtype=common.compute_dtype(config))
   meta = common.classifier_meta(config.model.depth, config.data.name, mean, std,
-                                source="trained", model_name="teacher")
+                                source="trained", model_name="teacher",
+                                total_steps=total_steps)
 
   replicated = parallel.replicated(mesh)
   init = jax.jit(lambda key: create_state(model, tx, key), out_shardings=replicated)

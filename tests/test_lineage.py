@@ -1,0 +1,106 @@
+"""No silently wrong result: a signal stops the whole pipeline, and every model records the
+exact upstream checkpoints it was built from; a rerun rebuilds what no longer matches."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from cli import environment, main_command, run_main
+from conftest import REPO, TEACHER_WEIGHTS
+
+from dfqf_jax import checkpoints, training
+
+DOWNSTREAM_PREFIXES = ("student_", "ptq_")
+
+
+def pipeline_args(data_dir, *extra):
+  return (f"--config.data.dir={data_dir}", f"--config.teacher_weights={TEACHER_WEIGHTS}",
+          *extra)
+
+
+def generator_origin(workdir) -> dict:
+  return checkpoints.load_product(os.path.join(workdir, "generator"), "generator")[1][
+      checkpoints.ORIGIN]
+
+
+def downstream(results: dict) -> dict:
+  return {n: r for n, r in results.items() if n.startswith(DOWNSTREAM_PREFIXES)}
+
+
+def wait_for(predicate, process, timeout=600.0):
+  deadline = time.time() + timeout
+  while time.time() < deadline and process.poll() is None:
+    if predicate():
+      return True
+    time.sleep(0.2)
+  return False
+
+
+@pytest.fixture(scope="module")
+def pipeline_stopped_then_finished(tmp_path_factory, small_data):
+  """The smoke pipeline with a 12-step generator, SIGTERM once the generator has saved a
+  step, then the same command again."""
+  workdir = tmp_path_factory.mktemp("lineage")
+  args = pipeline_args(small_data, "--config.generator_stage.num_epochs=6")
+  process = subprocess.Popen(main_command("configs/pipeline.py:smoke", workdir, *args),
+                             cwd=REPO, env=environment(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  assert wait_for(lambda: checkpoints.latest_step(str(workdir / "generator")), process)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=600)
+  stopped = dict(returncode=process.returncode, stderr=stderr,
+                 folders=sorted(os.listdir(workdir)),
+                 stopped_at=checkpoints.latest_step(str(workdir / "generator")))
+  rerun = run_main("configs/pipeline.py:smoke", workdir, *args)
+  return workdir, stopped, rerun
+
+
+def test_a_signal_in_stage_1_stops_the_pipeline_and_the_rerun_builds_on_the_final_generator(
+    pipeline_stopped_then_finished):
+  workdir, stopped, rerun = pipeline_stopped_then_finished
+  assert stopped["returncode"] == training.StoppedBySignal.EXIT_CODE, stopped["stderr"][-2000:]
+  assert "stopped: generator: stopped by signal" in stopped["stderr"]
+  assert stopped["stopped_at"] < 12
+  assert not [f for f in stopped["folders"] if f.startswith(DOWNSTREAM_PREFIXES)]
+
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  final = generator_origin(workdir)
+  assert final["step"] == 12 and final["finished"]
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  assert set(downstream(results)) >= {"student_w4a4", "ptq_w4a4_ft_dfqf", "ptq_w4a4_max_standard"}
+  for name, entry in downstream(results).items():
+    assert entry["lineage"]["generator"] == final, name
+    assert entry["finished"], name
+
+
+def test_a_generator_trained_further_makes_the_pipeline_rebuild_what_was_built_on_it(
+    pipeline_stopped_then_finished, tmp_path, small_data):
+  workdir = tmp_path / "run"
+  shutil.copytree(pipeline_stopped_then_finished[0], workdir)
+  before = generator_origin(workdir)
+  more = run_main("configs/generator.py:smoke", workdir, f"--config.data.dir={small_data}",
+                  "--config.num_epochs=7")
+  assert more.returncode == 0, more.stderr[-2000:]
+  after = generator_origin(workdir)
+  assert after["step"] == 14 and after["fingerprint"] != before["fingerprint"]
+
+  # A single stage stops and says how to fix it; the pipeline rebuilds.
+  alone = run_main("configs/finetune.py:w4a4", workdir, f"--config.data.dir={small_data}")
+  assert alone.returncode == 2
+  assert "was built from generator step 12" in alone.stderr and "delete that folder" in alone.stderr
+  rerun = run_main("configs/pipeline.py:smoke", workdir,
+                   *pipeline_args(small_data, "--config.generator_stage.num_epochs=7"))
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "student_w4a4 in" in rerun.stdout and "rebuilding it" in rerun.stdout
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  for name, entry in downstream(results).items():
+    assert entry["lineage"]["generator"] == after, name
+  report = (workdir / "report.md").read_text()
+  student_row = next(line for line in report.splitlines() if line.startswith("| student_w4a4 |"))
+  assert f"generator step 14 ({after['fingerprint'][:8]})" in student_row

@@ -1,0 +1,107 @@
+"""One run per workdir: a lock taken before any write, naming its holder; stale locks (a
+killed run, a vanished host) are taken over."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from cli import environment, main_command, run_main
+from conftest import REPO, TEACHER_WEIGHTS
+
+from dfqf_jax import checkpoints, workdir
+
+GENERATOR = "configs/generator.py:smoke"
+
+
+def write_lock(folder, **holder):
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / workdir.LOCK_FILE
+  path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                              "started": "earlier", "command": "main.py ...", **holder}))
+  return path
+
+
+def dead_pid() -> int:
+  process = subprocess.Popen(["true"])
+  process.wait()
+  return process.pid
+
+
+def test_the_lock_is_exclusive_and_released(tmp_path):
+  with workdir.Lock(str(tmp_path)):
+    holder = json.loads((tmp_path / workdir.LOCK_FILE).read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    with pytest.raises(workdir.WorkdirError, match=f"in use by pid {os.getpid()}"):
+      workdir.Lock(str(tmp_path)).__enter__()
+  assert not (tmp_path / workdir.LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("holder,age_seconds,stale", [
+    ({"pid": "dead"}, 0, True),  # this host, process gone (SIGKILL, OOM)
+    ({}, 0, False),  # this host, running (this very process)
+    ({"host": "preempted-vm", "pid": 1}, 2 * workdir.STALE_AFTER_SECONDS, True),
+    ({"host": "other-host", "pid": 1}, 5, False),  # another host, heartbeat fresh
+])
+def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, holder, age_seconds, stale):
+  if holder.get("pid") == "dead":
+    holder = {"pid": dead_pid()}
+  path = write_lock(tmp_path, **holder)
+  old = time.time() - age_seconds
+  os.utime(path, (old, old))
+  if stale:
+    with workdir.Lock(str(tmp_path)):
+      assert json.loads(path.read_text())["pid"] == os.getpid()
+  else:
+    with pytest.raises(workdir.WorkdirError, match="delete .*dfqf.lock"):
+      workdir.Lock(str(tmp_path)).__enter__()
+    assert json.loads(path.read_text())["pid"] == holder["pid"]
+
+
+@pytest.fixture
+def imported(tmp_path, small_data):
+  result = run_main("configs/import_teacher.py", tmp_path, f"--config.weights={TEACHER_WEIGHTS}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  return tmp_path
+
+
+def start(workdir_path, *args):
+  return subprocess.Popen(main_command(GENERATOR, workdir_path, *args), cwd=REPO,
+                          env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def wait_for_lock(path, process):
+  while not (path / workdir.LOCK_FILE).exists():
+    assert process.poll() is None, process.communicate()[1][-2000:]
+    time.sleep(0.1)
+
+
+def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_finishes(imported, small_data):
+  args = (f"--config.data.dir={small_data}", "--config.num_epochs=5")
+  first = start(imported, *args)
+  wait_for_lock(imported, first)
+  second = run_main(GENERATOR, imported, *args)
+  assert second.returncode == 2
+  error = [l for l in second.stderr.splitlines() if l.startswith("error: ")]
+  assert len(error) == 1 and f"in use by pid {first.pid}" in error[0], second.stderr[-2000:]
+  _, stderr = first.communicate(timeout=900)
+  assert first.returncode == 0, stderr[-2000:]
+  assert checkpoints.latest_step(str(imported / "generator")) == 10
+  assert not (imported / workdir.LOCK_FILE).exists()
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(imported, small_data):
+  args = (f"--config.data.dir={small_data}",)
+  killed = start(imported, *args)
+  wait_for_lock(imported, killed)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert (imported / workdir.LOCK_FILE).exists()
+  rerun = run_main(GENERATOR, imported, *args)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert f"took over the stale lock of pid {killed.pid}" in rerun.stderr
+  assert checkpoints.latest_step(str(imported / "generator")) == 4
