@@ -90,6 +90,8 @@ def main(argv) -> None:
     raise validation.ConfigError(f"config.stage={config.stage!r} is unknown; allowed: "
                                  f"{sorted(STAGES)}.")
   workdir.check(FLAGS.workdir)
+  if config.stage == "evaluate":
+    evaluate.check_workdir(FLAGS.workdir)  # evaluation reads a workdir; it never makes one
   if is_multi_process(config):
     initialize_distributed(config)
   else:

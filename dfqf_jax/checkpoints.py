@@ -157,8 +157,9 @@ def check_lineage(directory: str, name: str, lineage: dict, on_stale: str) -> No
   fingerprints = lambda entries: {k: v["fingerprint"] for k, v in (entries or {}).items()}
   if saved is not None and fingerprints(saved) == fingerprints(lineage):
     return
-  was = ", ".join(describe_origin(e) for e in saved.values()) if saved else "unrecorded inputs"
-  now = ", ".join(describe_origin(e) for e in lineage.values())
+  describe = lambda entries: ", ".join(describe_origin(entries[k]) for k in sorted(entries))
+  was = describe(saved) if saved else "unrecorded inputs"
+  now = describe(lineage)
   reason = f"{name} in {directory!r} was built from {was}, but the workdir now holds {now}"
   if on_stale != "rebuild":
     raise CheckpointError(f"{reason}; delete that folder to rebuild it (the pipeline does "

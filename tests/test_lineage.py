@@ -92,7 +92,10 @@ def test_a_generator_trained_further_makes_the_pipeline_rebuild_what_was_built_o
   # A single stage stops and says how to fix it; the pipeline rebuilds.
   alone = run_main("configs/finetune.py:w4a4", workdir, f"--config.data.dir={small_data}")
   assert alone.returncode == 2
-  assert "was built from generator step 12" in alone.stderr and "delete that folder" in alone.stderr
+  error = [line for line in alone.stderr.splitlines() if line.startswith("error: ")]
+  assert len(error) == 1, alone.stderr[-2000:]
+  assert "was built from generator step 12" in error[0] and "now holds generator step 14" in error[0]
+  assert "delete that folder" in error[0]
   rerun = run_main("configs/pipeline.py:smoke", workdir,
                    *pipeline_args(small_data, "--config.generator_stage.num_epochs=7"))
   assert rerun.returncode == 0, rerun.stderr[-3000:]

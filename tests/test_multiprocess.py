@@ -50,19 +50,6 @@ COMPARED = {"teacher": ("params", "batch_stats"), "generator": ("student",),
             "student_w4a4": ("student/params", "student/batch_stats")}
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory, shared_data):
-  """The shared data with every 20th test image (50 per class): the runs' test accuracies
-  are only monitored here, and a twentieth of the test split keeps them quick."""
-  directory = tmp_path_factory.mktemp("data")
-  os.symlink(os.path.abspath(os.path.join(shared_data, "cifar10_train.npz")),
-             directory / "cifar10_train.npz")
-  with np.load(os.path.join(shared_data, "cifar10_test.npz")) as test:
-    np.savez(directory / "cifar10_test.npz", images=test["images"][::20],
-             labels=test["labels"][::20])
-  return str(directory)
-
-
 def prepare(workdir, stage: str, data_dir: str) -> None:
   """What the stage reads: the imported teacher, and for fine-tuning a one-step generator."""
   os.makedirs(workdir)

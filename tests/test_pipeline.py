@@ -3,17 +3,19 @@ import json
 import os
 
 from cli import run_main
-from conftest import SHARED_DATA, TEACHER_WEIGHTS
+from conftest import SMALL_DATA, TEACHER_WEIGHTS
 
 
-def test_smoke_pipeline_runs_every_stage_and_reports(tmp_path, shared_data):
-  result = run_main("configs/pipeline.py:smoke", tmp_path, f"--config.data.dir={SHARED_DATA}",
+def test_smoke_pipeline_runs_every_stage_and_reports(tmp_path, small_data):
+  result = run_main("configs/pipeline.py:smoke", tmp_path, f"--config.data.dir={SMALL_DATA}",
                     f"--config.teacher_weights={TEACHER_WEIGHTS}",
                     f"--config.record_to={tmp_path / 'record.json'}")
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / "results.json") as f:
     results = json.load(f)
-  assert results["teacher"]["top1"] == 0.9173
+  # The imported teacher with its own normalization (its exact 91.73% on the full test split:
+  # tests/test_models.py); here on the 500-image split.
+  assert results["teacher"]["top1"] > 0.85
   expected = {"teacher", "generator_student_fp", "student_w4a4", "ptq_w4a4_max_dfqf",
               "ptq_w4a4_ft_dfqf", "ptq_w4a4_max_standard", "ptq_w4a4_ft_standard"}
   assert expected <= set(results)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cli import REPO, environment, main_command, run_main
-from conftest import SHARED_DATA, TEACHER_WEIGHTS
-from dfqf_jax import checkpoints, report
+from conftest import SMALL_DATA, TEACHER_WEIGHTS
+from dfqf_jax import checkpoints, report, training
 
 STAGES = {
     "teacher": ("configs/teacher.py:smoke", ["--config.num_steps=40"]),
@@ -25,7 +25,7 @@ STAGES = {
                                                   "--config.calibration_batches=2",
                                                   "--config.calibration_batch_size=16"]),
 }
-COMMON = [f"--config.data.dir={SHARED_DATA}", "--config.checkpoint_every_steps=10",
+COMMON = [f"--config.data.dir={SMALL_DATA}", "--config.checkpoint_every_steps=10",
           "--config.log_every_steps=1"]
 
 
@@ -35,7 +35,7 @@ def prepare(workdir, stage):
     result = run_main("configs/import_teacher.py", workdir, f"--config.weights={TEACHER_WEIGHTS}")
     assert result.returncode == 0, result.stderr[-2000:]
   if stage == "student_w4a4":
-    result = run_main("configs/generator.py:smoke", workdir, f"--config.data.dir={SHARED_DATA}",
+    result = run_main("configs/generator.py:smoke", workdir, f"--config.data.dir={SMALL_DATA}",
                       "--config.eval_every_epochs=100")
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -69,7 +69,7 @@ def start_and_interrupt(workdir, stage, sig, after_step):
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(stage, tmp_path,
-                                                                      shared_data):
+                                                                      small_data):
   config, extra = STAGES[stage]
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
   for workdir in (straight, interrupted):
@@ -93,9 +93,10 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(stage, tmp_
     np.testing.assert_array_equal(a, b)
 
 
-def test_sigterm_saves_the_current_step(tmp_path, shared_data):
+def test_sigterm_saves_the_current_step(tmp_path, small_data):
   returncode, stderr = start_and_interrupt(tmp_path, "teacher", signal.SIGTERM, after_step=10)
-  assert returncode == 0, stderr[-2000:]
+  assert returncode == training.StoppedBySignal.EXIT_CODE, stderr[-2000:]
+  assert "stopped: teacher: stopped by signal at step" in stderr
   saved = checkpoints.latest_step(os.path.join(tmp_path, "teacher"))
   assert saved == logged_steps(tmp_path, "teacher")[-1]
   assert 10 <= saved < 40
@@ -109,7 +110,7 @@ def test_sigterm_saves_the_current_step(tmp_path, shared_data):
 
 
 def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path,
-                                                                                 shared_data):
+                                                                                 small_data):
   args = [*COMMON, "--config.num_steps=40", "--config.learning_rate=1e12"]
   result = run_main("configs/teacher.py:smoke", tmp_path, *args, "--config.log_every_steps=5")
   assert result.returncode == 2, result.stderr[-2000:]
@@ -123,7 +124,7 @@ def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_checkpoin
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
 
 
-def test_corrupted_checkpoint_is_reported_and_not_overwritten(tmp_path, shared_data):
+def test_corrupted_checkpoint_is_reported_and_not_overwritten(tmp_path, small_data):
   config, extra = STAGES["teacher"]
   result = run_main(config, tmp_path, *COMMON, "--config.num_steps=10")
   assert result.returncode == 0, result.stderr[-2000:]

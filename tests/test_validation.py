@@ -142,16 +142,16 @@ def test_train_labels_out_of_range_are_rejected_before_training(tmp_path, small_
   assert nothing_written(tmp_path / "run")
 
 
-def test_a_truncated_or_pickled_data_file_is_named(tmp_path, small_data):
+def test_a_truncated_or_pickled_data_file_is_named(imported_teacher, tmp_path, small_data):
   folder = data_dir_with(tmp_path, small_data, "test")
   truncated_copy(os.path.join(small_data, "cifar10_test.npz"), folder / "cifar10_test.npz")
-  result = run_main("configs/evaluate.py", tmp_path / "run", f"--config.data.dir={folder}")
-  assert_clean_failure(result, tmp_path / "run", "cifar10_test.npz", "not a readable .npz")
+  result = run_main("configs/evaluate.py", imported_teacher, f"--config.data.dir={folder}")
+  assert_clean_failure(result, imported_teacher, "cifar10_test.npz", "not a readable .npz")
   np.savez(folder / "cifar10_test.npz", images=np.zeros((2, 32, 32, 3), np.uint8),
            labels=np.array([{"a": 1}, None], dtype=object))
-  result = run_main("configs/evaluate.py", tmp_path / "run", f"--config.data.dir={folder}")
-  assert_clean_failure(result, tmp_path / "run", "cifar10_test.npz", "need pickle")
-  assert nothing_written(tmp_path / "run")
+  result = run_main("configs/evaluate.py", imported_teacher, f"--config.data.dir={folder}")
+  assert_clean_failure(result, imported_teacher, "cifar10_test.npz", "need pickle")
+  assert not (imported_teacher / "results.json").exists()
 
 
 @pytest.mark.parametrize("damage", ["nan", "truncated", "pickled"])
@@ -159,9 +159,9 @@ def test_broken_teacher_weights_are_rejected_on_import(tmp_path, damage):
   weights = dict(np.load(TEACHER_WEIGHTS))
   path = tmp_path / "weights.npz"
   if damage == "nan":
-    weights["layer2.1.conv1.weight"][0, 0, 0, 0] = np.nan
+    weights["module.layer2.1.conv1.weight"][0, 0, 0, 0] = np.nan
     np.savez(path, **weights)
-    phrases = ["'layer2.1.conv1.weight'", "NaN"]
+    phrases = ["'module.layer2.1.conv1.weight'", "NaN"]
   elif damage == "truncated":
     truncated_copy(TEACHER_WEIGHTS, path)
     phrases = ["weights.npz", "not a readable .npz"]

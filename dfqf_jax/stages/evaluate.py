@@ -64,10 +64,14 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
   return results
 
 
-def run(config, workdir: str) -> dict:
+def check_workdir(workdir: str) -> None:
   if not os.path.isdir(workdir):
     raise checkpoints.CheckpointError(f"--workdir={workdir!r} does not exist; point it at the "
                                       "folder your stages wrote.")
+
+
+def run(config, workdir: str) -> dict:
+  check_workdir(workdir)
   mesh = parallel.make_mesh()
   path = os.path.join(workdir, RESULTS_FILE)
   known = {}
