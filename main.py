@@ -13,9 +13,8 @@ from ml_collections import config_flags
 
 from dfqf_jax import parallel, report, training, validation, workdir
 from dfqf_jax.errors import UserError
-from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, pipeline, ptq,
-                             teacher)
-from dfqf_jax.stages import export  # integer deployment (issue 18)
+from dfqf_jax.stages import (evaluate, export, finetune, generator, import_teacher, pipeline,
+                             ptq, teacher)
 
 STAGES = {
     "teacher": (teacher.run, validation.teacher),

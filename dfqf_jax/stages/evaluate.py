@@ -8,8 +8,7 @@ import json
 import os
 
 from dfqf_jax import checkpoints, data, parallel, training
-from dfqf_jax.stages import common
-from dfqf_jax.stages import export  # integer exports (issue 18)
+from dfqf_jax.stages import common, export
 
 RESULTS_FILE = "results.json"
 
@@ -82,9 +81,7 @@ def run(config, workdir: str) -> dict:
   results = {}
   for directory in checkpoint_dirs(workdir):
     results.update(evaluate_dir(directory, splits, mesh, known))
-  # -- integer exports: DIR/export/<name>/ scored as export_<name> (issue 18) --
-  results.update(export.evaluate_exports(workdir, splits, mesh, known))
-  # -- end integer exports --
+  results.update(export.evaluate_exports(workdir, splits, mesh, known))  # DIR/export/<name>
   if not results:
     raise checkpoints.CheckpointError(f"no checkpoint found in {workdir!r}; run a stage first.")
   # Entries of checkpoints that are gone (deleted, rebuilt) are dropped.

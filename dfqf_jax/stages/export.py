@@ -1,0 +1,198 @@
+"""Integer deployment: export a quantized student as integer codes (`dfqf_jax.integer`).
+
+python main.py --config=configs/export.py --workdir=DIR [--config.student=student_w4a4]
+reads the checkpoint DIR/<student> (a finetune or ptq product) and writes
+DIR/export/<student>/: model.json (the graph), weights.npz (integer weight codes, scales,
+zero points, activation clips and steps, batch norm folded into per-channel scale and bias)
+and model.stablehlo (the integer forward pass as a `jax.export` artifact). The folder is
+written under a temporary name and renamed when complete. `evaluate` scores every export
+as `export_<student>` in DIR/results.json.
+"""
+import io
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from flax import traverse_util
+
+from dfqf_jax import checkpoints, data, integer, training, validation
+from dfqf_jax import quant as q
+from dfqf_jax.stages import common
+
+EXPORT_DIR = "export"
+RESULT_PREFIX = "export_"
+IDENTITY = ("protocol", "weight_bits", "act_bits", "edge_weight_bits", "depth", "num_classes")
+
+
+def validate(config) -> None:
+  validation.common(config, splits=())
+  student = config.student
+  if not isinstance(student, str) or not student or student.startswith(".") or (
+      os.sep in student) or student == EXPORT_DIR:
+    raise validation.ConfigError(
+        f"config.student={student!r} is invalid; allowed: the name of a quantized model's "
+        "folder in --workdir, e.g. student_w4a4 or ptq_w4a4_ft_dfqf.")
+  if config.bits:
+    from dfqf_jax.stages.ptq import parse_bits
+    try:
+      pairs = parse_bits(config.bits)
+    except ValueError as e:
+      raise validation.ConfigError(f"config.bits={config.bits!r} is invalid: {e}") from None
+    if len(pairs) != 1 or any(b not in q.VALID_BITS[:-1] for b in pairs[0]):
+      raise validation.ConfigError(
+          f"config.bits={config.bits!r} is invalid; allowed: '' (the checkpoint's) or one "
+          f"w<W>a<A> with W, A in {list(q.VALID_BITS[:-1])}.")
+
+
+def quantized_models(workdir: str) -> list[str]:
+  """Folders of `workdir` whose checkpoint holds a quantized classifier (for messages)."""
+  names = []
+  for entry in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
+    directory = os.path.join(workdir, entry)
+    if entry != EXPORT_DIR and checkpoints.exists(directory) and (
+        entry.startswith(("student_", "ptq_", "qat_real_"))):
+      names.append(entry)
+  return names
+
+
+def load_student(workdir: str, name: str):
+  """(spec, variables, classifier description, checkpoint path, step) of DIR/<name>."""
+  directory = os.path.join(workdir, name)
+  if not checkpoints.exists(directory):
+    raise checkpoints.CheckpointError(
+        f"no checkpoint {directory!r} to export; quantized models in {workdir!r}: "
+        f"{quantized_models(workdir) or 'none'} (run the finetune or ptq stage first, or set "
+        "--config.student).")
+  state, meta, step = checkpoints.load_product(directory, name)
+  entries = common.classifiers_in(meta)
+  entry = entries.get(name) or (next(iter(entries.values())) if len(entries) == 1 else None)
+  if entry is None:
+    raise checkpoints.CheckpointError(
+        f"the checkpoint {directory!r} holds no classifier named {name!r} (it holds "
+        f"{sorted(entries) or 'none'}); export a quantized student, e.g. student_w4a4.")
+  entry = {**entry, "source_origin": meta.get(checkpoints.ORIGIN)}
+  spec = q.QuantSpec(**entry["quant"]) if entry.get("quant") else None
+  integer.check_exportable(spec, f"the checkpoint {name!r}")
+  variables = common.variables_of(state, entry.get("path", ()))
+  return spec, variables, entry, os.path.join(directory, str(step)), step
+
+
+def float32_bytes(variables: dict) -> int:
+  """Size of the float32 model in the same container (an .npz of its parameters and batch
+  statistics, clips left out)."""
+  flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(
+      {"params": variables["params"], "batch_stats": variables["batch_stats"]}).items()
+          if k[-1] not in ("weight_clip", "act_clip")}
+  buffer = io.BytesIO()
+  np.savez(buffer, **flat)
+  return buffer.tell()
+
+
+def folder_bytes(folder: str, names) -> int:
+  return sum(os.path.getsize(os.path.join(folder, n)) for n in names)
+
+
+def _check_not_other_model(out: str, graph: dict) -> None:
+  """An existing export of another bit width / protocol / depth is reported, never replaced."""
+  if not os.path.exists(out):
+    return
+  try:
+    with open(os.path.join(out, integer.GRAPH_FILE)) as f:
+      existing = json.load(f)
+  except (OSError, ValueError):
+    existing = {}
+  differs = {k: (existing.get(k), graph[k]) for k in IDENTITY if existing.get(k) != graph[k]}
+  if differs:
+    what = ", ".join(f"{k}={old!r} (this model: {new!r})" for k, (old, new) in differs.items())
+    raise checkpoints.CheckpointError(
+        f"{out!r} holds an export of another model ({what}); it is not overwritten: delete it "
+        "or export into another --workdir.")
+
+
+def run(config, workdir: str) -> dict:
+  name = config.student
+  spec, variables, entry, checkpoint, step = load_student(workdir, name)
+  if config.bits:
+    from dfqf_jax.stages.ptq import parse_bits
+    (w, a), = parse_bits(config.bits)
+    if (w, a) != (spec.weight_bits, spec.act_bits):
+      raise checkpoints.CheckpointError(
+          f"config.bits={config.bits!r} but the checkpoint {name!r} is W{spec.weight_bits}"
+          f"A{spec.act_bits}; leave config.bits empty or export the matching student.")
+  graph, arrays = integer.build(variables, spec, entry["depth"], entry["num_classes"])
+  graph.update(name=name, source_checkpoint=os.path.abspath(checkpoint), step=step,
+               dataset=entry["dataset"], mean=list(entry["mean"]), std=list(entry["std"]),
+               input={"dtype": "uint8", "layout": "NHWC", "shape": [None, 32, 32, 3],
+                      "normalize": "(x / 255 - mean) / std"},
+               calibration=entry.get("calibration"),
+               source_origin=entry["source_origin"])
+  root = os.path.join(workdir, EXPORT_DIR)
+  out = os.path.join(root, name)
+  _check_not_other_model(out, graph)
+  float_size = float32_bytes(variables)
+  if not training.is_main_process():
+    return {}
+  os.makedirs(root, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the export is not
+  try:
+    integer.save(tmp, graph, arrays)
+    with open(os.path.join(tmp, integer.STABLEHLO_FILE), "wb") as f:
+      f.write(integer.serialize(graph, arrays, graph["mean"], graph["std"]))
+    integer.load(tmp)  # readable and consistent before it takes the final name
+    old = None
+    if os.path.exists(out):
+      old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=root)
+      os.replace(out, os.path.join(old, name))
+    os.replace(tmp, out)
+    if old:
+      shutil.rmtree(old)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  sizes = {"export_bytes": folder_bytes(out, (integer.WEIGHTS_FILE, integer.GRAPH_FILE)),
+           "stablehlo_bytes": folder_bytes(out, (integer.STABLEHLO_FILE,)),
+           "float32_bytes": float_size}
+  print(f"export: wrote {out} (W{spec.weight_bits}A{spec.act_bits}, {spec.protocol}, "
+        f"{len(graph['layers'])} layers): {integer.WEIGHTS_FILE} + {integer.GRAPH_FILE} "
+        f"{sizes['export_bytes']:,} bytes vs {float_size:,} bytes for the float32 model "
+        f"({float_size / sizes['export_bytes']:.1f}x smaller); {integer.STABLEHLO_FILE} "
+        f"{sizes['stablehlo_bytes']:,} bytes")
+  return sizes
+
+
+# --- evaluation of exports (called by stages/evaluate.py) ---
+def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
+  """`export_<name>` -> result entry for every DIR/export/<name>/: top-1 on the test split
+  of the integer model read back from the folder (dfqf_jax.integer). `splits`: dataset ->
+  (test split, its fingerprint), as evaluate.TestSplits gives. An entry of `known` is reused
+  if it was computed from this very folder (model.json's mtime) on the same test data."""
+  root = os.path.join(workdir, EXPORT_DIR)
+  results = {}
+  for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    folder = os.path.join(root, name)
+    graph_path = os.path.join(folder, integer.GRAPH_FILE)
+    if name.startswith(".") or not os.path.isfile(graph_path):
+      continue
+    key = RESULT_PREFIX + name
+    written = os.path.getmtime(graph_path)
+    cached = known.get(key)
+    if (cached and cached.get("checkpoint") == folder and cached.get("checkpoint_mtime") ==
+        written and cached.get("test_data") == splits[cached["dataset"]][1]):
+      results[key] = cached
+      continue
+    graph, arrays = integer.load(folder)
+    split, split_fingerprint = splits[graph["dataset"]]
+    top1 = common.top1(integer.IntegerResNet(graph), arrays, split, graph["mean"],
+                       graph["std"], mesh, batch_size=min(1000, len(split)))
+    results[key] = {
+        "top1": top1, "num_params": integer.num_params(graph), "checkpoint": folder,
+        "checkpoint_mtime": written, "step": graph["step"], "integer": True,
+        "test_data": split_fingerprint, "source_checkpoint": graph["source_checkpoint"],
+        "export_bytes": folder_bytes(folder, (integer.WEIGHTS_FILE, integer.GRAPH_FILE)),
+        **{k: graph[k] for k in IDENTITY + ("dataset",)}}
+  return results

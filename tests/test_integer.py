@@ -1,0 +1,250 @@
+"""Integer deployment (dfqf_jax.integer, stages/export.py): the integer forward pass against
+the fake-quantized model on real test images, the export format, the jax.export artifact in
+a process without dfqf_jax, evaluation of exports, and bad input."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cli import run_main
+from conftest import TEACHER_WEIGHTS, write_small_split
+from dfqf_jax import calibration, checkpoints, convert, data, integer
+from dfqf_jax import quant as q
+from dfqf_jax.stages import common, evaluate, export
+
+NUM_IMAGES = 24  # test images compared per student (W8A8, W4A4, W3A3 x both protocols)
+
+
+@pytest.fixture(scope="module")
+def setup(shared_data):
+  """Teacher variables, NUM_IMAGES real test images (uint8 and normalized) and calibration
+  summaries from 64 real training images."""
+  teacher = convert.torch_resnet_to_flax(convert.load_state_dict_npz(TEACHER_WEIGHTS), 20, 10)
+  with np.load(os.path.join(shared_data, "cifar10_test.npz")) as f:
+    idx = np.random.default_rng(1).permutation(len(f["labels"]))[:NUM_IMAGES]
+    images = f["images"][idx]
+  with np.load(os.path.join(shared_data, "cifar10_train.npz")) as f:
+    idx = np.random.default_rng(2).permutation(len(f["labels"]))[:64]
+    calib = data.normalize(f["images"][idx], data.IMAGENET_MEAN, data.IMAGENET_STD)
+  summaries = calibration.summarize(teacher, 20, 10, [calib], ["ft"])
+  x = data.normalize(images, data.IMAGENET_MEAN, data.IMAGENET_STD)
+  return teacher, images, x, summaries
+
+
+def student(setup, bits: int, protocol: str):
+  teacher, _, _, summaries = setup
+  spec = q.QuantSpec(bits, bits, protocol)
+  model, variables = calibration.quantized_student(teacher, 20, 10, spec)
+  return spec, model, calibration.calibrate(variables, spec, "ft", summaries)
+
+
+@pytest.mark.parametrize("protocol", ["dfqf", "standard"])
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_integer_forward_equals_fake_quant(setup, bits, protocol):
+  spec, model, variables = student(setup, bits, protocol)
+  graph, arrays = integer.build(variables, spec, 20, 10)
+  x = setup[2]
+
+  @jax.jit
+  def both(variables, arrays, x):
+    return (model.apply(variables, x), integer.forward(graph, arrays, x),
+            integer.layer_by_layer(model, variables, graph, arrays, x))
+
+  fake, exact, layers = both(variables, arrays, x)
+  unit = np.asarray(integer.output_unit(graph, arrays))
+  end_to_end = np.abs(np.asarray(fake) - np.asarray(exact)) / unit
+  # Each layer fed the fake-quant model's own input: codes equal except float32 rounding
+  # ties (off by one at most), and the logits within the output's quantization step.
+  mismatched = sum(int(r["mismatched"]) for r in layers.values() if "mismatched" in r)
+  total = sum(int(r["total"]) for r in layers.values() if "total" in r)
+  head = float(layers["linear"]["max_logit_diff_units"])
+  print(f"W{bits}A{bits} {protocol}: layer-local code mismatches {mismatched}/{total}, head "
+        f"{head:.3f} output steps; end to end: largest logit difference "
+        f"{end_to_end.max():.3f} output steps (median {np.median(end_to_end):.4f}), "
+        f"{(np.argmax(fake, -1) == np.argmax(exact, -1)).sum()}/{len(x)} classes agree")
+  assert mismatched <= 1e-5 * total
+  assert max(int(r["max_code_diff"]) for r in layers.values() if "mismatched" in r) <= 1
+  assert head < 2.0  # the head's float32 rounding; up to 1.4 steps at 8 bits (integer_check)
+  assert all(float(r["max_abs_diff"]) < 1e-4 for r in layers.values() if "max_abs_diff" in r)
+  assert np.median(end_to_end) < 1.0
+  assert (np.argmax(fake, -1) == np.argmax(exact, -1)).sum() >= len(x) - 1
+  # The integer convolutions really are int8 x int8 -> int32.
+  hlo = jax.jit(lambda a, x: integer.forward(graph, a, x)).lower(arrays, x).as_text()
+  int8_convs = re.findall(r"convolution.*xi8>, tensor<[^>]*xi8>\) -> tensor<[^>]*xi32>", hlo)
+  # The 18 convs of the 9 blocks, less the dfqf protocol's first (it reads the float stem).
+  assert len(int8_convs) >= (17 if protocol == "dfqf" else 18), len(int8_convs)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_pack_and_unpack(bits, signed):
+  lo, hi = q.signed_range(bits) if signed else q.unsigned_range(bits)
+  codes = np.random.default_rng(bits).integers(lo, hi + 1, (3, 3, 5, 7))
+  stored = integer.pack(codes, bits, signed)
+  assert stored.nbytes == (codes.size + 1) // 2 if bits <= 4 else codes.size
+  np.testing.assert_array_equal(integer.unpack(stored, bits, signed, codes.shape), codes)
+  graph = {"protocol": "dfqf" if signed else "standard",
+           "layers": [{"name": "l", "weight_bits": bits, "shape": list(codes.shape)}]}
+  in_graph = integer.unpack_in_graph(graph, {"l.codes": stored})["l.codes"]
+  np.testing.assert_array_equal(np.asarray(in_graph), codes)
+
+
+def save_checkpoint(workdir, name, variables, meta):
+  mngr = checkpoints.manager(os.path.join(workdir, name))
+  checkpoints.save(mngr, 0, jax.tree.map(jnp.asarray, variables), meta, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+@pytest.fixture(scope="module")
+def exported(setup, tmp_path_factory):
+  """A workdir with the teacher, student_w4a4 (dfqf) and student_w8a8 (standard)
+  checkpoints, both exported by the export stage."""
+  import configs.export
+  workdir = tmp_path_factory.mktemp("integer")
+  teacher = setup[0]
+  save_checkpoint(workdir, "teacher", teacher, common.classifier_meta(
+      20, "cifar10", data.IMAGENET_MEAN, data.IMAGENET_STD, model_name="teacher",
+      total_steps=0))
+  sizes = {}
+  for name, bits, protocol in [("student_w4a4", 4, "dfqf"), ("student_w8a8", 8, "standard")]:
+    spec, _, variables = student(setup, bits, protocol)
+    save_checkpoint(workdir, name, variables, common.classifier_meta(
+        20, "cifar10", data.IMAGENET_MEAN, data.IMAGENET_STD, spec, model_name=name,
+        weight_bits=bits, act_bits=bits, protocol=protocol, total_steps=0))
+    config = configs.export.get_config(name)
+    export.validate(config)
+    sizes[name] = export.run(config, str(workdir))
+  return workdir, sizes
+
+
+def test_export_folder(exported, setup):
+  workdir, sizes = exported
+  folder = workdir / "export" / "student_w4a4"
+  assert sorted(os.listdir(folder)) == ["model.json", "model.stablehlo", "weights.npz"]
+  assert not [n for n in os.listdir(workdir / "export") if n.startswith(".")]  # no temp left
+  graph, arrays = integer.load(str(folder))
+  assert (graph["weight_bits"], graph["act_bits"], graph["protocol"]) == (4, 4, "dfqf")
+  with np.load(folder / "weights.npz") as stored:
+    assert stored["layer2_0.conv1.codes"].dtype == np.uint8  # 4-bit: two codes per byte
+    assert stored["layer2_0.conv1.codes"].size == 3 * 3 * 16 * 32 // 2
+    assert stored["conv1.codes"].dtype == np.int8  # the dfqf protocol's 8-bit edges
+  # What was saved is what was built from the checkpoint (codes unpacked exactly).
+  spec, _, variables = student(setup, 4, "dfqf")
+  built_graph, built = integer.build(variables, spec, 20, 10)
+  assert graph["layers"] == built_graph["layers"] and sorted(arrays) == sorted(built)
+  for key, value in built.items():
+    np.testing.assert_array_equal(arrays[key], value, err_msg=key)
+  # Both sizes well below the float32 model's.
+  for name, size in sizes.items():
+    assert size["export_bytes"] < size["float32_bytes"] / (2.5 if "w8" in name else 4.5), size
+
+
+def test_stablehlo_artifact_runs_without_dfqf_jax(exported, setup, tmp_path):
+  workdir, _ = exported
+  _, images, x, _ = setup
+  np.save(tmp_path / "images.npy", images[:8])
+  names = ("student_w4a4", "student_w8a8")
+  script = (
+      "import sys, numpy as np, jax\n"
+      "images = np.load(sys.argv[1])\n"
+      "for path in sys.argv[2:]:\n"
+      "  exp = jax.export.deserialize(bytearray(open(path, 'rb').read()))\n"
+      "  np.save(path + '.logits.npy', np.asarray(exp.call(images)))\n"
+      "assert not [m for m in sys.modules if m.startswith('dfqf_jax')]\n")
+  for name in names:
+    shutil.copy(workdir / "export" / name / "model.stablehlo", tmp_path / name)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  result = subprocess.run(
+      [sys.executable, "-c", script, str(tmp_path / "images.npy"),
+       *[str(tmp_path / name) for name in names]], cwd=tmp_path, env=env,
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  for name in names:
+    graph, arrays = integer.load(str(workdir / "export" / name))
+    expected = np.asarray(jax.jit(lambda a, x: integer.forward(graph, a, x))(arrays, x[:8]))
+    logits = np.load(tmp_path / f"{name}.logits.npy")
+    unit = np.asarray(integer.output_unit(graph, arrays))
+    assert logits.shape == (8, 10)
+    # A separate compilation of the same program: equal up to float32 rounding of the float
+    # convs and rescales (a rare tie may flip a code, which then propagates).
+    assert np.median(np.abs(logits - expected) / unit) < 1.0
+    np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(shared_data, tmp_path_factory):
+  """A data folder with 100 test images."""
+  folder = tmp_path_factory.mktemp("tiny_data")
+  write_small_split(os.path.join(shared_data, "cifar10_test.npz"),
+                    str(folder / "cifar10_test.npz"), 100)
+  return str(folder)
+
+
+def test_evaluate_scores_exports(exported, tiny_data, tmp_path):
+  import configs.evaluate
+  workdir = tmp_path / "run"  # student_w4a4 and its export only (faster to evaluate)
+  shutil.copytree(exported[0] / "student_w4a4", workdir / "student_w4a4")
+  shutil.copytree(exported[0] / "export" / "student_w4a4", workdir / "export" / "student_w4a4")
+  config = configs.evaluate.get_config()
+  config.data.dir = tiny_data
+  results = evaluate.run(config, str(workdir))
+  entry = results["export_student_w4a4"]
+  assert entry["integer"] and (entry["weight_bits"], entry["act_bits"]) == (4, 4)
+  assert entry["checkpoint"] == str(workdir / "export" / "student_w4a4")
+  # The integer model scores what the fake-quantized checkpoint scores (100 images).
+  assert abs(entry["top1"] - results["student_w4a4"]["top1"]) <= 1 / 100, results
+  with open(workdir / "results.json") as f:
+    assert json.load(f)["export_student_w4a4"]["top1"] == entry["top1"]
+
+
+def snapshot(folder) -> dict:
+  return {os.path.join(root, f): os.path.getmtime(os.path.join(root, f))
+          for root, _, files in os.walk(folder) for f in files}
+
+
+def assert_one_error_line(result, *phrases):
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1, result.stderr[-2000:]
+  for phrase in phrases:
+    assert phrase in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", ["teacher", "missing student", "another bit width"])
+def test_bad_input(case, exported, tiny_data, tmp_path):
+  source, _ = exported
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  args = ["configs/export.py", workdir]
+  if case == "teacher":
+    args.append("--config.student=teacher")
+    phrases = ["'teacher' is not a quantized model"]
+  elif case == "missing student":
+    args.append("--config.student=student_w2a2")
+    phrases = ["student_w2a2", "['student_w4a4', 'student_w8a8']"]
+  else:  # the W4A4 export's folder holds the W8A8 export
+    shutil.rmtree(workdir / "export" / "student_w4a4")
+    shutil.copytree(workdir / "export" / "student_w8a8", workdir / "export" / "student_w4a4")
+    phrases = ["holds an export of another model", "weight_bits=8", "not overwritten"]
+  before = snapshot(workdir)
+  assert_one_error_line(run_main(*args), *phrases)
+  assert snapshot(workdir) == before
+  if case == "another bit width":  # evaluate reads a W4A4 graph with W8A8 weight codes
+    exports_only = tmp_path / "exports_only"
+    shutil.copytree(workdir / "export", exports_only / "export")
+    folder = exports_only / "export" / "student_w4a4"
+    shutil.copy(source / "export" / "student_w4a4" / "model.json", folder / "model.json")
+    before = snapshot(exports_only)
+    assert_one_error_line(run_main("configs/evaluate.py", exports_only,
+                                   f"--config.data.dir={tiny_data}"),
+                          "(W4A4, dfqf)", "another bit width")
+    assert snapshot(exports_only) == before
