@@ -28,10 +28,19 @@ STAGES = {
 }
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:arg]).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Folder for this run's checkpoints, logs and results.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS, argv: list[str] | None = None) -> None:
+  """--config and --workdir in `flag_values`; the --config.* overrides are those that `argv`
+  (default: sys.argv) can set, as ml_collections defines them from the command line."""
+  config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:arg]).",
+                                  lock_config=True, flag_values=flag_values, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Folder for this run's checkpoints, logs and results.",
+                      flag_values=flag_values)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+
+
+define_flags()
 
 
 def is_multi_process(config) -> bool:
@@ -73,24 +82,22 @@ def workdir_held(path: str):
       lock.__exit__(None, None, None)
 
 
-def record(config, started: float) -> None:
-  results = (evaluate.run(config, FLAGS.workdir) if config.stage != "pipeline" else
-             json.load(open(os.path.join(FLAGS.workdir, evaluate.RESULTS_FILE))))
-  report.record_run(config.record_to, FLAGS.workdir, results, time.time() - started)
+def record(config, workdir_path: str, started: float) -> None:
+  results = (evaluate.run(config, workdir_path) if config.stage != "pipeline" else
+             json.load(open(os.path.join(workdir_path, evaluate.RESULTS_FILE))))
+  report.record_run(config.record_to, workdir_path, results, time.time() - started)
   print(f"run record written to {config.record_to}")
 
 
-def main(argv) -> None:
-  del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO.
-  config = FLAGS.config
+def main(config, workdir_path: str) -> None:
+  """Runs the job `config` in `workdir_path`: checks, then the stage under the workdir's
+  lock. User errors raise errors.UserError; a stop by signal exits with its code."""
   if config.stage not in STAGES:
     raise validation.ConfigError(f"config.stage={config.stage!r} is unknown; allowed: "
                                  f"{sorted(STAGES)}.")
-  workdir.check(FLAGS.workdir)
+  workdir.check(workdir_path)
   if config.stage == "evaluate":
-    evaluate.check_workdir(FLAGS.workdir)  # evaluation reads a workdir; it never makes one
+    evaluate.check_workdir(workdir_path)  # evaluation reads a workdir; it never makes one
   if is_multi_process(config):
     initialize_distributed(config)
   else:
@@ -98,23 +105,23 @@ def main(argv) -> None:
   run, validate = STAGES[config.stage]
   validate(config)
   started = time.time()
-  with workdir_held(FLAGS.workdir):
+  with workdir_held(workdir_path):
     try:
-      run(config, FLAGS.workdir)
+      run(config, workdir_path)
     except training.StoppedBySignal as stop:
       if config.record_to and config.stage != "pipeline":
-        record(config, started)  # the record says where the stage stopped
+        record(config, workdir_path, started)  # the record says where the stage stopped
       print(f"stopped: {stop}", file=sys.stderr)
       sys.exit(training.StoppedBySignal.EXIT_CODE)
     if config.record_to:
-      record(config, started)
+      record(config, workdir_path, started)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
   """absl's flag parsing, with a bad config file argument or an unknown --config.* field
   reported as one `error:` line."""
   try:
-    return FLAGS(argv)
+    return flag_values(argv)
   except Exception as e:  # config_flags raises whatever the config file or ConfigDict raise
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     cause = e.__cause__ or e
@@ -129,12 +136,20 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def _main(argv) -> None:
+def run(config, workdir_path: str) -> None:
+  """`main`, with a user error printed as one `error:` line and exit code 2."""
   try:
-    main(argv)
+    main(config, workdir_path)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def _main(argv) -> None:
+  del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO.
+  run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

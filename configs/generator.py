@@ -30,6 +30,7 @@ def get_config(schedule: str = "reference"):
   config.student.weight_decay = 5e-4
   config.student.lr_milestones = (0.4, 0.8)  # fractions of the run
   config.eval_every_epochs = 1
+  config.grid_images = 256  # generated at each evaluation; grid.png shows up to 10 per class
   config.log_every_steps = 20
   config.checkpoint_every_steps = 600
   if schedule == "cpu":
@@ -48,6 +49,7 @@ def get_config(schedule: str = "reference"):
     config.iters_per_epoch = 2
     config.num_epochs = 2
     config.generator.latent_dim = 32
+    config.grid_images = 32
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
   elif schedule != "reference":

@@ -19,6 +19,27 @@ from jax.experimental import multihost_utils
 from dfqf_jax.errors import UserError
 
 
+# Replica-parallel saving slices every replicated array on its devices before writing, and
+# each slice is a small eager program compiled per shape: seconds per save for our small
+# states. Only arrays of at least this size are split among replicas.
+MIN_BYTES_FOR_REPLICA_PARALLEL_SAVE = 16 * 2**20
+
+
+def _register_array_handler() -> None:
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax warns about every override of its defaults
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_BYTES_FOR_REPLICA_PARALLEL_SAVE),
+        override=True)
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+_register_array_handler()
+
+
 class CheckpointError(UserError, ValueError):
   """A checkpoint that is missing, unreadable or does not fit; the message says which."""
 

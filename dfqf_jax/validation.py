@@ -92,7 +92,7 @@ def generator(config) -> None:
   common(config, splits=("train", "test") if config.data.validation_size > 0 else ("test",))
   divisible_batch(config, "batch_size")
   for field in ("iters_per_epoch", "num_epochs", "eval_every_epochs", "lambda_is", "lambda_bn",
-                "lambda_adv", "generator.latent_dim", "generator.learning_rate",
+                "lambda_adv", "generator.latent_dim", "grid_images", "generator.learning_rate",
                 "student.learning_rate"):
     positive(config, field)
   for field in ("student.momentum", "student.weight_decay"):

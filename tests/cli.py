@@ -23,3 +23,29 @@ def run_main(config: str, workdir, *overrides: str, devices: int = 1,
   return subprocess.run(main_command(config, workdir, *overrides), cwd=REPO,
                         env=environment(devices), capture_output=True, text=True,
                         timeout=timeout)
+
+
+def run_in_process(config: str, workdir, *overrides: str) -> subprocess.CompletedProcess:
+  """main.py's command line run in this (8-device) test process: for tests of what a run
+  says and writes, where a new process would only add its start-up and compilation.
+
+  Returns what `run_main` does: the exit code and everything printed to stdout/stderr.
+  """
+  import contextlib
+  import io
+
+  from absl import flags  # noqa: PLC0415
+
+  import main  # noqa: PLC0415
+  argv = main_command(config, workdir, *overrides)[1:]
+  flag_values = flags.FlagValues()
+  main.define_flags(flag_values, argv)
+  stdout, stderr = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    try:
+      main.parse_flags(argv, flag_values)
+      main.run(flag_values.config, flag_values.workdir)
+      code = 0
+    except SystemExit as exit_:
+      code = exit_.code if isinstance(exit_.code, int) else 1
+  return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cli import run_main
-from conftest import SMALL_DATA, TEACHER_WEIGHTS
+from cli import run_in_process
+from conftest import copy_workdir
 
 from dfqf_jax import losses as L
 from dfqf_jax import training
@@ -41,11 +41,11 @@ def test_one_iteration_moves_generator_up_and_student_down_the_adversarial_loss(
   assert adversarial_kl(g_old, new.student["params"]) < before  # S descends it
 
 
-def test_the_fp_student_is_measured_on_held_out_training_images(tmp_path, small_data):
+def test_the_fp_student_is_measured_on_held_out_training_images(tmp_path, small_data,
+                                                              imported_workdir):
   """data.validation_size > 0: student_val_top1 (for comparing settings) beside the test top-1."""
-  assert run_main("configs/import_teacher.py", tmp_path,
-                  f"--config.weights={TEACHER_WEIGHTS}").returncode == 0
-  result = run_main("configs/generator.py:smoke", tmp_path, f"--config.data.dir={SMALL_DATA}",
+  tmp_path = copy_workdir(imported_workdir, tmp_path / "run")
+  result = run_in_process("configs/generator.py:smoke", tmp_path, f"--config.data.dir={small_data}",
                     "--config.data.validation_size=200", "--config.num_epochs=1",
                     "--config.iters_per_epoch=1")
   assert result.returncode == 0, result.stderr[-3000:]

@@ -60,6 +60,7 @@ def test_integer_forward_equals_fake_quant(setup, bits, protocol):
   fake, exact, layers = both(variables, arrays, x)
   unit = np.asarray(integer.output_unit(graph, arrays))
   end_to_end = np.abs(np.asarray(fake) - np.asarray(exact)) / unit
+  relative = np.abs(np.asarray(fake) - np.asarray(exact)) / np.std(np.asarray(fake))
   # Each layer fed the fake-quant model's own input: codes equal except float32 rounding
   # ties (off by one at most), and the logits within the output's quantization step.
   mismatched = sum(int(r["mismatched"]) for r in layers.values() if "mismatched" in r)
@@ -68,12 +69,18 @@ def test_integer_forward_equals_fake_quant(setup, bits, protocol):
   print(f"W{bits}A{bits} {protocol}: layer-local code mismatches {mismatched}/{total}, head "
         f"{head:.3f} output steps; end to end: largest logit difference "
         f"{end_to_end.max():.3f} output steps (median {np.median(end_to_end):.4f}), "
-        f"{(np.argmax(fake, -1) == np.argmax(exact, -1)).sum()}/{len(x)} classes agree")
+        f"{(np.argmax(fake, -1) == np.argmax(exact, -1)).sum()}/{len(x)} classes agree; "
+        f"relative to the logits' spread: median {np.median(relative):.2e}, "
+        f"largest {relative.max():.2e}")
   assert mismatched <= 1e-5 * total
   assert max(int(r["max_code_diff"]) for r in layers.values() if "mismatched" in r) <= 1
   assert head < 2.0  # the head's float32 rounding; up to 1.4 steps at 8 bits (integer_check)
   assert all(float(r["max_abs_diff"]) < 1e-4 for r in layers.values() if "max_abs_diff" in r)
-  assert np.median(end_to_end) < 1.0
+  # End to end, a flipped tie propagates through the later layers, and how many ties a
+  # machine meets depends on its float32 rounding (x86 FMA or not): at 8 bits the output
+  # step is so fine that the median ranged from 0.1 to 8 steps across CI machines. Measured
+  # against the logits' spread the result is machine-independent.
+  assert np.median(relative) < 1e-3
   assert (np.argmax(fake, -1) == np.argmax(exact, -1)).sum() >= len(x) - 1
   # The integer convolutions really are int8 x int8 -> int32.
   hlo = jax.jit(lambda a, x: integer.forward(graph, a, x)).lower(arrays, x).as_text()

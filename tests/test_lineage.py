@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cli import environment, main_command, run_main
+from cli import environment, main_command, run_in_process
 from conftest import REPO, TEACHER_WEIGHTS
 
 from dfqf_jax import checkpoints, training
@@ -55,7 +55,7 @@ def pipeline_stopped_then_finished(tmp_path_factory, small_data):
   stopped = dict(returncode=process.returncode, stderr=stderr,
                  folders=sorted(os.listdir(workdir)),
                  stopped_at=checkpoints.latest_step(str(workdir / "generator")))
-  rerun = run_main("configs/pipeline.py:smoke", workdir, *args)
+  rerun = run_in_process("configs/pipeline.py:smoke", workdir, *args)
   return workdir, stopped, rerun
 
 
@@ -83,21 +83,21 @@ def test_a_generator_trained_further_makes_the_pipeline_rebuild_what_was_built_o
   workdir = tmp_path / "run"
   shutil.copytree(pipeline_stopped_then_finished[0], workdir)
   before = generator_origin(workdir)
-  more = run_main("configs/generator.py:smoke", workdir, f"--config.data.dir={small_data}",
+  more = run_in_process("configs/generator.py:smoke", workdir, f"--config.data.dir={small_data}",
                   "--config.num_epochs=7")
   assert more.returncode == 0, more.stderr[-2000:]
   after = generator_origin(workdir)
   assert after["step"] == 14 and after["fingerprint"] != before["fingerprint"]
 
   # A single stage stops and says how to fix it; the pipeline rebuilds.
-  alone = run_main("configs/finetune.py:w4a4", workdir, f"--config.data.dir={small_data}")
+  alone = run_in_process("configs/finetune.py:w4a4", workdir, f"--config.data.dir={small_data}")
   assert alone.returncode == 2
   error = [line for line in alone.stderr.splitlines() if line.startswith("error: ")]
   assert len(error) == 1, alone.stderr[-2000:]
   assert "was built from generator step 12" in error[0] and "now holds generator step 14" in error[0]
   assert "delete that folder" in error[0]
-  rerun = run_main("configs/pipeline.py:smoke", workdir,
-                   *pipeline_args(small_data, "--config.generator_stage.num_epochs=7"))
+  rerun = run_in_process("configs/pipeline.py:smoke", workdir,
+                         *pipeline_args(small_data, "--config.generator_stage.num_epochs=7"))
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "student_w4a4 in" in rerun.stdout and "rebuilding it" in rerun.stdout
   with open(workdir / "results.json") as f:

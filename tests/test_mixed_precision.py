@@ -1,14 +1,13 @@
 """config.compute_dtype=bfloat16: bfloat16 compute, float32 parameters, statistics and logits."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cli import run_main
-from conftest import SMALL_DATA, TEACHER_WEIGHTS
+from cli import run_in_process
+from conftest import TEACHER_WEIGHTS, copy_workdir
 from dfqf_jax import checkpoints, convert, data, parallel
 from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
@@ -34,11 +33,10 @@ def test_bfloat16_compute_keeps_the_imported_teacher_accuracy(shared_data):
   assert top1[jnp.bfloat16] == pytest.approx(top1[jnp.float32], abs=0.003)
 
 
-def test_bfloat16_stage_1_trains_and_checkpoints_float32(tmp_path, small_data):
-  assert run_main("configs/import_teacher.py", tmp_path,
-                  f"--config.weights={TEACHER_WEIGHTS}").returncode == 0
-  result = run_main("configs/generator.py:smoke", tmp_path, f"--config.data.dir={SMALL_DATA}",
-                    "--config.compute_dtype=bfloat16", devices=2)
+def test_bfloat16_stage_1_trains_and_checkpoints_float32(tmp_path, small_data, imported_workdir):
+  tmp_path = copy_workdir(imported_workdir, tmp_path / "run")
+  result = run_in_process("configs/generator.py:smoke", tmp_path,
+                          f"--config.data.dir={small_data}", "--config.compute_dtype=bfloat16")
   assert result.returncode == 0, result.stderr[-3000:]
   state, _, step = checkpoints.load_product(str(tmp_path / "generator"), "generator")
   assert step == 4

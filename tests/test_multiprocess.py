@@ -12,7 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cli import REPO, environment, main_command, run_main
-from conftest import SHARED_DATA, TEACHER_WEIGHTS
+from conftest import SHARED_DATA, copy_workdir
 import jax.numpy as jnp
 import optax
 
@@ -35,6 +35,7 @@ STAGES = {
     "teacher": ("configs/teacher.py:smoke", ["--config.num_steps=1",
                                              "--config.learning_rate=0.01"]),
     "generator": ("configs/generator.py:smoke", ["--config.num_epochs=1",
+                                                 "--config.iters_per_epoch=1",
                                                  "--config.student.learning_rate=0.01"]),
     "student_w4a4": ("configs/finetune.py:w4a4", ["--config.batch_size=16",
                                                   "--config.steps_per_epoch=1",
@@ -50,16 +51,12 @@ COMPARED = {"teacher": ("params", "batch_stats"), "generator": ("student",),
             "student_w4a4": ("student/params", "student/batch_stats")}
 
 
-def prepare(workdir, stage: str, data_dir: str) -> None:
-  """What the stage reads: the imported teacher, and for fine-tuning a one-step generator."""
-  os.makedirs(workdir)
-  if stage != "teacher":
-    result = run_main("configs/import_teacher.py", workdir, f"--config.weights={TEACHER_WEIGHTS}")
-    assert result.returncode == 0, result.stderr[-3000:]
-  if stage == "student_w4a4":
-    result = run_main("configs/generator.py:smoke", workdir, f"--config.data.dir={data_dir}",
-                      "--config.num_epochs=1", "--config.iters_per_epoch=1")
-    assert result.returncode == 0, result.stderr[-3000:]
+def prepare(workdir, stage: str, imported_workdir, generator_workdir) -> None:
+  """What the stage reads: the imported teacher, and for fine-tuning a smoke generator."""
+  if stage == "teacher":
+    os.makedirs(workdir)
+  else:
+    copy_workdir(generator_workdir if stage == "student_w4a4" else imported_workdir, workdir)
 
 
 def finetune_config():
@@ -145,14 +142,16 @@ def assert_same_run(stage: str, expected, got, start: dict) -> None:
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_two_processes_match_one_process_with_the_same_devices(stage, tmp_path, small_data):
+def test_two_processes_match_one_process_with_the_same_devices(stage, tmp_path, small_data,
+                                                              imported_workdir,
+                                                              generator_workdir):
   """Each training stage (teacher, generator, fine-tuned 4-bit student) gives the same
   result by 2 processes x 2 devices as by 1 process x 4 devices for the same global batch,
   from the same inputs (prepared once, by one process)."""
   config, extra = STAGES[stage]
   args = [f"--config.data.dir={small_data}", *extra]
   inputs, single, multi = tmp_path / "inputs", tmp_path / "single", tmp_path / "multi"
-  prepare(inputs, stage, small_data)
+  prepare(inputs, stage, imported_workdir, generator_workdir)
   shutil.copytree(inputs, single)
   shutil.copytree(inputs, multi)
   result = run_main(config, single, *args, devices=4)
@@ -180,9 +179,8 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, small_data):
   assert_same_run("teacher", straight, resumed, initial_state("teacher"))
 
 
-def test_evaluation_over_two_processes_equals_one_process(tmp_path, shared_data):
-  assert run_main("configs/import_teacher.py", tmp_path,
-                  f"--config.weights={TEACHER_WEIGHTS}").returncode == 0
-  run_two_processes("configs/evaluate.py", tmp_path, f"--config.data.dir={SHARED_DATA}")
-  with open(tmp_path / "results.json") as f:
+def test_evaluation_over_two_processes_equals_one_process(tmp_path, imported_workdir):
+  workdir = copy_workdir(imported_workdir, tmp_path / "run")
+  run_two_processes("configs/evaluate.py", workdir, f"--config.data.dir={SHARED_DATA}")
+  with open(workdir / "results.json") as f:
     assert json.load(f)["teacher"]["top1"] == 0.9173  # 9,173 / 10,000, as on one process

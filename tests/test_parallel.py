@@ -21,6 +21,15 @@ from dfqf_jax.stages import teacher as stage0
 ONE, ALL = tuple(jax.devices()[:1]), tuple(jax.devices())  # runs are cached by these keys
 
 
+@pytest.fixture(autouse=True, scope="module")
+def optimized_like_the_runs():
+  """These tests compare float32 sums over 1 and 8 devices to a tolerance measured on the
+  programs main.py runs, i.e. with XLA's optimizations (conftest turns most of them off)."""
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", True)
+
+
 def initial_variables(module, seed, example):
   variables = module.init(jax.random.key(seed), example)
   return {"params": variables["params"], "batch_stats": variables["batch_stats"]}

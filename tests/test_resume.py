@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 
 from cli import REPO, environment, main_command, run_main
-from conftest import SMALL_DATA, TEACHER_WEIGHTS
+from conftest import SMALL_DATA, copy_workdir
 from dfqf_jax import checkpoints, report, training
 
 STAGES = {
     "teacher": ("configs/teacher.py:smoke", ["--config.num_steps=40"]),
-    "generator": ("configs/generator.py:smoke", ["--config.num_epochs=10",
+    "generator": ("configs/generator.py:smoke", ["--config.num_epochs=5",
                                                  "--config.iters_per_epoch=4",
                                                  "--config.eval_every_epochs=100"]),
     "student_w4a4": ("configs/finetune.py:w4a4", ["--config.batch_size=16",
-                                                  "--config.steps_per_epoch=10",
+                                                  "--config.steps_per_epoch=5",
                                                   "--config.num_epochs=4",
                                                   "--config.eval_every_epochs=100",
                                                   "--config.calibration_batches=2",
@@ -29,15 +29,12 @@ COMMON = [f"--config.data.dir={SMALL_DATA}", "--config.checkpoint_every_steps=10
           "--config.log_every_steps=1"]
 
 
-def prepare(workdir, stage):
+def prepare(workdir, stage, imported_workdir, generator_workdir):
   """What the stage reads: the imported teacher, and for fine-tuning a (smoke) generator."""
-  if stage != "teacher":
-    result = run_main("configs/import_teacher.py", workdir, f"--config.weights={TEACHER_WEIGHTS}")
-    assert result.returncode == 0, result.stderr[-2000:]
-  if stage == "student_w4a4":
-    result = run_main("configs/generator.py:smoke", workdir, f"--config.data.dir={SMALL_DATA}",
-                      "--config.eval_every_epochs=100")
-    assert result.returncode == 0, result.stderr[-2000:]
+  if stage == "generator":
+    copy_workdir(imported_workdir, workdir)
+  elif stage == "student_w4a4":
+    copy_workdir(generator_workdir, workdir)
 
 
 def final_state(workdir, stage):
@@ -68,12 +65,12 @@ def start_and_interrupt(workdir, stage, sig, after_step):
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(stage, tmp_path,
-                                                                      small_data):
+def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(
+    stage, tmp_path, small_data, imported_workdir, generator_workdir):
   config, extra = STAGES[stage]
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
   for workdir in (straight, interrupted):
-    prepare(workdir, stage)
+    prepare(workdir, stage, imported_workdir, generator_workdir)
   result = run_main(config, straight, *COMMON, *extra)
   assert result.returncode == 0, result.stderr[-2000:]
 

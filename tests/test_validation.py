@@ -1,4 +1,7 @@
-"""Bad input: one clear error naming the problem and the fix, exit code 2, nothing written."""
+"""Bad input: one clear error naming the problem and the fix, exit code 2, nothing written.
+
+main.py's command lines run in this test process (cli.run_in_process, 8 CPU devices): what
+they print and write is what a new process prints and writes, without its start-up."""
 import json
 import os
 import shutil
@@ -6,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from cli import run_main
-from conftest import SHARED_DATA, TEACHER_WEIGHTS
+from cli import run_in_process
+from conftest import SHARED_DATA, TEACHER_WEIGHTS, copy_workdir
 
 TEACHER_SMOKE = "configs/teacher.py:smoke"
 GENERATOR_SMOKE = "configs/generator.py:smoke"
@@ -29,77 +32,73 @@ def nothing_written(workdir):
 
 
 @pytest.fixture
-def imported_teacher(tmp_path_factory, shared_data):
+def imported_teacher(imported_workdir, tmp_path):
   """A workdir holding the imported teacher (a fresh copy for each test)."""
-  workdir = tmp_path_factory.mktemp("imported")
-  result = run_main("configs/import_teacher.py", workdir, f"--config.weights={TEACHER_WEIGHTS}")
-  assert result.returncode == 0, result.stderr[-2000:]
-  return workdir
+  return copy_workdir(imported_workdir, tmp_path / "imported")
 
 
 CASES = {
-    "unknown dataset": (TEACHER_SMOKE, ["--config.data.name=mnist"], 1,
+    "unknown dataset": (TEACHER_SMOKE, ["--config.data.name=mnist"],
                         ["config.data.name='mnist'", "cifar10"]),
-    "data dir without files": (TEACHER_SMOKE, ["--config.data.dir=/nonexistent"], 1,
+    "data dir without files": (TEACHER_SMOKE, ["--config.data.dir=/nonexistent"],
                                ["no cifar10_train.npz", "DFQF_DATA_DIR"]),
-    "batch not divisible by devices": (TEACHER_SMOKE, ["--config.batch_size=12"], 8,
+    "batch not divisible by devices": (TEACHER_SMOKE, ["--config.batch_size=12"],
                                        ["config.batch_size=12", "multiple of the 8 devices"]),
-    "non-positive learning rate": (TEACHER_SMOKE, ["--config.learning_rate=0"], 1,
+    "non-positive learning rate": (TEACHER_SMOKE, ["--config.learning_rate=0"],
                                    ["config.learning_rate=0"]),
-    "unknown depth": (TEACHER_SMOKE, ["--config.model.depth=18"], 1, ["config.model.depth=18"]),
-    "unknown compute dtype": (TEACHER_SMOKE, ["--config.compute_dtype=float16"], 1,
+    "unknown depth": (TEACHER_SMOKE, ["--config.model.depth=18"], ["config.model.depth=18"]),
+    "unknown compute dtype": (TEACHER_SMOKE, ["--config.compute_dtype=float16"],
                               ["config.compute_dtype='float16'", "bfloat16"]),
     "weights of another depth": ("configs/import_teacher.py",
                                  [f"--config.weights={TEACHER_WEIGHTS}",
-                                  "--config.model.depth=32"], 1,
+                                  "--config.model.depth=32"],
                                  ["ResNet-32", "set model.depth"]),
-    "missing weights file": ("configs/import_teacher.py", ["--config.weights=/no/such.npz"], 1,
+    "missing weights file": ("configs/import_teacher.py", ["--config.weights=/no/such.npz"],
                              ["is not a file"]),
-    "zero loss weight": (GENERATOR_SMOKE, ["--config.lambda_bn=0"], 1,
+    "zero loss weight": (GENERATOR_SMOKE, ["--config.lambda_bn=0"],
                          ["config.lambda_bn=0", "> 0"]),
-    "negative loss weight": (GENERATOR_SMOKE, ["--config.lambda_adv=-5"], 1,
+    "negative loss weight": (GENERATOR_SMOKE, ["--config.lambda_adv=-5"],
                              ["config.lambda_adv=-5"]),
-    "missing teacher checkpoint": (GENERATOR_SMOKE, [], 1,
+    "missing teacher checkpoint": (GENERATOR_SMOKE, [],
                                    ["no teacher checkpoint", "run the teacher stage"]),
-    "bits above 8": ("configs/ptq.py:w9a4", [], 1, ["config.bits='w9a4'", "32"]),
-    "bits below 2": ("configs/finetune.py:w1a1", [], 1, ["config.bits='w1a1'"]),
-    "malformed bits": ("configs/ptq.py:4bit", [], 1, ["config.bits='4bit'", "w<bits>a<bits>"]),
-    "unknown calibration": (PTQ, ["--config.calibration=percentile"], 1,
+    "bits above 8": ("configs/ptq.py:w9a4", [], ["config.bits='w9a4'", "32"]),
+    "bits below 2": ("configs/finetune.py:w1a1", [], ["config.bits='w1a1'"]),
+    "malformed bits": ("configs/ptq.py:4bit", [], ["config.bits='4bit'", "w<bits>a<bits>"]),
+    "unknown calibration": (PTQ, ["--config.calibration=percentile"],
                             ["config.calibration='percentile'", "mse"]),
-    "unknown protocol": (PTQ, ["--config.protocol=lsq"], 1, ["config.protocol='lsq'"]),
-    "unknown calibration data": (PTQ, ["--config.calibration_data=imagenet"], 1,
+    "unknown protocol": (PTQ, ["--config.protocol=lsq"], ["config.protocol='lsq'"]),
+    "unknown calibration data": (PTQ, ["--config.calibration_data=imagenet"],
                                  ["config.calibration_data='imagenet'"]),
-    "several students in one finetune": ("configs/finetune.py:w4a4,w8a8", [], 1,
+    "several students in one finetune": ("configs/finetune.py:w4a4,w8a8", [],
                                          ["finetune trains one student"]),
     "pipeline with a bad stage field": ("configs/pipeline.py:smoke",
-                                        ["--config.finetune_stage.learning_rate=-1"], 1,
+                                        ["--config.finetune_stage.learning_rate=-1"],
                                         ["config.learning_rate=-1"]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input(case, tmp_path, shared_data):
-  config, overrides, devices, phrases = CASES[case]
+  config, overrides, phrases = CASES[case]
   workdir = tmp_path / "run"
   if "--config.data.dir" not in " ".join(overrides):
     overrides = [f"--config.data.dir={SHARED_DATA}", *overrides]
-  result = run_main(config, workdir, *overrides, devices=devices)
+  result = run_in_process(config, workdir, *overrides)
   assert_clean_failure(result, workdir, *phrases)
   assert nothing_written(workdir)
 
 
-def test_latent_size_mismatch_with_generator_checkpoint(imported_teacher, shared_data):
-  args = [f"--config.data.dir={SHARED_DATA}", "--config.num_epochs=1",
-          "--config.iters_per_epoch=1", "--config.eval_every_epochs=1"]
-  assert run_main(GENERATOR_SMOKE, imported_teacher, *args).returncode == 0
-  before = sorted(os.listdir(imported_teacher / "generator"))
-  result = run_main(GENERATOR_SMOKE, imported_teacher, *args, "--config.generator.latent_dim=64")
-  assert_clean_failure(result, imported_teacher, "latent_dim=32", "latent_dim=64")
-  assert sorted(os.listdir(imported_teacher / "generator")) == before
+def test_latent_size_mismatch_with_generator_checkpoint(generator_workdir, tmp_path, small_data):
+  workdir = copy_workdir(generator_workdir, tmp_path / "run")  # latent_dim=32 (smoke)
+  before = sorted(os.listdir(workdir / "generator"))
+  result = run_in_process(GENERATOR_SMOKE, workdir, f"--config.data.dir={small_data}",
+                          "--config.generator.latent_dim=64")
+  assert_clean_failure(result, workdir, "latent_dim=32", "latent_dim=64")
+  assert sorted(os.listdir(workdir / "generator")) == before
 
 
 def test_teacher_of_another_depth_is_rejected_by_stage_2(imported_teacher, shared_data):
-  result = run_main(PTQ, imported_teacher, f"--config.data.dir={SHARED_DATA}",
+  result = run_in_process(PTQ, imported_teacher, f"--config.data.dir={SHARED_DATA}",
                     "--config.model.depth=32", "--config.calibration_data=real")
   assert_clean_failure(result, imported_teacher, "ResNet-20", "config.model.depth=32")
   assert sorted(os.listdir(imported_teacher)) == ["teacher"]
@@ -128,7 +127,7 @@ def test_test_labels_out_of_range_are_rejected_before_evaluation(imported_teache
   labels = np.load(os.path.join(small_data, "cifar10_test.npz"))["labels"].copy()
   labels[7] = 10
   folder = data_dir_with(tmp_path, small_data, "test", labels=labels)
-  result = run_main("configs/evaluate.py", imported_teacher, f"--config.data.dir={folder}")
+  result = run_in_process("configs/evaluate.py", imported_teacher, f"--config.data.dir={folder}")
   assert_clean_failure(result, imported_teacher, "cifar10_test.npz", "[0, 10]", "10 classes")
   assert not (imported_teacher / "results.json").exists()
 
@@ -137,7 +136,7 @@ def test_train_labels_out_of_range_are_rejected_before_training(tmp_path, small_
   labels = np.load(os.path.join(small_data, "cifar10_train.npz"))["labels"].copy()
   labels[3] = -1
   folder = data_dir_with(tmp_path, small_data, "train", labels=labels)
-  result = run_main(TEACHER_SMOKE, tmp_path / "run", f"--config.data.dir={folder}")
+  result = run_in_process(TEACHER_SMOKE, tmp_path / "run", f"--config.data.dir={folder}")
   assert_clean_failure(result, tmp_path / "run", "cifar10_train.npz", "[-1, 9]")
   assert nothing_written(tmp_path / "run")
 
@@ -145,11 +144,11 @@ def test_train_labels_out_of_range_are_rejected_before_training(tmp_path, small_
 def test_a_truncated_or_pickled_data_file_is_named(imported_teacher, tmp_path, small_data):
   folder = data_dir_with(tmp_path, small_data, "test")
   truncated_copy(os.path.join(small_data, "cifar10_test.npz"), folder / "cifar10_test.npz")
-  result = run_main("configs/evaluate.py", imported_teacher, f"--config.data.dir={folder}")
+  result = run_in_process("configs/evaluate.py", imported_teacher, f"--config.data.dir={folder}")
   assert_clean_failure(result, imported_teacher, "cifar10_test.npz", "not a readable .npz")
   np.savez(folder / "cifar10_test.npz", images=np.zeros((2, 32, 32, 3), np.uint8),
            labels=np.array([{"a": 1}, None], dtype=object))
-  result = run_main("configs/evaluate.py", imported_teacher, f"--config.data.dir={folder}")
+  result = run_in_process("configs/evaluate.py", imported_teacher, f"--config.data.dir={folder}")
   assert_clean_failure(result, imported_teacher, "cifar10_test.npz", "need pickle")
   assert not (imported_teacher / "results.json").exists()
 
@@ -168,7 +167,7 @@ def test_broken_teacher_weights_are_rejected_on_import(tmp_path, damage):
   else:
     np.savez(path, **weights, extra=np.array([object()], dtype=object))
     phrases = ["weights.npz", "need pickle"]
-  result = run_main("configs/import_teacher.py", tmp_path / "run", f"--config.weights={path}")
+  result = run_in_process("configs/import_teacher.py", tmp_path / "run", f"--config.weights={path}")
   assert_clean_failure(result, tmp_path / "run", *phrases)
   assert nothing_written(tmp_path / "run")
 
@@ -183,7 +182,7 @@ def test_broken_teacher_weights_are_rejected_on_import(tmp_path, damage):
 ], ids=["unknown field", "unknown nested field", "unknown config argument", "empty bits",
         "unknown stale-upstream policy"])
 def test_config_errors(tmp_path, config, overrides, phrases, small_data):
-  result = run_main(config, tmp_path / "run", f"--config.data.dir={small_data}", *overrides)
+  result = run_in_process(config, tmp_path / "run", f"--config.data.dir={small_data}", *overrides)
   assert_clean_failure(result, tmp_path / "run", *phrases)
   assert nothing_written(tmp_path / "run")
 
@@ -206,13 +205,13 @@ def test_workdir_problems(tmp_path, kind, small_data):
     workdir.mkdir()
     workdir.chmod(0o555)
     phrases = ["is not writable"]
-  result = run_main(GENERATOR_SMOKE, workdir, f"--config.data.dir={small_data}")
+  result = run_in_process(GENERATOR_SMOKE, workdir, f"--config.data.dir={small_data}")
   assert_clean_failure(result, workdir, *phrases)
 
 
 def test_evaluation_is_redone_for_other_test_data_and_forgets_deleted_checkpoints(
     imported_teacher, tmp_path, small_data):
-  run = lambda folder: run_main("configs/evaluate.py", imported_teacher,
+  run = lambda folder: run_in_process("configs/evaluate.py", imported_teacher,
                                 f"--config.data.dir={folder}")
   assert run(small_data).returncode == 0
   first = json.loads((imported_teacher / "results.json").read_text())["teacher"]

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from cli import environment, main_command, run_main
-from conftest import REPO, TEACHER_WEIGHTS
+from cli import environment, main_command, run_in_process
+from conftest import REPO, copy_workdir
 
 from dfqf_jax import checkpoints, workdir
 
@@ -62,10 +62,8 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, holder, age_
 
 
 @pytest.fixture
-def imported(tmp_path, small_data):
-  result = run_main("configs/import_teacher.py", tmp_path, f"--config.weights={TEACHER_WEIGHTS}")
-  assert result.returncode == 0, result.stderr[-2000:]
-  return tmp_path
+def imported(imported_workdir, tmp_path):
+  return copy_workdir(imported_workdir, tmp_path / "run")
 
 
 def start(workdir_path, *args):
@@ -84,7 +82,7 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_finishes(import
   args = (f"--config.data.dir={small_data}", "--config.num_epochs=3")
   first = start(imported, *args)
   wait_for_lock(imported, first)
-  second = run_main(GENERATOR, imported, *args)
+  second = run_in_process(GENERATOR, imported, *args)
   assert second.returncode == 2
   error = [l for l in second.stderr.splitlines() if l.startswith("error: ")]
   assert len(error) == 1 and f"in use by pid {first.pid}" in error[0], second.stderr[-2000:]
@@ -101,7 +99,7 @@ def test_the_lock_of_a_killed_run_is_taken_over(imported, small_data):
   killed.send_signal(signal.SIGKILL)
   killed.wait()
   assert (imported / workdir.LOCK_FILE).exists()
-  rerun = run_main(GENERATOR, imported, *args)
+  rerun = run_in_process(GENERATOR, imported, *args)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert f"took over the stale lock of pid {killed.pid}" in rerun.stderr
   assert checkpoints.latest_step(str(imported / "generator")) == 4

@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 from flax import traverse_util
 
-from dfqf_jax import checkpoints, data, integer, training, validation
+from dfqf_jax import checkpoints, integer, training, validation
 from dfqf_jax import quant as q
 from dfqf_jax.stages import common
 

@@ -157,11 +157,19 @@ def load_generator(workdir: str, generator_dir: str = ""):
   return module, state["generator"], meta
 
 
-def save_grid(path, generator, g_vars, teacher, teacher_vars, latent_dim, teacher_meta, key,
-              count: int = 256):
+@functools.partial(jax.jit, static_argnums=(0, 2, 5, 6))
+def _generate_and_classify(generator, g_vars, teacher, teacher_vars, key, count, latent_dim):
+  """`count` generated images (batch statistics, as in training) and the teacher's classes."""
   x = generator.apply(g_vars, sample_latent(key, count, latent_dim), train=True,
                       mutable=["batch_stats"])[0]
-  predicted = np.asarray(jnp.argmax(teacher.apply(teacher_vars, x, train=False), -1))
+  return x, jnp.argmax(teacher.apply(teacher_vars, x, train=False), -1)
+
+
+def save_grid(path, generator, g_vars, teacher, teacher_vars, latent_dim, teacher_meta, key,
+              count: int):
+  x, predicted = _generate_and_classify(generator, g_vars, teacher, teacher_vars, key, count,
+                                        latent_dim)
+  predicted = np.asarray(predicted)
   pictures = images.denormalize(x, teacher_meta["mean"], teacher_meta["std"])
   images.save_png(path, images.class_grid(pictures, predicted, teacher_meta["num_classes"]))
 
@@ -223,7 +231,7 @@ def run(config, workdir: str) -> None:
     if training.is_main_process():
       path = os.path.join(stage_dir, "grid.png")
       save_grid(path, generator, state.generator, teacher, teacher_vars, hp.latent_dim,
-                teacher_meta, jax.random.key(config.seed + 2))
+                teacher_meta, jax.random.key(config.seed + 2), config.grid_images)
     return result
 
   training.run_steps(name="generator", ckpt=ckpt, state=state, start_step=start,
