@@ -9,7 +9,6 @@ from typing import Callable
 import jax
 import numpy as np
 import optax
-from absl import logging
 from tqdm import tqdm
 
 from dfqf_jax import checkpoints
@@ -200,7 +199,7 @@ def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
 
 def _run_steps(name, ckpt, state, start_step, total_steps, train_step, meta, writer,
                log_every, loss_keys, evaluate, eval_every):
-  history = []
+  history, evaluated = [], {}
   started = last_saved = time.time()
   with _TermSignal() as term, tqdm(total=total_steps, initial=start_step, desc=name,
                                    disable=not is_main_process(), dynamic_ncols=True,
@@ -218,7 +217,8 @@ def _run_steps(name, ckpt, state, start_step, total_steps, train_step, meta, wri
         history = []
         check_finite(summary, done, loss_keys)
         if eval_now:
-          summary.update(evaluate(state, done))
+          evaluated = evaluate(state, done)
+          summary.update(evaluated)
         writer.write(done, summary)
         bar.set_postfix({k: f"{v:.4g}" for k, v in list(summary.items())[:4]})
       if save_now:
@@ -232,5 +232,9 @@ def _run_steps(name, ckpt, state, start_step, total_steps, train_step, meta, wri
         ckpt.wait_until_finished()
         raise StoppedBySignal(name, done)
   ckpt.wait_until_finished()
-  logging.info("%s: %d steps in %.1fs", name, total_steps - start_step, time.time() - started)
+  if is_main_process():
+    scores = "".join(f", {k} {v:.2%}" for k, v in evaluated.items() if k.endswith("top1"))
+    print(f"{name}: step {total_steps} of {total_steps} in {ckpt.directory} "
+          f"({total_steps - start_step} steps this run in {time.time() - started:.0f} s"
+          f"{scores})")
   return state

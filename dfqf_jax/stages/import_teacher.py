@@ -3,7 +3,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 from dfqf_jax import checkpoints, convert, data
 from dfqf_jax.stages import common
@@ -25,7 +24,7 @@ def run(config, workdir: str) -> None:
     _, saved_meta, _ = checkpoints.load_product(stage_dir, "teacher")
     checkpoints.check_compatible(saved_meta, meta, stage_dir)
     if saved_meta.get("source") == meta["source"]:
-      logging.info("teacher: %s already holds these weights; nothing to do.", stage_dir)
+      print(f"teacher: {stage_dir} already holds these weights; nothing to do.")
       return
     raise checkpoints.CheckpointError(
         f"{stage_dir!r} already holds a teacher from {saved_meta.get('source')!r}; use "
@@ -35,5 +34,5 @@ def run(config, workdir: str) -> None:
   checkpoints.save(mngr, 0, state, meta, force=True)
   mngr.wait_until_finished()
   mngr.close()
-  logging.info("teacher: imported %s (%d parameters) into %s", config.weights,
-               common.num_params(state["params"]), stage_dir)
+  print(f"teacher: imported {config.weights} ({common.num_params(state['params']):,} "
+        f"parameters) into {stage_dir}")
