@@ -234,7 +234,7 @@ def _run_steps(name, ckpt, state, start_step, total_steps, train_step, meta, wri
   ckpt.wait_until_finished()
   if is_main_process():
     scores = "".join(f", {k} {v:.2%}" for k, v in evaluated.items() if k.endswith("top1"))
-    print(f"{name}: step {total_steps} of {total_steps} in {ckpt.directory} "
+    print(f"{name}: finished at step {total_steps} in {ckpt.directory} "
           f"({total_steps - start_step} steps this run in {time.time() - started:.0f} s"
           f"{scores})")
   return state
