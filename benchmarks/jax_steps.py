@@ -20,7 +20,7 @@ from configs import evaluate as evaluate_config
 from configs import finetune as finetune_config
 from configs import generator as generator_config
 from configs import teacher as teacher_config
-from dfqf_jax import calibration, data, parallel, training
+from dfqf_jax import data, parallel, training
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import sample_latent
 from dfqf_jax.models.resnet import CifarResNet
@@ -107,12 +107,13 @@ def _calibrated_student(config, teacher_vars, generator, g_vars, dtype):
   images by the configured rule (stages/finetune.py run())."""
   (w, a), = ptq.parse_bits(config.bits)
   spec = q.QuantSpec(w, a, config.protocol)
-  student, variables = calibration.quantized_student(
-      jax.device_get(teacher_vars), config.model.depth, data.num_classes(config.data.name),
-      spec)
+  teacher_meta = {"depth": config.model.depth, "num_classes": data.num_classes(config.data.name)}
+  teacher_vars = jax.device_get(teacher_vars)
   z = sample_latent(jax.random.key(config.seed + 3), CALIBRATION_BATCH, generator.latent_dim)
   images = generator.apply(g_vars, z, train=True, mutable=["batch_stats"])[0]
-  variables = calibration.calibrate(student, variables, [images], spec, config.calibration)
+  summaries = ptq.summarize(teacher_vars, teacher_meta, [images], [config.calibration])
+  student, variables = ptq.quantize_and_calibrate(teacher_vars, teacher_meta, spec,
+                                                  config.calibration, summaries)
   return student.clone(dtype=dtype), variables
 
 

@@ -37,3 +37,15 @@ def test_jax_evaluation_row_on_two_devices(tmp_path):
   assert row["images_per_s"] > 0 and row["step_ms"] > 0 and row["compile_s"] > 0
   assert row["memory_kind"] == "process_peak_rss" and row["peak_memory_bytes"] > 0
   assert "device_count=2" in row["xla_flags"]
+
+
+def test_every_jax_step_builds_and_traces():
+  """The benchmark builds each stage's step from the stage's own functions; a stage whose
+  signature changed must break here, not on the accelerator. (Traced, not compiled: what
+  a step computes is the stages' tests' business.)"""
+  import jax
+  import jax_steps
+  for stage in ("teacher", "generator", "finetune", "evaluate"):
+    step = jax_steps.build(stage, 8, "float32", 1)
+    shapes = jax.tree.leaves(jax.eval_shape(step.fn, *step.args))
+    assert shapes and all(s.size >= 1 for s in shapes), stage
