@@ -10,7 +10,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   config.seed = 0
   config.data = ml_collections.ConfigDict()
   config.data.name = "cifar10"
-  # Folder with {name}_train.npz / {name}_test.npz; empty -> $DFQF_DATA_DIR, then TFDS.
+  # Folder with {name}_train.npz / {name}_test.npz; empty -> the download cache
+  # $DFQF_DATA_DIR (default ~/.cache/dfqf_jax), filled on first use; "tfds" -> TFDS.
   config.data.dir = ""
   # Normalization the teacher expects (CIFAR statistics; the imported weights use ImageNet's).
   config.data.mean = data.CIFAR_MEAN

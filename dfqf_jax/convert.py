@@ -4,9 +4,11 @@ Names follow akamaster/pytorch_resnet_cifar10 (optionally with DataParallel's `m
 prefix): conv1, bn1, layer{1,2,3}.{b}.{conv1,bn1,conv2,bn2}, linear. Conv weights are OIHW
 and become HWIO; the dense weight [out, in] becomes [in, out].
 """
+import os
+
 import numpy as np
 
-from dfqf_jax import data
+from dfqf_jax import data, fetch, torch_pickle
 from dfqf_jax.errors import UserError
 from dfqf_jax.models.resnet import blocks_per_stage
 
@@ -74,9 +76,32 @@ def torch_resnet_to_flax(state_dict: dict, depth: int, num_classes: int) -> dict
   return {"params": params, "batch_stats": batch_stats}
 
 
+def load_state_dict(weights: str) -> tuple[dict, str]:
+  """(named arrays, where they came from) of `weights`: a pretrained name from
+  fetch.PRETRAINED (downloaded and cached on first use), a torch.save file (.th/.pt, read
+  without PyTorch) or a state dict saved as .npz."""
+  if weights in fetch.PRETRAINED:
+    return load_state_dict_npz(fetch.pretrained(weights)), weights
+  if not weights or not os.path.isfile(weights):
+    raise ConversionError(
+        f"weights={weights!r} is neither a file nor a pretrained name; give a state dict "
+        "(.npz, or a PyTorch .th/.pt), e.g. ../shared/data/resnet20-12fca82f_weights.npz, or "
+        f"one of {sorted(fetch.PRETRAINED)}.")
+  if weights.endswith((".th", ".pt", ".pth")):
+    with open(weights, "rb") as f:
+      raw = f.read()
+    return _checked(torch_pickle.state_dict(torch_pickle.load(raw, weights), weights),
+                    weights), os.path.abspath(weights)
+  return load_state_dict_npz(weights), os.path.abspath(weights)
+
+
 def load_state_dict_npz(path: str) -> dict:
   """The named arrays of a PyTorch state dict saved as .npz, each finite."""
-  tensors = data.read_npz(path, "Export the state dict again (numpy.savez of each tensor).")
+  return _checked(data.read_npz(
+      path, "Export the state dict again (numpy.savez of each tensor)."), path)
+
+
+def _checked(tensors: dict, path: str) -> dict:
   for name, value in tensors.items():
     if not np.issubdtype(value.dtype, np.number):
       raise ConversionError(f"{path}: tensor {name!r} has dtype {value.dtype}, not numbers; "

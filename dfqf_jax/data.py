@@ -1,8 +1,10 @@
-"""CIFAR-10/100 input: a local directory of NumPy files, or TFDS when it can serve.
+"""CIFAR-10/100 input: a folder of NumPy files, downloaded on first use, or TFDS.
 
-A local directory (config.data.dir, or the DFQF_DATA_DIR environment variable) holds
-`{name}_train.npz` / `{name}_test.npz` with `images` uint8 [N, 32, 32, 3] and `labels`.
-The whole split stays in host memory. Training batches are a deterministic function of
+The folder holds `{name}_train.npz` / `{name}_test.npz` with `images` uint8 [N, 32, 32, 3]
+and `labels`. It is config.data.dir when set (used as is, never downloaded into); otherwise
+the cache $DFQF_DATA_DIR (default ~/.cache/dfqf_jax), where a missing dataset is downloaded
+from its published archive, verified and converted (fetch.py). data.dir=tfds reads TFDS
+instead (which needs TensorFlow to prepare the dataset). The whole split stays in host memory. Training batches are a deterministic function of
 (seed, step): a per-epoch permutation, then random crop (4-pixel zero padding) and
 horizontal flip drawn for the whole global batch, so the data order and augmentation do not
 depend on the number of devices or processes, and a resumed run sees exactly the batches
@@ -15,6 +17,7 @@ import zipfile
 
 import numpy as np
 
+from dfqf_jax import fetch
 from dfqf_jax.errors import UserError
 
 DATASETS = {"cifar10": 10, "cifar100": 100}
@@ -22,7 +25,8 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DATA_DIR_ENV = "DFQF_DATA_DIR"
+DATA_DIR_ENV = fetch.CACHE_ENV
+TFDS = "tfds"  # data.dir value that selects TFDS
 
 
 class DataError(UserError, ValueError):
@@ -44,19 +48,23 @@ def num_classes(name: str) -> int:
   return DATASETS[name]
 
 
-def resolve_dir(configured: str | None) -> str | None:
-  return configured or os.environ.get(DATA_DIR_ENV) or None
+def resolve_dir(configured: str | None) -> str:
+  """The folder (or TFDS) a run reads: data.dir when set, else the download cache."""
+  return configured or fetch.cache_dir()
 
 
 def load_split(name: str, split: str, data_dir: str | None) -> Split:
   """Loads `split` ('train' or 'test') of dataset `name` into memory, checked: uint8 images
   [N, 32, 32, 3], one integer label per image, each in [0, num_classes)."""
   classes = num_classes(name)
-  data_dir = resolve_dir(data_dir)
-  if data_dir:
-    loaded, where = _load_npz(name, split, data_dir), os.path.join(data_dir, f"{name}_{split}.npz")
-  else:
+  folder = resolve_dir(data_dir)
+  if folder == TFDS:
     loaded, where = _load_tfds(name, split), f"TFDS {name}:{split}"
+  else:
+    where = os.path.join(folder, f"{name}_{split}.npz")
+    if not data_dir and not os.path.isfile(where):
+      fetch.dataset(name, folder)
+    loaded = _load_npz(name, split, folder)
   labels = loaded.labels
   if labels.size and (labels.min() < 0 or labels.max() >= classes):
     raise DataError(f"{where}: labels range over [{labels.min()}, {labels.max()}], but {name} "
@@ -90,8 +98,9 @@ def _load_npz(name: str, split: str, data_dir: str) -> Split:
   path = os.path.join(data_dir, f"{name}_{split}.npz")
   if not os.path.isfile(path):
     raise DataError(
-        f"data.dir={data_dir!r} has no {name}_{split}.npz; point data.dir (or ${DATA_DIR_ENV}) "
-        f"at a folder holding {name}_train.npz and {name}_test.npz with 'images' and 'labels'.")
+        f"data.dir={data_dir!r} has no {name}_{split}.npz; point data.dir at a folder holding "
+        f"{name}_train.npz and {name}_test.npz with 'images' and 'labels' (or leave it empty to "
+        f"download them into ${DATA_DIR_ENV}).")
   arrays = read_npz(path, f"Replace it with a valid {name}_{split}.npz.")
   missing = {"images", "labels"} - set(arrays)
   if missing:
@@ -115,8 +124,9 @@ def _load_tfds(name: str, split: str) -> Split:
     records = [source[i] for i in range(len(source))]
   except Exception as e:  # TFDS raises many types when the dataset is not prepared.
     raise DataError(
-        f"TFDS could not serve {name}/{split} ({type(e).__name__}); set data.dir (or "
-        f"${DATA_DIR_ENV}) to a folder holding {name}_train.npz and {name}_test.npz.") from e
+        f"TFDS could not serve {name}/{split} ({type(e).__name__}: {e}); prepare it with "
+        "TensorFlow installed (pip install tensorflow), or leave data.dir empty to download "
+        f"{name} without TFDS.") from e
   images = np.stack([r["image"] for r in records]).astype(np.uint8)
   labels = np.asarray([r["label"] for r in records], np.int32)
   return Split(images, labels)

@@ -56,15 +56,14 @@ def common(config, splits=("train", "test")) -> None:
   positive(config, "data.validation_size", allow_zero=True)
   if len(config.data.mean) != 3 or len(config.data.std) != 3 or min(config.data.std) <= 0:
     _fail("data.std", tuple(config.data.std), "3 positive per-channel values (and 3 means)")
-  data_dir = data.resolve_dir(config.data.dir)
-  if data_dir:
+  if config.data.dir and config.data.dir != data.TFDS:  # (the download cache fills itself)
     for split in splits:
-      path = os.path.join(data_dir, f"{config.data.name}_{split}.npz")
+      path = os.path.join(config.data.dir, f"{config.data.name}_{split}.npz")
       if not os.path.isfile(path):
         raise ConfigError(
-            f"config.data.dir={data_dir!r} has no {config.data.name}_{split}.npz; point it (or "
-            f"${data.DATA_DIR_ENV}) at a folder with {config.data.name}_train.npz and "
-            f"{config.data.name}_test.npz.")
+            f"config.data.dir={config.data.dir!r} has no {config.data.name}_{split}.npz; point "
+            f"it at a folder with {config.data.name}_train.npz and {config.data.name}_test.npz, "
+            f"or leave it empty to download them into ${data.DATA_DIR_ENV}.")
 
 
 def bits(config, field: str) -> None:

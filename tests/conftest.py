@@ -20,6 +20,8 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 SHARED_DATA = os.environ.get("DFQF_DATA_DIR") or os.path.join(REPO, "..", "shared", "data")
 TEACHER_WEIGHTS = os.path.join(SHARED_DATA, "resnet20-12fca82f_weights.npz")
+# A run given no data.dir reads the download cache: the shared files, never the network.
+os.environ.setdefault("DFQF_DATA_DIR", SHARED_DATA)
 
 
 @pytest.fixture(scope="session")

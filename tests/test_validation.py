@@ -54,7 +54,7 @@ CASES = {
                                   "--config.model.depth=32"],
                                  ["ResNet-32", "set model.depth"]),
     "missing weights file": ("configs/import_teacher.py", ["--config.weights=/no/such.npz"],
-                             ["is not a file"]),
+                             ["neither a file nor a pretrained name", "resnet20_cifar10"]),
     "zero loss weight": (GENERATOR_SMOKE, ["--config.lambda_bn=0"],
                          ["config.lambda_bn=0", "> 0"]),
     "negative loss weight": (GENERATOR_SMOKE, ["--config.lambda_adv=-5"],

@@ -9,16 +9,12 @@ from dfqf_jax.stages import common
 
 
 def run(config, workdir: str) -> None:
-  if not config.weights or not os.path.isfile(config.weights):
-    raise convert.ConversionError(
-        f"weights={config.weights!r} is not a file; pass --config.weights=PATH to a PyTorch "
-        "state dict saved as .npz (e.g. ../shared/data/resnet20-12fca82f_weights.npz).")
-  variables = convert.torch_resnet_to_flax(convert.load_state_dict_npz(config.weights),
-                                           config.model.depth,
+  state_dict, source = convert.load_state_dict(config.weights)
+  variables = convert.torch_resnet_to_flax(state_dict, config.model.depth,
                                            data.num_classes(config.data.name))
   meta = common.classifier_meta(config.model.depth, config.data.name, config.data.mean,
-                                config.data.std, source=os.path.abspath(config.weights),
-                                model_name="teacher", total_steps=0)
+                                config.data.std, source=source, model_name="teacher",
+                                total_steps=0)
   stage_dir = os.path.join(workdir, common.TEACHER_DIR)
   if checkpoints.exists(stage_dir):
     _, saved_meta, _ = checkpoints.load_product(stage_dir, "teacher")
