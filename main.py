@@ -11,7 +11,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from dfqf_jax import parallel, report, training, validation, workdir
+from dfqf_jax import parallel, report, storage, training, validation, workdir
 from dfqf_jax.errors import UserError
 from dfqf_jax.stages import (evaluate, export, finetune, generator, import_teacher, pipeline,
                              ptq, teacher)
@@ -84,7 +84,7 @@ def workdir_held(path: str):
 
 def record(config, workdir_path: str, started: float) -> None:
   results = (evaluate.run(config, workdir_path) if config.stage != "pipeline" else
-             json.load(open(os.path.join(workdir_path, evaluate.RESULTS_FILE))))
+             json.loads(storage.read_text(os.path.join(workdir_path, evaluate.RESULTS_FILE))))
   report.record_run(config.record_to, workdir_path, results, time.time() - started)
   print(f"run record written to {config.record_to}")
 

@@ -8,7 +8,6 @@ looks like a checkpoint.
 """
 import hashlib
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -16,6 +15,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from dfqf_jax import storage
 from dfqf_jax.errors import UserError
 
 
@@ -47,7 +47,7 @@ class CheckpointError(UserError, ValueError):
 def manager(directory: str, save_every_steps: int = 1, max_to_keep: int | None = 2):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=max(1, save_every_steps), create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  return ocp.CheckpointManager(storage.absolute(directory), options=options,
                                item_names=("state", "meta"))
 
 
@@ -83,14 +83,20 @@ def resume(mngr, directory: str, state, meta: dict):
   return state, step
 
 
+def written_at(checkpoint: str) -> float:
+  """When checkpoint folder DIR/<step> was saved: the time of the metadata file Orbax writes
+  in it (object stores keep no folder times)."""
+  return storage.getmtime(os.path.join(checkpoint, "_CHECKPOINT_METADATA"))
+
+
 def exists(directory: str) -> bool:
-  return os.path.isdir(directory) and latest_step(directory) is not None
+  return storage.isdir(directory) and latest_step(directory) is not None
 
 
 def latest_step(directory: str) -> int | None:
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     return None
-  steps = ocp.utils.checkpoint_steps(os.path.abspath(directory))
+  steps = ocp.utils.checkpoint_steps(storage.absolute(directory))
   return max(steps) if steps else None
 
 
@@ -105,7 +111,7 @@ def load_product(directory: str, what: str) -> tuple[dict, dict, int]:
   if step is None:
     raise CheckpointError(f"no {what} checkpoint in {directory!r}; run the {what} stage "
                           "first (or point the config at the workdir that holds it).")
-  path = os.path.join(os.path.abspath(directory), str(step))
+  path = os.path.join(storage.absolute(directory), str(step))
   try:
     meta = read_meta(directory, step)
     checkpointer = ocp.PyTreeCheckpointer()
@@ -161,7 +167,7 @@ def describe_origin(entry: dict) -> str:
 
 
 def read_meta(directory: str, step: int) -> dict:
-  return ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta")
+  return ocp.CheckpointManager(storage.absolute(directory), item_names=("state", "meta")
                                ).restore(step, args=ocp.args.Composite(
                                    meta=ocp.args.JsonRestore())).meta
 
@@ -187,7 +193,7 @@ def check_lineage(directory: str, name: str, lineage: dict, on_stale: str) -> No
                           "this itself), or use another --workdir.")
   print(f"{reason}: rebuilding it.")
   if jax.process_index() == 0:
-    shutil.rmtree(directory)
+    storage.rmtree(directory)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"rebuild {directory}")
 

@@ -4,11 +4,9 @@ Names follow akamaster/pytorch_resnet_cifar10 (optionally with DataParallel's `m
 prefix): conv1, bn1, layer{1,2,3}.{b}.{conv1,bn1,conv2,bn2}, linear. Conv weights are OIHW
 and become HWIO; the dense weight [out, in] becomes [in, out].
 """
-import os
-
 import numpy as np
 
-from dfqf_jax import data, fetch, torch_pickle
+from dfqf_jax import data, fetch, storage, torch_pickle
 from dfqf_jax.errors import UserError
 from dfqf_jax.models.resnet import blocks_per_stage
 
@@ -82,17 +80,16 @@ def load_state_dict(weights: str) -> tuple[dict, str]:
   without PyTorch) or a state dict saved as .npz."""
   if weights in fetch.PRETRAINED:
     return load_state_dict_npz(fetch.pretrained(weights)), weights
-  if not weights or not os.path.isfile(weights):
+  if not weights or not storage.isfile(weights):
     raise ConversionError(
         f"weights={weights!r} is neither a file nor a pretrained name; give a state dict "
         "(.npz, or a PyTorch .th/.pt), e.g. ../shared/data/resnet20-12fca82f_weights.npz, or "
         f"one of {sorted(fetch.PRETRAINED)}.")
   if weights.endswith((".th", ".pt", ".pth")):
-    with open(weights, "rb") as f:
-      raw = f.read()
+    raw = storage.read_bytes(weights)
     return _checked(torch_pickle.state_dict(torch_pickle.load(raw, weights), weights),
-                    weights), os.path.abspath(weights)
-  return load_state_dict_npz(weights), os.path.abspath(weights)
+                    weights), storage.absolute(weights)
+  return load_state_dict_npz(weights), storage.absolute(weights)
 
 
 def load_state_dict_npz(path: str) -> dict:

@@ -17,7 +17,7 @@ import zipfile
 
 import numpy as np
 
-from dfqf_jax import fetch
+from dfqf_jax import fetch, storage
 from dfqf_jax.errors import UserError
 
 DATASETS = {"cifar10": 10, "cifar100": 100}
@@ -62,7 +62,7 @@ def load_split(name: str, split: str, data_dir: str | None) -> Split:
     loaded, where = _load_tfds(name, split), f"TFDS {name}:{split}"
   else:
     where = os.path.join(folder, f"{name}_{split}.npz")
-    if not data_dir and not os.path.isfile(where):
+    if not data_dir and not storage.isfile(where):
       fetch.dataset(name, folder)
     loaded = _load_npz(name, split, folder)
   labels = loaded.labels
@@ -84,7 +84,7 @@ def read_npz(path: str, fix: str) -> dict:
   """The arrays of an .npz file, or one DataError naming the file, the problem and `fix`:
   not a readable archive (truncated, not a zip), or arrays that need pickle (refused)."""
   try:
-    with np.load(path, allow_pickle=False) as f:
+    with storage.open_file(path, "rb") as file, np.load(file, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
   except ValueError as e:  # object arrays would need pickle
     raise DataError(f"{path} holds arrays that need pickle ({e}); save plain numeric arrays "
@@ -96,7 +96,7 @@ def read_npz(path: str, fix: str) -> dict:
 
 def _load_npz(name: str, split: str, data_dir: str) -> Split:
   path = os.path.join(data_dir, f"{name}_{split}.npz")
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise DataError(
         f"data.dir={data_dir!r} has no {name}_{split}.npz; point data.dir at a folder holding "
         f"{name}_train.npz and {name}_test.npz with 'images' and 'labels' (or leave it empty to "

@@ -18,13 +18,12 @@ import json
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 
 import numpy as np
 
-from dfqf_jax import torch_pickle
+from dfqf_jax import storage, torch_pickle
 from dfqf_jax.errors import UserError
 
 CACHE_ENV = "DFQF_DATA_DIR"
@@ -121,17 +120,10 @@ def download(src: Source, what: str, offline_fix: str) -> bytes:
   return raw
 
 
-def write_atomically(path: str, write) -> None:
-  """Calls write(file object) on a temporary file beside `path`, then renames it to `path`."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".partial-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+def _npz_bytes(arrays: dict) -> bytes:
+  out = io.BytesIO()
+  np.savez(out, **arrays)
+  return out.getvalue()
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -183,8 +175,7 @@ def dataset(name: str, folder: str) -> None:
   src = source(name, DATASETS[name])
   splits = cifar_splits(download(src, name, offline_fix), name, src.url)
   for split, arrays in splits.items():
-    write_atomically(os.path.join(folder, f"{name}_{split}.npz"),
-                     lambda f, arrays=arrays: np.savez(f, **arrays))
+    storage.write_atomically(os.path.join(folder, f"{name}_{split}.npz"), _npz_bytes(arrays))
   print(f"data: {name} downloaded from {src.url}, verified and converted into {folder}")
 
 
@@ -194,11 +185,11 @@ def pretrained(name: str) -> str:
     raise FetchError(f"no pretrained teacher is called {name!r}; use one of "
                      f"{sorted(PRETRAINED)}, or the path of a .npz/.th/.pt state dict.")
   path = os.path.join(cache_dir(), "weights", f"{name}.npz")
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     src = source(name, PRETRAINED[name].source)
     raw = download(src, name, "Offline? Give --config.teacher_weights the path of the weights "
                    "file (e.g. ../shared/data/resnet20-12fca82f_weights.npz).")
     tensors = torch_pickle.state_dict(torch_pickle.load(raw, src.url), src.url)
-    write_atomically(path, lambda f: np.savez(f, **tensors))
+    storage.write_atomically(path, _npz_bytes(tensors))
     print(f"teacher: {name} downloaded from {src.url}, verified and converted into {path}")
   return path

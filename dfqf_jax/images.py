@@ -2,6 +2,8 @@
 import numpy as np
 from PIL import Image
 
+from dfqf_jax import storage
+
 
 def denormalize(images, mean, std) -> np.ndarray:
   """Normalized NHWC float images -> uint8 for display."""
@@ -24,5 +26,6 @@ def class_grid(images_uint8: np.ndarray, predicted: np.ndarray, num_classes: int
 
 
 def save_png(path: str, array: np.ndarray, scale: int = 2) -> None:
-  image = Image.fromarray(array)
-  image.resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST).save(path)
+  image = Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale),
+                                        Image.NEAREST)
+  storage.save_figure(lambda f: image.save(f, format="png"), path)

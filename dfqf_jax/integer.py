@@ -82,7 +82,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfqf_jax import checkpoints
+from dfqf_jax import checkpoints, storage
 from dfqf_jax import quant as q
 from dfqf_jax.models.resnet import blocks_per_stage
 
@@ -280,9 +280,8 @@ def load(folder: str) -> tuple[dict, dict]:
   present with its declared dtype and shape, codes packed and ranged for the declared bits."""
   path = os.path.join(folder, GRAPH_FILE)
   try:
-    with open(path) as f:
-      graph = json.load(f)
-    with np.load(os.path.join(folder, WEIGHTS_FILE)) as npz:
+    graph = json.loads(storage.read_text(path))
+    with storage.open_file(os.path.join(folder, WEIGHTS_FILE), "rb") as f, np.load(f) as npz:
       stored = {k: npz[k] for k in npz.files}
   except (OSError, ValueError) as e:
     raise checkpoints.CheckpointError(

@@ -3,12 +3,11 @@ import datetime
 import json
 import os
 import re
-import shutil
 import sys
 
 import jax
 
-from dfqf_jax import checkpoints, provenance, training
+from dfqf_jax import checkpoints, provenance, storage, training
 
 STAGE_DIRS = ("teacher", "generator")
 
@@ -29,7 +28,7 @@ def git_commit() -> str:
 def curves(workdir: str) -> dict:
   """stage -> metric -> [[step, value], ...] from each stage's metrics.jsonl."""
   result = {}
-  for entry in sorted(os.listdir(workdir)):
+  for entry in storage.listdir(workdir):
     rows = training.read_metrics(os.path.join(workdir, entry))
     if not rows:
       continue
@@ -47,7 +46,7 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
       "hardware": hardware(),
       "wall_seconds": round(wall_seconds, 1),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "workdir": os.path.abspath(workdir),
+      "workdir": storage.absolute(workdir),
       "results": results,
       "stage_wall_seconds": {name: r.get("stage_wall_seconds") for name, r in results.items()},
       # Each stage folder counted once (a stage may hold several models).
@@ -61,33 +60,29 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
   if stopped:  # a signal ended these stages early: at these steps, short of their schedule
     record["stopped_early_at_step"] = stopped
   if training.is_main_process():
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid = os.path.join(workdir, "generator", "grid.png")
-    if os.path.exists(grid):
+    if storage.exists(grid):
       record["grid"] = os.path.basename(path).removesuffix(".json") + "_grid.png"
-      shutil.copyfile(grid, os.path.join(os.path.dirname(os.path.abspath(path)), record["grid"]))
+      storage.copyfile(grid, os.path.join(os.path.dirname(storage.absolute(path)),
+                                          record["grid"]))
     report_md = os.path.join(workdir, "report.md")
-    if os.path.exists(report_md):
+    if storage.exists(report_md):
       record["report"] = _copy_report(report_md, workdir, path)
-    with open(path + ".tmp", "w") as f:
-      json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    storage.write_atomically(path, json.dumps(record, indent=1))
   return record
 
 
 def _copy_report(report_md: str, workdir: str, record_path: str) -> str:
   """Copies DIR/report.md and the images it shows next to the record, links rewritten."""
-  folder = os.path.dirname(os.path.abspath(record_path))
+  folder = os.path.dirname(storage.absolute(record_path))
   stem = os.path.basename(record_path).removesuffix(".json")
-  with open(report_md) as f:
-    text = f.read()
+  text = storage.read_text(report_md)
   for image in sorted(set(re.findall(r"\]\(([^)]+\.png)\)", text))):
     copied = f"{stem}_{os.path.basename(image)}"
-    shutil.copyfile(os.path.join(workdir, image), os.path.join(folder, copied))
+    storage.copyfile(os.path.join(workdir, image), os.path.join(folder, copied))
     text = text.replace(f"]({image})", f"]({copied})")
   name = f"{stem}_report.md"
-  with open(os.path.join(folder, name), "w") as f:
-    f.write(text)
+  storage.write_atomically(os.path.join(folder, name), text)
   return name
 
 
@@ -116,7 +111,8 @@ def plot_curves(workdir: str, path: str) -> list[str]:
     fig.suptitle(stage, fontsize=10)
     fig.tight_layout()
     name = f"curves_{stage}.png"
-    fig.savefig(os.path.join(path, name), dpi=90)
+    storage.save_figure(lambda f, fig=fig: fig.savefig(f, dpi=90, format="png"),
+                        os.path.join(path, name))
     plt.close(fig)
     written.append(name)
   return written
@@ -150,7 +146,7 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
             "selection). Stage wall time includes compilation and per-epoch monitoring. "
             "'Built from': the upstream checkpoints (stage, step, fingerprint of its state).",
             ""]
-  if os.path.exists(os.path.join(workdir, "generator", "grid.png")):
+  if storage.exists(os.path.join(workdir, "generator", "grid.png")):
     lines += ["## Generated images (one row per teacher-predicted class)", "",
               "![grid](generator/grid.png)", ""]
   plots = plot_curves(workdir, workdir) if training.is_main_process() else []
@@ -158,12 +154,9 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
     lines += ["## Training curves", ""] + [f"![{p}]({p})" for p in plots]
   text = "\n".join(lines) + "\n"
   if training.is_main_process():
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-      f.write(text)
-    path = os.path.join(workdir, "results.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    storage.write_atomically(os.path.join(workdir, "report.md"), text)
+    storage.write_atomically(os.path.join(workdir, "results.json"),
+                             json.dumps(results, indent=2, sort_keys=True))
   return text
 
 
@@ -193,6 +186,5 @@ def ptq_table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-  with open(sys.argv[1]) as f:
-    loaded = json.load(f)
+  loaded = json.loads(storage.read_text(sys.argv[1]))
   print(ptq_table(loaded.get("results", loaded)))

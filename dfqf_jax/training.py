@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from dfqf_jax import checkpoints
+from dfqf_jax import checkpoints, storage
 from dfqf_jax.errors import UserError
 
 STOPPED_KEY = "stopped_by_signal"  # logged at the step where SIGTERM/SIGINT ended a run
@@ -71,24 +71,19 @@ class MetricWriter:
     self._jsonl = None
     self._tb = None
     if is_main_process():
-      from tensorboardX import SummaryWriter
-      os.makedirs(directory, exist_ok=True)
-      path = os.path.join(directory, "metrics.jsonl")
+      storage.makedirs(directory)
       # A resumed run is no longer one that a signal stopped: drop that mark, keep the step.
       kept = [{k: v for k, v in r.items() if k != STOPPED_KEY}
               for r in read_metrics(directory) if r["step"] <= start_step]
-      with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-      os.replace(path + ".tmp", path)
-      self._jsonl = open(path, "a")
-      self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+      self._jsonl = storage.LineLog(os.path.join(directory, "metrics.jsonl"),
+                                    [json.dumps(r) + "\n" for r in kept])
+      self._tb = storage.summary_writer(os.path.join(directory, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:
     if self._jsonl is None:
       return
     clean = {k: float(v) for k, v in metrics.items()}
     self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-    self._jsonl.flush()
     for k, v in clean.items():
       self._tb.add_scalar(k, v, step)
     self._tb.flush()
@@ -107,31 +102,27 @@ def add_wall_time(directory: str, seconds: float) -> None:
   if not is_main_process():
     return
   total = read_wall_time(directory) or 0.0
-  path = os.path.join(directory, WALL_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump({"seconds": round(total + seconds, 1)}, f)
-  os.replace(path + ".tmp", path)
+  storage.write_atomically(os.path.join(directory, WALL_FILE),
+                           json.dumps({"seconds": round(total + seconds, 1)}))
 
 
 def read_wall_time(directory: str) -> float | None:
   path = os.path.join(directory, WALL_FILE)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)["seconds"]
+  return json.loads(storage.read_text(path))["seconds"]
 
 
 def read_metrics(directory: str) -> list[dict]:
   """The rows of `directory/metrics.jsonl`, keeping the last row per step (resumed runs)."""
   path = os.path.join(directory, "metrics.jsonl")
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
   rows = {}
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
+  for line in storage.read_text(path).splitlines():
+    if line.strip():
+      row = json.loads(line)
+      rows.setdefault(row["step"], {}).update(row)
   return [rows[s] for s in sorted(rows)]
 
 

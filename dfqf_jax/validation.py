@@ -3,7 +3,7 @@ import os
 
 import jax
 
-from dfqf_jax import data, quant
+from dfqf_jax import data, quant, storage
 from dfqf_jax.errors import UserError
 from dfqf_jax.models.resnet import DEPTHS
 
@@ -59,7 +59,7 @@ def common(config, splits=("train", "test")) -> None:
   if config.data.dir and config.data.dir != data.TFDS:  # (the download cache fills itself)
     for split in splits:
       path = os.path.join(config.data.dir, f"{config.data.name}_{split}.npz")
-      if not os.path.isfile(path):
+      if not storage.isfile(path):
         raise ConfigError(
             f"config.data.dir={config.data.dir!r} has no {config.data.name}_{split}.npz; point "
             f"it at a folder with {config.data.name}_train.npz and {config.data.name}_test.npz, "
@@ -96,7 +96,7 @@ def generator(config) -> None:
     positive(config, field)
   for field in ("student.momentum", "student.weight_decay"):
     positive(config, field, allow_zero=True)
-  if config.teacher_dir and not os.path.isdir(config.teacher_dir):
+  if config.teacher_dir and not storage.isdir(config.teacher_dir):
     _fail("teacher_dir", config.teacher_dir, "a folder holding a teacher checkpoint")
 
 

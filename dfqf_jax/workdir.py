@@ -8,6 +8,11 @@ is on this host and no longer running (SIGKILL, OOM), or when its heartbeat is o
 STALE_AFTER_SECONDS (a holder on another host that vanished, e.g. a preempted TPU VM). Taking
 over renames the stale file first, so of two runs that find the same stale lock only one
 wins. In a multi-process job, process 0 takes the lock for the job.
+
+Cloud Storage (gs://) has neither exclusive creation nor renames through our path layer: there
+a run writes the lock, reads it back and keeps going only if it reads its own (of two runs
+starting within the same instant, the one whose write landed last proceeds), and the
+heartbeat rewrites the lock.
 """
 import datetime
 import json
@@ -18,6 +23,7 @@ import tempfile
 import threading
 import time
 
+from dfqf_jax import storage
 from dfqf_jax.errors import UserError
 
 LOCK_FILE = ".dfqf.lock"
@@ -32,7 +38,9 @@ class WorkdirError(UserError):
 def check(workdir: str) -> None:
   """The workdir is a writable folder, or can be created. Writability is tried with a
   temporary file, removed at once, so nothing is left behind."""
-  path = os.path.abspath(workdir)
+  path = storage.absolute(workdir)
+  if storage.is_remote(path):
+    return _check_remote(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise WorkdirError(f"--workdir={workdir!r} is a file; give a folder (new or existing).")
   existing = path
@@ -48,6 +56,21 @@ def check(workdir: str) -> None:
     what = "is not writable" if existing == path else "cannot be created"
     raise WorkdirError(f"--workdir={workdir!r} {what} ({e.strerror or e}); choose a folder "
                        "you can write to.") from None
+
+
+def _check_remote(workdir: str) -> None:
+  """A remote workdir is writable if an object can be written in it (and removed)."""
+  if storage.isfile(workdir):
+    raise WorkdirError(f"--workdir={workdir!r} is an object; give a folder (new or existing).")
+  probe = os.path.join(workdir, f".dfqf-write-test-{socket.gethostname()}-{os.getpid()}")
+  try:
+    storage.write_atomically(probe, b"")
+    storage.remove(probe)
+  except Exception as e:  # gcsfs raises FileNotFoundError, OSError or HttpError subclasses
+    bucket = workdir.split("://", 1)[1].split("/", 1)[0]
+    raise WorkdirError(f"--workdir={workdir!r} cannot be written ({type(e).__name__}: {e}); "
+                       f"check that the bucket {bucket!r} exists (gcloud storage buckets "
+                       "create) and that you may write to it.") from None
 
 
 def _process_start(pid: int) -> str | None:
@@ -88,7 +111,8 @@ class Lock:
   """Context manager holding DIR/.dfqf.lock for this process."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self.path = os.path.join(storage.absolute(workdir), LOCK_FILE)
+    self.remote = storage.is_remote(self.path)
     self.me = {"host": socket.gethostname(), "pid": os.getpid(),
                "process_start": _process_start(os.getpid()),
                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -98,25 +122,35 @@ class Lock:
     self._heartbeat = None
 
   def __enter__(self):
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    storage.makedirs(os.path.dirname(self.path))
     for _ in range(3):
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        self._create()
       except FileExistsError:
         self._take_over_if_stale()
         continue
-      with os.fdopen(fd, "w") as f:
-        json.dump(self.me, f)
       self._heartbeat = threading.Thread(target=self._beat, daemon=True)
       self._heartbeat.start()
       return self
     raise WorkdirError(f"could not take {self.path!r}; another run keeps taking it.")
 
+  def _create(self) -> None:
+    """Writes the lock if there is none (FileExistsError if there is)."""
+    if self.remote:
+      if storage.exists(self.path):
+        raise FileExistsError(self.path)
+      storage.write_atomically(self.path, json.dumps(self.me))
+      if json.loads(storage.read_text(self.path)) != self.me:
+        raise FileExistsError(self.path)  # another run wrote after us: it holds the lock
+      return
+    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "w") as f:
+      json.dump(self.me, f)
+
   def _take_over_if_stale(self) -> None:
     try:
-      with open(self.path) as f:
-        holder = json.load(f)
-      mtime = os.path.getmtime(self.path)
+      holder = json.loads(storage.read_text(self.path))
+      mtime = storage.getmtime(self.path)
     except FileNotFoundError:
       return  # released meanwhile: try again
     except (OSError, ValueError):
@@ -125,27 +159,31 @@ class Lock:
       raise WorkdirError(
           f"{os.path.dirname(self.path)!r} is in use by {_describe(holder)}; wait for it to "
           f"finish or use another --workdir (if that run is gone for good, delete {self.path}).")
-    aside = f"{self.path}.stale.{os.getpid()}"
     try:
-      os.rename(self.path, aside)  # of two runs taking over, one rename succeeds
+      if self.remote:
+        storage.remove(self.path)
+      else:
+        aside = f"{self.path}.stale.{os.getpid()}"
+        os.rename(self.path, aside)  # of two runs taking over, one rename succeeds
+        os.remove(aside)
     except FileNotFoundError:
       return
-    os.remove(aside)
     print(f"workdir: took over the stale lock of {_describe(holder)}", file=sys.stderr)
 
   def _beat(self) -> None:
     while not self._stop.wait(HEARTBEAT_SECONDS):
       try:
-        os.utime(self.path)
+        if self.remote:
+          storage.write_atomically(self.path, json.dumps(self.me))
+        else:
+          os.utime(self.path)
       except OSError:
         return
 
   def __exit__(self, *exc):
     self._stop.set()
     try:
-      with open(self.path) as f:
-        mine = json.load(f).get("pid") == self.me["pid"]
-      if mine:
-        os.remove(self.path)
+      if json.loads(storage.read_text(self.path)) == self.me:
+        storage.remove(self.path)
     except (OSError, ValueError):
       pass

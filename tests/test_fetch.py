@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import sys
 import zipfile
 
 import numpy as np
@@ -177,22 +178,28 @@ class _TensorRef:
     self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
 
-def _global(module, name):
-  """A callable that pickles by reference as module.name (without importing torch)."""
-  cls = type(name, (), {"__module__": module, "__qualname__": name})
-  import sys
+@pytest.fixture
+def torch_names(monkeypatch):
+  """Stand-ins that pickle by reference as torch.FloatStorage and
+  torch._utils._rebuild_tensor_v2 (registered in sys.modules for this test only)."""
+  import collections
   import types
-  sys.modules.setdefault(module, types.ModuleType(module))
-  setattr(sys.modules[module], name, cls)
-  return cls
+  names = {"OrderedDict": collections.OrderedDict}
+  for module, name in (("torch", "FloatStorage"), ("torch._utils", "_rebuild_tensor_v2")):
+    monkeypatch.setitem(sys.modules, module, sys.modules.get(module) if module in sys.modules
+                        and hasattr(sys.modules[module], name) else types.ModuleType(module))
+    if not hasattr(sys.modules[module], name):
+      stand_in = type(name, (), {"__module__": module, "__qualname__": name})
+      setattr(sys.modules[module], name, stand_in)
+    names[name] = getattr(sys.modules[module], name)
+  monkeypatch.setattr(sys.modules[__name__], "_GLOBALS", names)
+  return names
 
 
-_GLOBALS = {"FloatStorage": _global("torch", "FloatStorage"),
-            "_rebuild_tensor_v2": _global("torch._utils", "_rebuild_tensor_v2"),
-            "OrderedDict": __import__("collections").OrderedDict}
+_GLOBALS = {}
 
 
-def test_a_zip_layout_file_with_shared_storage_and_strides():
+def test_a_zip_layout_file_with_shared_storage_and_strides(torch_names):
   """Two tensors on one storage (an offset view and a transposed view), as torch.save writes
   them since PyTorch 1.6."""
   flat = np.arange(12, dtype=np.float32)

@@ -7,7 +7,7 @@ DIR/results.json, one entry per model, merged with what is already there.
 import json
 import os
 
-from dfqf_jax import checkpoints, data, parallel, training
+from dfqf_jax import checkpoints, data, parallel, storage, training
 from dfqf_jax.stages import common, export
 
 RESULTS_FILE = "results.json"
@@ -15,7 +15,7 @@ RESULTS_FILE = "results.json"
 
 def checkpoint_dirs(workdir: str) -> list[str]:
   """Every stage folder of DIR that holds at least one checkpoint."""
-  dirs = (os.path.join(workdir, entry) for entry in sorted(os.listdir(workdir)))
+  dirs = (os.path.join(workdir, entry) for entry in storage.listdir(workdir))
   return [d for d in dirs if checkpoints.exists(d)]
 
 
@@ -38,7 +38,7 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
   (path and modification time) on this very test data (fingerprint of images and labels)."""
   step = checkpoints.latest_step(directory)
   checkpoint = os.path.join(directory, str(step))
-  written = os.path.getmtime(checkpoint)
+  written = checkpoints.written_at(checkpoint)
   cached = {n: r for n, r in known.items()
             if r.get("checkpoint") == checkpoint and r.get("checkpoint_mtime") == written
             and r.get("test_data") == splits[r["dataset"]][1]}
@@ -64,7 +64,7 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
 
 
 def check_workdir(workdir: str) -> None:
-  if not os.path.isdir(workdir):
+  if not storage.isdir(workdir):
     raise checkpoints.CheckpointError(f"--workdir={workdir!r} does not exist; point it at the "
                                       "folder your stages wrote.")
 
@@ -74,9 +74,8 @@ def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   path = os.path.join(workdir, RESULTS_FILE)
   known = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      known = json.load(f)
+  if storage.exists(path):
+    known = json.loads(storage.read_text(path))
   splits = TestSplits(config.data.dir)
   results = {}
   for directory in checkpoint_dirs(workdir):
@@ -85,13 +84,11 @@ def run(config, workdir: str) -> dict:
   if not results:
     raise checkpoints.CheckpointError(f"no checkpoint found in {workdir!r}; run a stage first.")
   # Entries of checkpoints that are gone (deleted, rebuilt) are dropped.
-  merged = {**{n: r for n, r in known.items() if os.path.isdir(r.get("checkpoint", ""))},
+  merged = {**{n: r for n, r in known.items()
+               if r.get("checkpoint") and storage.isdir(r["checkpoint"])},
             **results}
   if training.is_main_process():
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(merged, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    storage.write_atomically(path, json.dumps(merged, indent=2, sort_keys=True))
   print(format_table(results))
   return merged
 

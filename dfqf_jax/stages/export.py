@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 from flax import traverse_util
 
-from dfqf_jax import checkpoints, integer, training, validation
+from dfqf_jax import checkpoints, integer, storage, training, validation
 from dfqf_jax import quant as q
 from dfqf_jax.stages import common
 
@@ -49,7 +49,7 @@ def validate(config) -> None:
 def quantized_models(workdir: str) -> list[str]:
   """Folders of `workdir` whose checkpoint holds a quantized classifier (for messages)."""
   names = []
-  for entry in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
+  for entry in storage.listdir(workdir) if storage.isdir(workdir) else []:
     directory = os.path.join(workdir, entry)
     if entry != EXPORT_DIR and checkpoints.exists(directory) and (
         entry.startswith(("student_", "ptq_", "qat_real_"))):
@@ -91,16 +91,15 @@ def float32_bytes(variables: dict) -> int:
 
 
 def folder_bytes(folder: str, names) -> int:
-  return sum(os.path.getsize(os.path.join(folder, n)) for n in names)
+  return sum(storage.getsize(os.path.join(folder, n)) for n in names)
 
 
 def _check_not_other_model(out: str, graph: dict) -> None:
   """An existing export of another bit width / protocol / depth is reported, never replaced."""
-  if not os.path.exists(out):
+  if not storage.exists(out):
     return
   try:
-    with open(os.path.join(out, integer.GRAPH_FILE)) as f:
-      existing = json.load(f)
+    existing = json.loads(storage.read_text(os.path.join(out, integer.GRAPH_FILE)))
   except (OSError, ValueError):
     existing = {}
   differs = {k: (existing.get(k), graph[k]) for k in IDENTITY if existing.get(k) != graph[k]}
@@ -109,6 +108,27 @@ def _check_not_other_model(out: str, graph: dict) -> None:
     raise checkpoints.CheckpointError(
         f"{out!r} holds an export of another model ({what}); it is not overwritten: delete it "
         "or export into another --workdir.")
+
+
+def _swap(tmp: str, out: str, root: str, name: str) -> None:
+  """Local: the finished folder replaces `out` by renames (readers never see a mix)."""
+  old = None
+  if os.path.exists(out):
+    old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=root)
+    os.replace(out, os.path.join(old, name))
+  os.replace(tmp, out)
+  if old:
+    shutil.rmtree(old)
+
+
+def _upload(tmp: str, out: str, root: str, name: str) -> None:
+  """Cloud Storage (no renames): the files are copied with model.json last, the file whose
+  presence makes a folder an export."""
+  if storage.exists(out):
+    storage.rmtree(out)
+  files = sorted(os.listdir(tmp), key=lambda n: n == integer.GRAPH_FILE)
+  for file in files:
+    storage.copyfile(os.path.join(tmp, file), os.path.join(out, file))
 
 
 def run(config, workdir: str) -> dict:
@@ -122,7 +142,7 @@ def run(config, workdir: str) -> dict:
           f"config.bits={config.bits!r} but the checkpoint {name!r} is W{spec.weight_bits}"
           f"A{spec.act_bits}; leave config.bits empty or export the matching student.")
   graph, arrays = integer.build(variables, spec, entry["depth"], entry["num_classes"])
-  graph.update(name=name, source_checkpoint=os.path.abspath(checkpoint), step=step,
+  graph.update(name=name, source_checkpoint=storage.absolute(checkpoint), step=step,
                dataset=entry["dataset"], mean=list(entry["mean"]), std=list(entry["std"]),
                input={"dtype": "uint8", "layout": "NHWC", "shape": [None, 32, 32, 3],
                       "normalize": "(x / 255 - mean) / std"},
@@ -134,8 +154,9 @@ def run(config, workdir: str) -> dict:
   float_size = float32_bytes(variables)
   if not training.is_main_process():
     return {}
-  os.makedirs(root, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root)
+  remote = storage.is_remote(root)
+  storage.makedirs(root)
+  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=None if remote else root)
   umask = os.umask(0)
   os.umask(umask)
   os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the export is not
@@ -144,16 +165,10 @@ def run(config, workdir: str) -> dict:
     with open(os.path.join(tmp, integer.STABLEHLO_FILE), "wb") as f:
       f.write(integer.serialize(graph, arrays, graph["mean"], graph["std"]))
     integer.load(tmp)  # readable and consistent before it takes the final name
-    old = None
-    if os.path.exists(out):
-      old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=root)
-      os.replace(out, os.path.join(old, name))
-    os.replace(tmp, out)
-    if old:
-      shutil.rmtree(old)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    (_upload if remote else _swap)(tmp, out, root, name)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
   sizes = {"export_bytes": folder_bytes(out, (integer.WEIGHTS_FILE, integer.GRAPH_FILE)),
            "stablehlo_bytes": folder_bytes(out, (integer.STABLEHLO_FILE,)),
            "float32_bytes": float_size}
@@ -173,13 +188,13 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
   if it was computed from this very folder (model.json's mtime) on the same test data."""
   root = os.path.join(workdir, EXPORT_DIR)
   results = {}
-  for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+  for name in storage.listdir(root) if storage.isdir(root) else []:
     folder = os.path.join(root, name)
     graph_path = os.path.join(folder, integer.GRAPH_FILE)
-    if name.startswith(".") or not os.path.isfile(graph_path):
+    if name.startswith(".") or not storage.isfile(graph_path):
       continue
     key = RESULT_PREFIX + name
-    written = os.path.getmtime(graph_path)
+    written = storage.getmtime(graph_path)
     cached = known.get(key)
     if (cached and cached.get("checkpoint") == folder and cached.get("checkpoint_mtime") ==
         written and cached.get("test_data") == splits[cached["dataset"]][1]):

@@ -6,9 +6,8 @@ pipeline is rerun, and an interrupted one continues where it stopped. Each stage
 keeps its wall time summed over invocations (wall_seconds.json) for the report.
 """
 import copy
-import os
 
-from dfqf_jax import report, validation
+from dfqf_jax import report, storage, validation
 from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, ptq,
                              teacher)
 
@@ -56,7 +55,7 @@ def validate(config) -> None:
 
 
 def run(config, workdir: str) -> dict:
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   for name, run_stage, _, sub in stage_configs(config):
     print(f"pipeline: {name}")
     run_stage(sub, workdir)

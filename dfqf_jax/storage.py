@@ -1,0 +1,170 @@
+"""Every file the project reads or writes, on a local disk or in Cloud Storage (gs://...).
+
+Paths stay strings (os.path.join, dirname and basename work on both kinds); whatever touches
+storage goes through this module. Local paths use `os` exactly as a local program would;
+remote ones use etils.epath (what Orbax uses too), which reaches gs:// through gcsfs.
+
+Cloud Storage has no folders, no appends and no renames: a folder exists once an object lies
+under it, a file that grows (metrics.jsonl, TensorBoard events) is rewritten whole at each
+flush, and an object write is already atomic (readers see the old object or the new one),
+so `write_atomically` writes it directly. Point gcsfs and Orbax's tensorstore at an emulator
+with STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL (tests/gcs.py does).
+"""
+import io
+import os
+import shutil
+import tempfile
+
+from etils import epath
+
+
+def is_remote(path) -> bool:
+  return "://" in str(path)
+
+
+def absolute(path) -> str:
+  return str(path) if is_remote(path) else os.path.abspath(path)
+
+
+def exists(path) -> bool:
+  return epath.Path(path).exists() if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path) -> bool:
+  return epath.Path(path).is_dir() if is_remote(path) else os.path.isdir(path)
+
+
+def isfile(path) -> bool:
+  return epath.Path(path).is_file() if is_remote(path) else os.path.isfile(path)
+
+
+def listdir(path) -> list[str]:
+  """The names in folder `path`, sorted."""
+  if is_remote(path):
+    return sorted(p.name for p in epath.Path(path).iterdir())
+  return sorted(os.listdir(path))
+
+
+def makedirs(path) -> None:
+  if not is_remote(path):  # remote folders exist once something is written under them
+    os.makedirs(path, exist_ok=True)
+
+
+def remove(path) -> None:
+  if is_remote(path):
+    epath.Path(path).unlink()
+  else:
+    os.remove(path)
+
+
+def rmtree(path) -> None:
+  if is_remote(path):
+    epath.Path(path).rmtree()
+  else:
+    shutil.rmtree(path)
+
+
+def getmtime(path) -> float:
+  return float(epath.Path(path).stat().mtime) if is_remote(path) else os.path.getmtime(path)
+
+
+def getsize(path) -> int:
+  return int(epath.Path(path).stat().length) if is_remote(path) else os.path.getsize(path)
+
+
+def open_file(path, mode: str = "r"):
+  """A file object for reading (or writing a whole file)."""
+  return epath.Path(path).open(mode) if is_remote(path) else open(path, mode)
+
+
+def read_text(path) -> str:
+  with open_file(path) as f:
+    return f.read()
+
+
+def read_bytes(path) -> bytes:
+  with open_file(path, "rb") as f:
+    return f.read()
+
+
+def write_atomically(path, content: str | bytes) -> None:
+  """Writes `content` so that a reader never sees a partial file (locally: a temporary file
+  beside `path`, then a rename)."""
+  if is_remote(path):
+    epath.Path(path).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")
+  try:
+    with os.fdopen(fd, "wb" if isinstance(content, bytes) else "w") as f:
+      f.write(content)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def copyfile(source, destination) -> None:
+  write_atomically(destination, read_bytes(source))
+
+
+def save_figure(save, path) -> None:
+  """Calls save(file object) (PIL's or matplotlib's save) and writes the bytes to `path`."""
+  buffer = io.BytesIO()
+  save(buffer)
+  write_atomically(path, buffer.getvalue())
+
+
+class LineLog:
+  """A text file that grows by lines, starting from `lines`: appended to on a local disk;
+  in Cloud Storage (no appends) rewritten whole at each write."""
+
+  def __init__(self, path, lines: list[str]):
+    self.path, self.lines = path, list(lines)
+    write_atomically(path, "".join(self.lines))
+    self._file = None if is_remote(path) else open(path, "a")
+
+  def write(self, line: str) -> None:
+    if self._file is None:
+      self.lines.append(line)
+      write_atomically(self.path, "".join(self.lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+
+
+class _RemoteEventFile:
+  """tensorboardX's writer for gs:// event files: the bytes so far, uploaded at each flush."""
+
+  def __init__(self, path):
+    self.path, self.buffer = path, io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    write_atomically(self.path, self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _RemoteEventFiles:
+  def open(self, path):
+    return _RemoteEventFile(path)
+
+  def directory_check(self, path):
+    pass
+
+
+def summary_writer(directory):
+  """A tensorboardX SummaryWriter for a local or gs:// folder (its own gs:// support needs
+  google-cloud-storage; this one goes through epath like every other file)."""
+  from tensorboardX import SummaryWriter, record_writer
+  record_writer.register_writer_factory("gs", _RemoteEventFiles())
+  return SummaryWriter(directory)
