@@ -17,6 +17,9 @@ import tempfile
 
 from etils import epath
 
+_UMASK = os.umask(0o22)  # read once, at import (setting it is process-wide)
+os.umask(_UMASK)
+
 
 def is_remote(path) -> bool:
   return "://" in str(path)
@@ -97,6 +100,7 @@ def write_atomically(path, content: str | bytes) -> None:
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")
   try:
+    os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it (mkstemp's file is private)
     with os.fdopen(fd, "wb" if isinstance(content, bytes) else "w") as f:
       f.write(content)
     os.replace(tmp, path)
