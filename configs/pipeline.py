@@ -6,8 +6,9 @@ Without teacher_weights the teacher is trained first. Each stage's settings live
 config.<stage>_stage (the stage's own config file), e.g. --config.finetune_stage.num_epochs=5.
 
 smoke:     every stage in about a minute on a 2-core CPU (used by the tests).
-budget:    the 2-core CPU recipe (about 1.5 hours with an imported teacher); its settings
-           were chosen on a validation split of the training data, never the test set.
+budget:    the 2-core CPU recipe (stage wall times of its last run:
+           docs/results/budget_cpu.json); its settings were chosen on a validation split of
+           the training data, never the test set.
 reference: the full METHOD.md schedule (hours on an accelerator).
 """
 from configs import finetune, generator, import_teacher, ptq, teacher

@@ -21,6 +21,8 @@ from dfqf_jax import fetch, storage
 from dfqf_jax.errors import UserError
 
 DATASETS = {"cifar10": 10, "cifar100": 100}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,6 +48,11 @@ def num_classes(name: str) -> int:
   if name not in DATASETS:
     raise DataError(f"data.name={name!r} is not supported; use one of {sorted(DATASETS)}.")
   return DATASETS[name]
+
+
+def class_names(name: str) -> tuple[str, ...]:
+  return CIFAR10_CLASSES if name == "cifar10" else tuple(
+      f"class {i}" for i in range(num_classes(name)))
 
 
 def resolve_dir(configured: str | None) -> str:

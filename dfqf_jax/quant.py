@@ -90,9 +90,13 @@ class QuantSpec:
   protocol: str = "dfqf"
   first_last_weight_bits: int = 8
 
+  def __post_init__(self):
+    if self.protocol == "standard":  # every layer at weight_bits: say so in the metadata
+      object.__setattr__(self, "first_last_weight_bits", self.weight_bits)
+
   @property
   def edge_weight_bits(self) -> int:
-    if self.protocol == "standard" or self.weight_bits == FULL_PRECISION_BITS:
+    if self.weight_bits == FULL_PRECISION_BITS:
       return self.weight_bits
     return self.first_last_weight_bits
 

@@ -29,22 +29,33 @@ def absolute(path) -> str:
   return str(path) if is_remote(path) else os.path.abspath(path)
 
 
+def _remote(path) -> epath.Path:
+  """epath's Path for a remote path, gcsfs's listing cache dropped first: gcsfs keeps
+  listings for the life of the process, and objects written by tensorstore (Orbax's arrays)
+  or by another process never enter that cache."""
+  p = epath.Path(path)
+  filesystem = getattr(p._backend, "fs", None)  # pylint: disable=protected-access
+  if filesystem is not None:  # (absent when TensorFlow's gfile serves gs://)
+    filesystem(str(p)).invalidate_cache()
+  return p
+
+
 def exists(path) -> bool:
-  return epath.Path(path).exists() if is_remote(path) else os.path.exists(path)
+  return _remote(path).exists() if is_remote(path) else os.path.exists(path)
 
 
 def isdir(path) -> bool:
-  return epath.Path(path).is_dir() if is_remote(path) else os.path.isdir(path)
+  return _remote(path).is_dir() if is_remote(path) else os.path.isdir(path)
 
 
 def isfile(path) -> bool:
-  return epath.Path(path).is_file() if is_remote(path) else os.path.isfile(path)
+  return _remote(path).is_file() if is_remote(path) else os.path.isfile(path)
 
 
 def listdir(path) -> list[str]:
   """The names in folder `path`, sorted."""
   if is_remote(path):
-    return sorted(p.name for p in epath.Path(path).iterdir())
+    return sorted(p.name for p in _remote(path).iterdir())
   return sorted(os.listdir(path))
 
 
@@ -68,7 +79,7 @@ def rmtree(path) -> None:
 
 
 def getmtime(path) -> float:
-  return float(epath.Path(path).stat().mtime) if is_remote(path) else os.path.getmtime(path)
+  return float(_remote(path).stat().mtime) if is_remote(path) else os.path.getmtime(path)
 
 
 def getsize(path) -> int:

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Callable
 
@@ -191,6 +192,9 @@ def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
 def _run_steps(name, ckpt, state, start_step, total_steps, train_step, meta, writer,
                log_every, loss_keys, evaluate, eval_every):
   history, evaluated = [], {}
+  if is_main_process() and start_step < total_steps:  # the first call compiles, silently
+    print(f"{name}: compiling the step, then steps {start_step + 1}..{total_steps}",
+          file=sys.stderr, flush=True)
   started = last_saved = time.time()
   with _TermSignal() as term, tqdm(total=total_steps, initial=start_step, desc=name,
                                    disable=not is_main_process(), dynamic_ncols=True,

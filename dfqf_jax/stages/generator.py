@@ -171,7 +171,8 @@ def save_grid(path, generator, g_vars, teacher, teacher_vars, latent_dim, teache
                                         latent_dim)
   predicted = np.asarray(predicted)
   pictures = images.denormalize(x, teacher_meta["mean"], teacher_meta["std"])
-  images.save_png(path, images.class_grid(pictures, predicted, teacher_meta["num_classes"]))
+  images.save_png(path, images.class_grid(pictures, predicted, teacher_meta["num_classes"]),
+                  labels=images.row_labels(predicted, data.class_names(teacher_meta["dataset"])))
 
 
 def held_out_training_images(config, dataset: str):
