@@ -10,9 +10,15 @@ budget:    the 2-core CPU recipe (stage wall times of its last run:
            docs/results/budget_cpu.json); its settings were chosen on a validation split of
            the training data, never the test set.
 reference: the full METHOD.md schedule (hours on an accelerator).
+
+seed, data.name, data.dir, data.validation_size, model.depth and compute_dtype are set on
+the pipeline (--config.seed=3) and apply to every stage; the stage configs do not have them.
+Logging and checkpoint cadence, normalization and augmentation are per stage
+(--config.generator_stage.log_every_steps=10).
 """
 from configs import finetune, generator, import_teacher, ptq, teacher
 from configs.common import base_config
+from dfqf_jax.stages.pipeline import PIPELINE_FIELDS, STAGE_ONLY_FIELDS, remove_fields
 
 
 def get_config(schedule: str = "reference"):
@@ -50,4 +56,8 @@ def get_config(schedule: str = "reference"):
     ft.student_bn_train = False
     ft.steps_per_epoch, ft.num_epochs = 200, 10
     ft.checkpoint_every_steps = 200
+  for name in ("teacher_stage", "import_stage", "generator_stage", "finetune_stage",
+               "ptq_stage"):
+    remove_fields(config[name], PIPELINE_FIELDS + ("on_stale_upstream",))  # always rebuild
+  remove_fields(config, STAGE_ONLY_FIELDS)
   return config

@@ -50,12 +50,17 @@ def common(config, splits=("train", "test")) -> None:
   one_of(config, "data.name", sorted(data.DATASETS))
   one_of(config, "model.depth", DEPTHS)
   one_of(config, "compute_dtype", COMPUTE_DTYPES)
-  one_of(config, "on_stale_upstream", ("stop", "rebuild"))
-  for field in ("log_every_steps", "checkpoint_every_steps"):
-    positive(config, field)
   positive(config, "data.validation_size", allow_zero=True)
-  if len(config.data.mean) != 3 or len(config.data.std) != 3 or min(config.data.std) <= 0:
-    _fail("data.std", tuple(config.data.std), "3 positive per-channel values (and 3 means)")
+  if "log_every_steps" in config:  # (the pipeline's own config leaves these to its stages)
+    one_of(config, "on_stale_upstream", ("stop", "rebuild"))
+    for field in ("log_every_steps", "checkpoint_every_steps"):
+      positive(config, field)
+    if len(config.data.mean) != 3 or len(config.data.std) != 3 or min(config.data.std) <= 0:
+      _fail("data.std", tuple(config.data.std), "3 positive per-channel values (and 3 means)")
+  _data_files(config, splits)
+
+
+def _data_files(config, splits) -> None:
   if config.data.dir and config.data.dir != data.TFDS:  # (the download cache fills itself)
     for split in splits:
       path = os.path.join(config.data.dir, f"{config.data.name}_{split}.npz")

@@ -177,10 +177,16 @@ def test_broken_teacher_weights_are_rejected_on_import(tmp_path, damage):
     (GENERATOR_SMOKE, ["--config.generator.no_such=1"], ["no field 'no_such'"]),
     ("configs/generator.py:foo", [], ["configs/generator.py:foo is unknown", "smoke"]),
     ("configs/pipeline.py:smoke", ["--config.bits="], ["config.bits=''", "no student"]),
-    ("configs/pipeline.py:smoke", ["--config.on_stale_upstream=ignore"],
+    (GENERATOR_SMOKE, ["--config.on_stale_upstream=ignore"],
      ["config.on_stale_upstream='ignore'"]),
+    ("configs/pipeline.py:smoke", ["--config.generator_stage.seed=3"],
+     ["--config.generator_stage.seed=3", "no field 'seed'"]),
+    ("configs/pipeline.py:smoke", ["--config.generator_stage.data.dir=/elsewhere"],
+     ["no field 'dir'"]),
+    ("configs/pipeline.py:smoke", ["--config.log_every_steps=5"], ["no field 'log_every_steps'"]),
 ], ids=["unknown field", "unknown nested field", "unknown config argument", "empty bits",
-        "unknown stale-upstream policy"])
+        "unknown stale-upstream policy", "stage field the pipeline sets",
+        "stage data field the pipeline sets", "pipeline field only stages have"])
 def test_config_errors(tmp_path, config, overrides, phrases, small_data):
   result = run_in_process(config, tmp_path / "run", f"--config.data.dir={small_data}", *overrides)
   assert_clean_failure(result, tmp_path / "run", *phrases)

@@ -7,23 +7,50 @@ keeps its wall time summed over invocations (wall_seconds.json) for the report.
 """
 import copy
 
+import ml_collections
+
 from dfqf_jax import report, storage, validation
 from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, ptq,
                              teacher)
 
-SHARED_DATA_FIELDS = ("name", "dir", "validation_size")
+# Set once, on the pipeline, for every stage. configs/pipeline.py removes them from the stage
+# configs, so that --config.<stage>_stage.seed=3 is an unknown field (one error line) rather
+# than a value silently replaced here.
+PIPELINE_FIELDS = ("seed", "data.name", "data.dir", "data.validation_size", "model.depth",
+                   "compute_dtype")
+# Fields of every job config that the pipeline itself does not use (each stage has its own).
+STAGE_ONLY_FIELDS = ("log_every_steps", "checkpoint_every_steps", "on_stale_upstream",
+                     "data.mean", "data.std", "data.augment")
+
+
+def _split(field: str) -> tuple[list[str], str]:
+  *parents, leaf = field.split(".")
+  return parents, leaf
+
+
+def remove_fields(config, fields) -> None:
+  """Deletes `fields` (dotted names) from `config` (used by configs/pipeline.py)."""
+  for field in fields:
+    parents, leaf = _split(field)
+    node = config
+    for parent in parents:
+      node = node[parent]
+    del node[leaf]
 
 
 def stage_configs(config) -> list:
-  """(name, run, validate, config) for each stage, with the pipeline's data settings."""
+  """(name, run, validate, config) for each stage, with the pipeline's shared settings."""
   def with_shared(sub):
     sub = copy.deepcopy(sub)
     sub.unlock()
-    sub.seed = config.seed
-    for field in SHARED_DATA_FIELDS:
-      sub.data[field] = config.data[field]
-    sub.model.depth = config.model.depth
-    sub.compute_dtype = config.compute_dtype
+    for field in PIPELINE_FIELDS:
+      parents, leaf = _split(field)
+      node, source = sub, config
+      for parent in parents:
+        if parent not in node:
+          node[parent] = ml_collections.ConfigDict()
+        node, source = node[parent], source[parent]
+      node[leaf] = source[leaf]
     sub.on_stale_upstream = "rebuild"
     return sub
 
