@@ -89,8 +89,9 @@ def source(name: str, default: Source) -> Source:
                      f"or 'sha256'}}}} ({type(e).__name__}: {e}); fix it or unset it.") from None
 
 
-def download(src: Source, what: str, offline_fix: str) -> bytes:
-  """The bytes at src.url, checked against its checksum (a progress bar on stderr)."""
+def download(src: Source, what: str, local_fix: str) -> bytes:
+  """The bytes at src.url, checked against its checksum (a progress bar on stderr).
+  `local_fix` says how to use local files instead (ends every error message)."""
   from tqdm import tqdm
   digest = hashlib.md5() if src.md5 else hashlib.sha256()
   expected = src.md5 or src.sha256
@@ -107,16 +108,16 @@ def download(src: Source, what: str, offline_fix: str) -> bytes:
           bar.update(len(chunk))
   except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
     reason = getattr(e, "reason", None) or e
-    raise FetchError(f"cannot download {what} from {src.url} ({reason}). {offline_fix}"
+    raise FetchError(f"cannot download {what} from {src.url} ({reason}). Offline? {local_fix}"
                      ) from None
   raw = body.getvalue()
   if total is not None and len(raw) != total:
     raise FetchError(f"the download of {what} from {src.url} stopped after {len(raw):,} of "
-                     f"{total:,} bytes (truncated); run again.")
+                     f"{total:,} bytes (truncated); run again. {local_fix}")
   if digest.hexdigest() != expected:
     raise FetchError(f"{what} from {src.url} has checksum {digest.hexdigest()}, not the "
                      f"published {expected}: the download is corrupted or the file changed. "
-                     f"Nothing was kept; run again, or {offline_fix[0].lower()}{offline_fix[1:]}")
+                     f"Nothing was kept; run again, or use local files: {local_fix}")
   return raw
 
 
@@ -170,10 +171,10 @@ def cifar_splits(archive: bytes, name: str, where: str) -> dict[str, dict]:
 
 def dataset(name: str, folder: str) -> None:
   """Downloads dataset `name` into `folder` as {name}_{train,test}.npz (both, or neither)."""
-  offline_fix = (f"Offline? Point --config.data.dir at a folder holding {name}_train.npz and "
-                 f"{name}_test.npz (e.g. ../shared/data).")
+  local_fix = (f"Point --config.data.dir at a folder holding {name}_train.npz and "
+               f"{name}_test.npz (e.g. ../shared/data).")
   src = source(name, DATASETS[name])
-  splits = cifar_splits(download(src, name, offline_fix), name, src.url)
+  splits = cifar_splits(download(src, name, local_fix), name, src.url)
   for split, arrays in splits.items():
     storage.write_atomically(os.path.join(folder, f"{name}_{split}.npz"), _npz_bytes(arrays))
   print(f"data: {name} downloaded from {src.url}, verified and converted into {folder}")
@@ -187,8 +188,9 @@ def pretrained(name: str) -> str:
   path = os.path.join(cache_dir(), "weights", f"{name}.npz")
   if not storage.isfile(path):
     src = source(name, PRETRAINED[name].source)
-    raw = download(src, name, "Offline? Give --config.teacher_weights the path of the weights "
-                   "file (e.g. ../shared/data/resnet20-12fca82f_weights.npz).")
+    raw = download(src, name, "Give the weights file's path instead (the pipeline's "
+                   "--config.teacher_weights, import_teacher's --config.weights), e.g. "
+                   "../shared/data/resnet20-12fca82f_weights.npz.")
     tensors = torch_pickle.state_dict(torch_pickle.load(raw, src.url), src.url)
     storage.write_atomically(path, _npz_bytes(tensors))
     print(f"teacher: {name} downloaded from {src.url}, verified and converted into {path}")
