@@ -14,11 +14,13 @@ reference: the full METHOD.md schedule (hours on an accelerator).
 seed, data.name, data.dir, data.validation_size, model.depth and compute_dtype are set on
 the pipeline (--config.seed=3) and apply to every stage; the stage configs do not have them.
 Logging and checkpoint cadence, normalization and augmentation are per stage
-(--config.generator_stage.log_every_steps=10).
+(--config.generator_stage.log_every_steps=10). Fine-tuning's adversarial-generator loss
+weights and learning rate are the generator stage's (--config.generator_stage.lambda_bn=...).
 """
 from configs import finetune, generator, import_teacher, ptq, teacher
 from configs.common import base_config
-from dfqf_jax.stages.pipeline import PIPELINE_FIELDS, STAGE_ONLY_FIELDS, remove_fields
+from dfqf_jax.stages.pipeline import (FROM_GENERATOR_STAGE, PIPELINE_FIELDS, STAGE_ONLY_FIELDS,
+                                      remove_fields)
 
 
 def get_config(schedule: str = "reference"):
@@ -59,5 +61,6 @@ def get_config(schedule: str = "reference"):
   for name in ("teacher_stage", "import_stage", "generator_stage", "finetune_stage",
                "ptq_stage"):
     remove_fields(config[name], PIPELINE_FIELDS + ("on_stale_upstream",))  # always rebuild
+  remove_fields(config.finetune_stage, FROM_GENERATOR_STAGE)  # set from generator_stage
   remove_fields(config, STAGE_ONLY_FIELDS)
   return config

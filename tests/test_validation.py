@@ -232,3 +232,22 @@ def test_evaluation_is_redone_for_other_test_data_and_forgets_deleted_checkpoint
   assert run(small_data).returncode == 0
   third = json.loads((imported_teacher / "results.json").read_text())
   assert set(third) == {"teacher"} and third["teacher"]["top1"] == first["top1"]
+
+
+def test_the_pipeline_sets_each_shared_value_once():
+  """Stage fields come from one place: the pipeline's (seed, data, depth, dtype) and, for
+  fine-tuning's adversarial generator, the generator stage's loss weights and learning rate
+  (the budget generator's lambda_bn is 10, not the reference 0.1)."""
+  from configs import pipeline as pipeline_config
+  from dfqf_jax.stages import pipeline
+  config = pipeline_config.get_config("budget")
+  config.seed = 3
+  config.generator_stage.generator.learning_rate = 0.002
+  stages = {name: sub for name, _, _, sub in pipeline.stage_configs(config)}
+  finetune = stages["finetune_w4a4"]
+  assert (finetune.lambda_is, finetune.lambda_bn, finetune.lambda_adv) == (
+      config.generator_stage.lambda_is, 10.0, config.generator_stage.lambda_adv)
+  assert finetune.generator_learning_rate == 0.002
+  for sub in stages.values():
+    assert (sub.seed, sub.data.validation_size, sub.model.depth) == (3, 5000, 20)
+    assert sub.on_stale_upstream == "rebuild"

@@ -18,6 +18,11 @@ from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, ptq,
 # than a value silently replaced here.
 PIPELINE_FIELDS = ("seed", "data.name", "data.dir", "data.validation_size", "model.depth",
                    "compute_dtype")
+# Fine-tuning's adversarial generator (config.adversarial_generator) trains with stage 1's
+# loss weights and learning rate: the pipeline takes them from its generator stage.
+FROM_GENERATOR_STAGE = {"lambda_is": "lambda_is", "lambda_bn": "lambda_bn",
+                        "lambda_adv": "lambda_adv",
+                        "generator_learning_rate": "generator.learning_rate"}
 # Fields of every job config that the pipeline itself does not use (each stage has its own).
 STAGE_ONLY_FIELDS = ("log_every_steps", "checkpoint_every_steps", "on_stale_upstream",
                      "data.mean", "data.std", "data.augment")
@@ -66,6 +71,12 @@ def stage_configs(config) -> list:
   for bits in ptq.split_names(config.bits):
     sub = with_shared(config.finetune_stage)
     sub.bits = bits
+    for field, source in FROM_GENERATOR_STAGE.items():
+      parents, leaf = _split(source)
+      node = config.generator_stage
+      for parent in parents:
+        node = node[parent]
+      sub[field] = node[leaf]
     stages.append((f"finetune_{bits}", finetune.run, validation.finetune, sub))
   stages.append(("ptq", lambda c, w: ptq.run(c, w, evaluate_after=False), validation.ptq,
                  with_shared(config.ptq_stage)))
