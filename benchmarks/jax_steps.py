@@ -1,8 +1,8 @@
 """The project's own jitted steps, built for timing the way each stage's run() builds them.
 
-Each builder returns a `Step`: the stage's own `jitted_step` (the function its run()
-dispatches, state donated) and its arguments, placed on a mesh of all devices (state and
-teacher replicated, batches sharded along `data`).
+Each builder returns a `Step`: the step the stage's `create_state_and_step` builds (the
+function its run() dispatches, state donated) and its arguments, placed on a mesh of all
+devices (state and teacher replicated, batches sharded along `data`).
 
 Weights are random (or, for the quantized student, the random teacher's weights with clips
 calibrated on generated images as stage 2 does): speed does not depend on their values.
@@ -14,13 +14,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from configs import evaluate as evaluate_config
 from configs import finetune as finetune_config
 from configs import generator as generator_config
 from configs import teacher as teacher_config
-from dfqf_jax import data, parallel, training
+from dfqf_jax import data, parallel
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import sample_latent
 from dfqf_jax.models.resnet import CifarResNet
@@ -62,19 +61,13 @@ def _random_variables(model, mesh, seed: int = 0) -> dict:
 def teacher_step(batch: int, dtype, mesh) -> Step:
   """stages/teacher.py: SGD step on a real-shaped uint8 batch, normalized in the step."""
   config = teacher_config.get_config()
-  model = _classifier(config, dtype)
-  mean, std = tuple(config.data.mean), tuple(config.data.std)
-  per_epoch = data.steps_per_epoch(CIFAR_TRAIN_SIZE, batch)
-  schedule = training.step_decay(config.learning_rate, config.lr_milestones, per_epoch)
-  tx = training.sgd(schedule, config.momentum, config.weight_decay)
-  init = jax.jit(lambda key: stage0.create_state(model, tx, key),
-                 out_shardings=parallel.replicated(mesh))
-  state = init(jax.random.key(config.seed))
-
+  config.compute_dtype = dtype.name
+  state, step = stage0.create_state_and_step(
+      config, data.steps_per_epoch(CIFAR_TRAIN_SIZE, batch), mesh)
   rows = parallel.process_slice(batch)
   images = parallel.global_batch(
       mesh, {k: v[rows] for k, v in _random_images(batch).items()})
-  return Step(stage0.jitted_step(model, tx, schedule, mean, std), (state, images), True)
+  return Step(step, (state, images), True)
 
 
 def generator_step(batch: int, dtype, mesh, student_passes: int) -> Step:
@@ -84,63 +77,45 @@ def generator_step(batch: int, dtype, mesh, student_passes: int) -> Step:
   2 runs the student a second time on detached images, as the reference code does.
   """
   config = generator_config.get_config()
-  teacher = _classifier(config, dtype)
-  student = _classifier(config, dtype)
-  generator = stage1.make_generator(config).clone(dtype=dtype)
-  total_steps = config.num_epochs * config.iters_per_epoch
-  g_tx = stage1.generator_optimizer(config)
-  s_tx, s_schedule = stage1.student_optimizer(config, total_steps)
-  hp = stage1.Hyper(batch, config.generator.latent_dim, config.lambda_is, config.lambda_bn,
-                    config.lambda_adv, single_student_pass=student_passes == 1)
+  config.batch_size, config.compute_dtype = batch, dtype.name
+  config.single_student_pass = student_passes == 1
+  teacher = _classifier(config, jnp.float32)
+  state, step = stage1.create_state_and_step(config, teacher, mesh)
   teacher_vars = _random_variables(teacher, mesh)
-  init = jax.jit(lambda key: stage1.create_state(generator, student, g_tx, s_tx, key,
-                                                 hp.latent_dim),
-                 out_shardings=parallel.replicated(mesh))
-  state = init(jax.random.key(config.seed))
-
-  step = stage1.jitted_step(generator, teacher, student, g_tx, s_tx, s_schedule, hp, mesh)
-  return Step(step, (state, teacher_vars, jax.random.key(config.seed + 1)), True)
+  return Step(step, (state, jax.random.key(config.seed + 1), teacher_vars), True)
 
 
-def _calibrated_student(config, teacher_vars, generator, g_vars, dtype):
+def _calibrated_student(config, teacher_vars, generator, g_vars):
   """stage 2's quantized student: the teacher's weights, clips calibrated on generated
   images by the configured rule (stages/finetune.py run())."""
-  (w, a), = ptq.parse_bits(config.bits)
+  (w, a), = q.parse_bits(config.bits)
   spec = q.QuantSpec(w, a, config.protocol)
   teacher_meta = {"depth": config.model.depth, "num_classes": data.num_classes(config.data.name)}
   teacher_vars = jax.device_get(teacher_vars)
   z = sample_latent(jax.random.key(config.seed + 3), CALIBRATION_BATCH, generator.latent_dim)
   images = generator.apply(g_vars, z, train=True, mutable=["batch_stats"])[0]
   summaries = ptq.summarize(teacher_vars, teacher_meta, [images], [config.calibration])
-  student, variables = ptq.quantize_and_calibrate(teacher_vars, teacher_meta, spec,
-                                                  config.calibration, summaries)
-  return student.clone(dtype=dtype), variables
+  return ptq.quantize_and_calibrate(teacher_vars, teacher_meta, spec, config.calibration,
+                                    summaries)
 
 
 def finetune_step(batch: int, dtype, mesh) -> Step:
   """stages/finetune.py: one KD step of the W4A4 student on fresh generated images."""
   config = finetune_config.get_config("w4a4")
-  g_config = generator_config.get_config()
-  teacher = _classifier(config, dtype)
-  generator = stage1.make_generator(g_config).clone(dtype=dtype)
+  config.batch_size, config.compute_dtype = batch, dtype.name
+  teacher = _classifier(config, jnp.float32)
+  generator = stage1.make_generator(generator_config.get_config())
   teacher_vars = _random_variables(teacher, mesh)
   g_vars = common.variables_of(
       generator.init(jax.random.key(1), jnp.zeros((2, generator.latent_dim))))
-  student, variables = _calibrated_student(config, teacher_vars, generator, g_vars, dtype)
-  s_tx, schedule = finetune.student_optimizer(config, config.steps_per_epoch)
-  g_tx = optax.adam(config.generator_learning_rate)
-  state = jax.device_put(finetune.FinetuneState(
-      jnp.zeros((), jnp.int32), g_vars, g_tx.init(g_vars["params"]), variables,
-      s_tx.init(variables["params"])), parallel.replicated(mesh))
-
-  config.batch_size = batch
-  step = finetune.jitted_step(config, generator, teacher, student, g_tx, s_tx, schedule,
-                              generator.latent_dim, mesh, config.data.mean, config.data.std)
-  return Step(step, (state, teacher_vars, jax.random.key(config.seed + 4), None), True)
+  student = _calibrated_student(config, teacher_vars, generator, g_vars)
+  state, step = finetune.create_state_and_step(config, teacher, (generator, g_vars), student,
+                                               mesh)
+  return Step(step, (state, jax.random.key(config.seed + 4), teacher_vars), True)
 
 
 def evaluate_step(batch: int, dtype, mesh) -> Step:
-  """stages/common.py `_count_correct`: one evaluation batch of `top1()`."""
+  """stages/common.py `count_correct`: one evaluation batch of `top1()`."""
   config = evaluate_config.get_config()
   model = _classifier(config, dtype)
   variables = _random_variables(model, mesh)
@@ -148,7 +123,7 @@ def evaluate_step(batch: int, dtype, mesh) -> Step:
   inputs = _random_images(batch)
   inputs["valid"] = np.ones(batch, bool)
   inputs = parallel.global_batch(mesh, {k: v[rows] for k, v in inputs.items()})
-  return Step(common._count_correct,
+  return Step(common.count_correct,
               (model, variables, inputs["images"], inputs["labels"], inputs["valid"],
                tuple(config.data.mean), tuple(config.data.std)), False)
 

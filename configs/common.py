@@ -37,3 +37,11 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   config.distributed.num_processes = 1  # 0: detect the cluster (Cloud TPU pod slices)
   config.distributed.process_id = 0
   return config
+
+
+def bits_and_scale(arg: str, default_bits: str) -> tuple[str, bool]:
+  """A config file argument of comma-separated bit widths and/or 'smoke', e.g. 'w4a4',
+  'smoke' or 'w8a8,w4a4,smoke' -> ('w8a8,w4a4', True)."""
+  words = [w.strip() for w in str(arg).split(",") if w.strip()]
+  bits = [w for w in words if w != "smoke"]
+  return ",".join(bits) or default_bits, "smoke" in words

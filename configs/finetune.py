@@ -1,14 +1,16 @@
-"""Stage 2: calibrate + KD fine-tune the quantized student. Arg: bit widths, e.g. 'w4a4'.
+"""Stage 2: calibrate + KD fine-tune the quantized student. Arg: bit widths, e.g. 'w4a4',
+with ',smoke' for a few steps on a few images (seconds; the tests' scale), e.g. 'w3a3,smoke'.
 
 python main.py --config=configs/finetune.py:w4a4 --workdir=DIR --config.data.dir=../shared/data
 Needs DIR/teacher and DIR/generator. Reference settings (METHOD.md) by default.
 `--config.data_source=real` gives the real-data QAT bound (DIR/qat_real_w4a4).
 """
 from configs import generator
-from configs.common import base_config
+from configs.common import base_config, bits_and_scale
 
 
-def get_config(bits: str = "w4a4"):
+def get_config(arg: str = "w4a4"):
+  bits, smoke = bits_and_scale(arg, "w4a4")
   config = base_config("finetune")
   config.bits = bits
   config.protocol = "dfqf"  # dfqf | standard
@@ -40,4 +42,8 @@ def get_config(bits: str = "w4a4"):
   config.checkpoint_every_steps = 391
   config.teacher_dir = ""
   config.generator_dir = ""
+  if smoke:
+    config.batch_size, config.steps_per_epoch, config.num_epochs = 16, 2, 1
+    config.calibration_batches, config.calibration_batch_size = 2, 16
+    config.log_every_steps = 1
   return config

@@ -19,9 +19,6 @@ from dfqf_jax import clip_rules
 from dfqf_jax import quant as q
 from dfqf_jax.models.resnet import QUANT_INPUTS, CifarResNet
 
-WEIGHT_CLIP, ACT_CLIP = "weight_clip", "act_clip"
-
-
 @functools.lru_cache
 def _param_paths(depth: int, num_classes: int, spec: q.QuantSpec) -> tuple:
   """The parameter paths of the quantized model (a trace of its init, done once per spec)."""
@@ -33,7 +30,7 @@ def _param_paths(depth: int, num_classes: int, spec: q.QuantSpec) -> tuple:
 def quantized_student(teacher_vars: dict, depth: int, num_classes: int, spec: q.QuantSpec):
   """(model, variables): the teacher with fake quantization inserted, clips set to 1."""
   teacher_params = traverse_util.flatten_dict(teacher_vars["params"])
-  params = {path: jnp.ones((), jnp.float32) if path[-1] in (WEIGHT_CLIP, ACT_CLIP)
+  params = {path: jnp.ones((), jnp.float32) if q.is_clip(path)
             else jnp.asarray(teacher_params[path])
             for path in _param_paths(depth, num_classes, spec)}
   variables = {"params": traverse_util.unflatten_dict(params),
@@ -82,7 +79,7 @@ def summarize(teacher_vars: dict, depth: int, num_classes: int, batches, methods
   """Reads the teacher's kernels and, on each batch, the inputs of every ReLU a quantized
   student may quantize (full-precision network, BNs in inference mode)."""
   methods = tuple(methods)
-  kernels = {path[:-1] + (WEIGHT_CLIP,): np.asarray(value) for path, value in
+  kernels = {path[:-1] + (q.WEIGHT_CLIP,): np.asarray(value) for path, value in
              traverse_util.flatten_dict(teacher_vars["params"]).items() if path[-1] == "kernel"}
   probe = CifarResNet(depth, num_classes, quant=q.QuantSpec(
       q.FULL_PRECISION_BITS, q.FULL_PRECISION_BITS, "standard"))
@@ -90,7 +87,7 @@ def summarize(teacher_vars: dict, depth: int, num_classes: int, batches, methods
   relu_inputs = {}
   for x in batches:
     recorded = traverse_util.flatten_dict(record(teacher_vars, x)[QUANT_INPUTS])
-    tensors = {path[:-1] + (ACT_CLIP,): np.asarray(value) for path, (value,) in recorded.items()}
+    tensors = {path[:-1] + (q.ACT_CLIP,): np.asarray(value) for path, (value,) in recorded.items()}
     for path, summary in _summarize_all(tensors, False, methods).items():
       relu_inputs.setdefault(path, []).append(summary)
   return Summaries(methods, _summarize_all(kernels, True, methods), relu_inputs)
@@ -104,10 +101,9 @@ def calibrate(variables: dict, spec: q.QuantSpec, method: str, summaries: Summar
   flat = traverse_util.flatten_dict(variables["params"])
   wanted = {}  # clip path -> the (summary, bits) pairs whose clips it averages
   for path in flat:
-    if path[-1] == WEIGHT_CLIP:
-      bits = spec.edge_weight_bits if path[0] in ("conv1", "linear") else spec.weight_bits
-      wanted[path] = [(summaries.weights[path], bits)]
-    elif path[-1] == ACT_CLIP:
+    if path[-1] == q.WEIGHT_CLIP:
+      wanted[path] = [(summaries.weights[path], spec.weight_bits_of(path[:-1]))]
+    elif path[-1] == q.ACT_CLIP:
       wanted[path] = [(s, spec.act_bits) for s in summaries.relu_inputs[path]]
   clips = iter(summaries.clips(method, [pair for pairs in wanted.values() for pair in pairs]))
   for path, pairs in wanted.items():

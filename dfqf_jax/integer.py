@@ -150,12 +150,13 @@ def build(variables: dict, spec: q.QuantSpec, depth: int, num_classes: int) -> t
   check_exportable(spec, "this model")
   params, stats = variables["params"], variables["batch_stats"]
   graph = {"protocol": spec.protocol, "weight_bits": spec.weight_bits,
-           "act_bits": spec.act_bits, "edge_weight_bits": spec.edge_weight_bits,
+           "act_bits": spec.act_bits, "edge_weight_bits": spec.weight_bits_of("conv1"),
            "depth": depth, "num_classes": num_classes, "layers": []}
   arrays = {}
 
-  def conv(name, p, bn, s, bits, stride, input_, output, act=None, shortcut=None):
-    codes = weight_codes(p["kernel"], p.get("weight_clip"), bits, spec.protocol)
+  def conv(name, p, bn, s, stride, input_, output, act=None, shortcut=None):
+    bits = spec.weight_bits_of(name.replace(".", "/"))
+    codes = weight_codes(p["kernel"], p.get(q.WEIGHT_CLIP), bits, spec.protocol)
     arrays.update({f"{name}.{k}": v for k, v in codes.items()})
     arrays.update({f"{name}.{k}": v for k, v in fold_bn(bn, s).items()})
     layer = {"name": name, "op": "conv", "input": input_, "output": output, "stride": stride,
@@ -163,11 +164,11 @@ def build(variables: dict, spec: q.QuantSpec, depth: int, num_classes: int) -> t
              "act_bits": None, "shortcut": shortcut}
     if act is not None:
       layer["act_bits"] = spec.act_bits
-      arrays[f"{name}.act_clip"] = np.float32(act["act_clip"])
-      arrays[f"{name}.act_step"] = act_step(act["act_clip"], spec.act_bits)
+      arrays[f"{name}.act_clip"] = np.float32(act[q.ACT_CLIP])
+      arrays[f"{name}.act_step"] = act_step(act[q.ACT_CLIP], spec.act_bits)
     graph["layers"].append(layer)
 
-  conv("conv1", params["conv1"], params["bn1"], stats["bn1"], spec.edge_weight_bits, 1,
+  conv("conv1", params["conv1"], params["bn1"], stats["bn1"], 1,
        "input", "stem", params.get("act1") if spec.quantize_stem_activation else None)
   x, channels = "stem", 16
   for stage, features in enumerate((16, 32, 64)):
@@ -175,18 +176,19 @@ def build(variables: dict, spec: q.QuantSpec, depth: int, num_classes: int) -> t
       stride = 2 if stage > 0 and block == 0 else 1
       b = f"layer{stage + 1}_{block}"
       p, s = params[b], stats[b]
-      conv(f"{b}.conv1", p["conv1"], p["bn1"], s["bn1"], spec.weight_bits, stride, x,
+      conv(f"{b}.conv1", p["conv1"], p["bn1"], s["bn1"], stride, x,
            f"{b}.act1", p["act1"])
-      conv(f"{b}.conv2", p["conv2"], p["bn2"], s["bn2"], spec.weight_bits, 1, f"{b}.act1",
+      conv(f"{b}.conv2", p["conv2"], p["bn2"], s["bn2"], 1, f"{b}.act1",
            f"{b}.act2", p["act2"], shortcut={"input": x, "stride": stride,
                                              "in_channels": channels})
       x, channels = f"{b}.act2", features
-  codes = weight_codes(params["linear"]["kernel"], params["linear"].get("weight_clip"),
-                       spec.edge_weight_bits, spec.protocol)
+  head_bits = spec.weight_bits_of("linear")
+  codes = weight_codes(params["linear"]["kernel"], params["linear"].get(q.WEIGHT_CLIP),
+                       head_bits, spec.protocol)
   arrays.update({f"linear.{k}": v for k, v in codes.items()})
   arrays["linear.bias"] = np.asarray(params["linear"]["bias"], np.float32)
   graph["layers"].append({"name": "linear", "op": "mean_dense", "input": x, "output": "logits",
-                          "weight_bits": spec.edge_weight_bits,
+                          "weight_bits": head_bits,
                           "shape": list(np.shape(params["linear"]["kernel"])),
                           "pool_positions": POOL_POSITIONS})
   arrays.update(requant_params(graph, arrays))

@@ -10,6 +10,7 @@ Gradients:
     forward function away from rounding boundaries.
 """
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,36 @@ def fake_quant_minmax_per_channel(w, bits: int):
   return w + jax.lax.stop_gradient(dequantized - w)
 
 
+WEIGHT_CLIP, ACT_CLIP = "weight_clip", "act_clip"  # the learned clip parameters' names
+
+
+def is_clip(param_path) -> bool:
+  """Whether a parameter (path of names, last = the parameter's) is a clip value."""
+  return param_path[-1] in (WEIGHT_CLIP, ACT_CLIP)
+
+
+def parse_bits(text: str) -> list[tuple[int, int]]:
+  """'w4a4' or 'w8a8,w4a4' -> [(8, 8), (4, 4)]."""
+  pairs = []
+  for item in str(text).lower().split(","):
+    item = item.strip()
+    try:
+      w, a = item.removeprefix("w").split("a")
+      pairs.append((int(w), int(a)))
+    except ValueError:
+      raise ValueError(f"bit widths {item!r} are not of the form w<bits>a<bits> (e.g. w4a4)."
+                       ) from None
+  return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationRule:
+  """Weights of the layers whose module path ('/'-joined, e.g. 'layer1_0/conv1') fully
+  matches the regular expression `module_path` are quantized to `weight_bits`."""
+  module_path: str
+  weight_bits: int
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
   """Which tensors of a ResNet are fake-quantized, and at which widths.
@@ -83,6 +114,9 @@ class QuantSpec:
   last dense at `first_last_weight_bits`, activations after both ReLUs of every residual
   block. protocol 'standard' (GDFQ/Qimera/IntraQ/HAST/SynQ tables): every conv and the
   dense layer at `weight_bits` with per-output-channel min/max, activations after every ReLU.
+
+  Each layer's weight width comes from `rules` (the first rule matching its module path):
+  the model, the calibration and the integer export all ask `weight_bits_of`.
   """
 
   weight_bits: int = 4
@@ -95,10 +129,18 @@ class QuantSpec:
       object.__setattr__(self, "first_last_weight_bits", self.weight_bits)
 
   @property
-  def edge_weight_bits(self) -> int:
+  def rules(self) -> tuple[QuantizationRule, ...]:
     if self.weight_bits == FULL_PRECISION_BITS:
-      return self.weight_bits
-    return self.first_last_weight_bits
+      return (QuantizationRule(".*", FULL_PRECISION_BITS),)
+    return (QuantizationRule("conv1|linear", self.first_last_weight_bits),  # stem and head
+            QuantizationRule(".*", self.weight_bits))
+
+  def weight_bits_of(self, module_path) -> int:
+    """The weight width of the layer at `module_path` (a '/'-joined string or a tuple)."""
+    if not isinstance(module_path, str):
+      module_path = "/".join(module_path)
+    return next(rule.weight_bits for rule in self.rules
+                if re.fullmatch(rule.module_path, module_path))
 
   @property
   def quantize_stem_activation(self) -> bool:

@@ -59,6 +59,15 @@ def jit_step(step: Callable, schedule: Callable, metric: str = "learning_rate"):
   return jax.jit(step_with_schedule, donate_argnums=0)
 
 
+def resume(ckpt, directory: str, state, meta: dict, name: str):
+  """(state, start step): the stage's latest checkpoint if there is one (saying so), else
+  the given initial state and step 0. See checkpoints.resume."""
+  state, start = checkpoints.resume(ckpt, directory, state, meta)
+  if start:
+    print(f"{name}: resuming from step {start}")
+  return state, start
+
+
 def is_main_process() -> bool:
   return jax.process_index() == 0
 

@@ -15,6 +15,11 @@ class ConfigError(UserError, ValueError):
   """A config field has a value the job cannot use."""
 
 
+def split_names(text: str) -> list[str]:
+  """A comma-separated config value ('max,ft') as a list of names."""
+  return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
 def _fail(field, value, allowed):
   raise ConfigError(f"config.{field}={value!r} is invalid; allowed: {allowed}.")
 
@@ -106,9 +111,8 @@ def generator(config) -> None:
 
 
 def _quantization(config) -> None:
-  from dfqf_jax.stages.ptq import parse_bits, split_names
   try:
-    pairs = parse_bits(config.bits)
+    pairs = quant.parse_bits(config.bits)
   except ValueError as e:
     raise ConfigError(f"config.bits={config.bits!r} is invalid: {e}") from None
   for w, a in pairs:

@@ -6,11 +6,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from cli import REPO
+from configs import finetune as finetune_config
+from configs import teacher as teacher_config
 from dfqf_jax import data, parallel, training
 from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
@@ -19,6 +20,7 @@ from dfqf_jax.stages import teacher as stage0
 
 
 ONE, ALL = tuple(jax.devices()[:1]), tuple(jax.devices())  # runs are cached by these keys
+pytestmark = pytest.mark.xdist_group("cached_runs")  # one worker computes each cached run
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,7 +41,7 @@ def run_steps(step, state, teacher_vars, num_steps, first_key):
   """num_steps jitted steps, step i with key first_key + i; returns (state, metrics list)."""
   history = []
   for i in range(num_steps):
-    state, metrics = step(state, teacher_vars, jax.random.key(first_key + i))
+    state, metrics = step(state, jax.random.key(first_key + i), teacher_vars)
     history.append(jax.device_get(metrics))
   return state, history
 
@@ -62,14 +64,12 @@ def assert_same_update(a, b, start, tol=1e-2):
 @functools.lru_cache
 def run_teacher_steps(devices, num_steps=3, batch_size=32):
   mesh = parallel.make_mesh(devices)
-  model = CifarResNet(20)
-  tx = training.sgd(0.01)
   rng = np.random.default_rng(0)
   split = data.Split(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
                      rng.integers(0, 10, 64).astype(np.int32))
-  state = jax.jit(lambda k: stage0.create_state(model, tx, k),
-                  out_shardings=parallel.replicated(mesh))(jax.random.key(0))
-  step = jax.jit(lambda s, b: stage0.train_step(model, tx, data.CIFAR_MEAN, data.CIFAR_STD, s, b))
+  config = teacher_config.get_config("smoke")
+  config.learning_rate, config.lr_milestones = 0.01, ()
+  state, step = stage0.create_state_and_step(config, steps_per_epoch=2, mesh=mesh)
   metrics = None
   for i in range(num_steps):
     batch = data.train_batch(split, batch_size, 0, i, slice(None))
@@ -99,10 +99,10 @@ def run_generator_steps(devices, num_steps=2, batch_size=16, single_pass=True):
   # would hide what is compared here (the losses below are compared under Adam's inputs).
   g_tx, s_tx = stage1.optax.sgd(0.01), training.sgd(0.1)
   hp = stage1.Hyper(batch_size, 24, 40.0, 0.1, 5.0, single_pass)
-  state = jax.jit(lambda k: stage1.create_state(generator, student, g_tx, s_tx, k, 24),
+  models = stage1.Models(generator, teacher, student)
+  state = jax.jit(lambda k: stage1.initial_state(models, g_tx, s_tx, hp, k),
                   out_shardings=parallel.replicated(mesh))(jax.random.key(0))
-  step = jax.jit(lambda s, tv, k: stage1.train_step(generator, teacher, student, g_tx, s_tx,
-                                                    hp, s, tv, k, mesh))
+  step = jax.jit(functools.partial(stage1.train_step, mesh=mesh))
   return run_steps(step, state, teacher_vars, num_steps, first_key=10)
 
 
@@ -142,15 +142,12 @@ def run_finetune_steps(devices, num_steps=2, batch_size=16):
                        mutable=["batch_stats"])[0]]
   summaries = calibration.summarize(teacher_vars, 20, 10, x, ["ft"])
   variables = calibration.calibrate(variables, spec, "ft", summaries)
-  s_tx, _ = finetune.student_optimizer(ml_collections.ConfigDict(dict(
-      learning_rate=0.01, lr_milestones=(), momentum=0.9, weight_decay=5e-4,
-      clip_learning_rate=1e-3)), steps_per_epoch=10)
-  state = jax.device_put(finetune.FinetuneState(
-      jnp.zeros((), jnp.int32), g_vars, (), variables, s_tx.init(variables["params"])),
-      parallel.replicated(mesh))
+  config = finetune_config.get_config("w4a4")
+  config.batch_size, config.learning_rate, config.lr_milestones = batch_size, 0.01, ()
+  config.clip_learning_rate = 1e-3
+  state, step = finetune.create_state_and_step(config, teacher, (generator, g_vars),
+                                               (student, variables), mesh)
   teacher_vars = parallel.replicate(mesh, teacher_vars)
-  step = jax.jit(lambda s, tv, k: finetune.kd_step(generator, teacher, student, s_tx,
-                                                   batch_size, 24, mesh, True, s, tv, k))
   return run_steps(step, state, teacher_vars, num_steps, first_key=20)
 
 

@@ -80,3 +80,39 @@ def test_per_channel_minmax_keeps_each_channels_range():
     assert np.abs(out[..., c] - w[..., c]).max() <= scale / 2 + 1e-6
   grad = jax.grad(lambda v: q.fake_quant_minmax_per_channel(v, 4).sum())(jnp.asarray(w))
   np.testing.assert_array_equal(grad, np.ones_like(w))
+
+
+def _weight_bits_in_model(spec: q.QuantSpec) -> dict:
+  """module path -> the weight width the built model quantizes it at, read off its
+  parameters: a `weight_clip` says a dfqf-protocol quantized kernel."""
+  from flax import traverse_util
+
+  from dfqf_jax.models.resnet import CifarResNet
+  shapes = jax.eval_shape(lambda: CifarResNet(20, quant=spec).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  return {"/".join(path[:-1]) for path in traverse_util.flatten_dict(shapes["params"])
+          if path[-1] == q.WEIGHT_CLIP}
+
+
+def test_quantization_rules_dfqf_keeps_the_stem_and_head_at_8_bits():
+  spec = q.QuantSpec(4, 4, "dfqf")
+  assert spec.weight_bits_of("conv1") == spec.weight_bits_of(("linear",)) == 8
+  assert spec.weight_bits_of("layer1_0/conv1") == spec.weight_bits_of("layer3_2/conv2") == 4
+  # The model quantizes every conv and the dense layer (one clip each): 19 convs + 1 dense.
+  assert len(_weight_bits_in_model(spec)) == 20
+
+
+def test_quantization_rules_standard_and_full_precision_use_one_width_everywhere():
+  standard = q.QuantSpec(3, 3, "standard")
+  assert {standard.weight_bits_of(p) for p in ("conv1", "layer2_1/conv1", "linear")} == {3}
+  assert standard.first_last_weight_bits == 3  # the metadata says so too
+  assert not _weight_bits_in_model(standard)  # per-channel min/max: no learned weight clips
+  fp = q.QuantSpec(q.FULL_PRECISION_BITS, 4, "dfqf")
+  assert fp.weight_bits_of("conv1") == fp.weight_bits_of("layer1_0/conv1") == 32
+  assert not _weight_bits_in_model(fp)
+
+
+def test_bit_widths_parse_or_say_the_form():
+  assert q.parse_bits("w8a8, W4A4") == [(8, 8), (4, 4)]
+  with pytest.raises(ValueError, match="w<bits>a<bits>"):
+    q.parse_bits("4bit")

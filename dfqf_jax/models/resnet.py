@@ -27,13 +27,15 @@ def blocks_per_stage(depth: int) -> int:
   return (depth - 2) // 6
 
 
-def _quantize_weight(module: nn.Module, w, bits: int, protocol: str):
-  """Fake-quantizes a kernel (output channels last) following the protocol."""
+def _quantize_weight(module: nn.Module, w):
+  """Fake-quantizes a kernel (output channels last) as module.quant says for its path."""
+  spec = module.quant
+  bits = spec.weight_bits_of(module.path) if spec else q.FULL_PRECISION_BITS
   if bits == q.FULL_PRECISION_BITS:
     return w
-  if protocol == "standard":
+  if spec.protocol == "standard":
     return q.fake_quant_minmax_per_channel(w, bits)
-  clip = module.param("weight_clip", nn.initializers.ones, (), jnp.float32)
+  clip = module.param(q.WEIGHT_CLIP, nn.initializers.ones, (), jnp.float32)
   return q.fake_quant_signed(w, clip, bits)
 
 
@@ -42,13 +44,12 @@ class QuantConv(nn.Module):
 
   features: int
   strides: int = 1
-  weight_bits: int = q.FULL_PRECISION_BITS
-  protocol: str = "dfqf"
+  quant: q.QuantSpec | None = None
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", kaiming_normal, (3, 3, x.shape[-1], self.features))
-    kernel = _quantize_weight(self, kernel, self.weight_bits, self.protocol)
+    kernel = _quantize_weight(self, kernel)
     return jax.lax.conv_general_dilated(
         x, kernel.astype(x.dtype), (self.strides, self.strides), ((1, 1), (1, 1)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -58,15 +59,14 @@ class QuantDense(nn.Module):
   """Dense layer with bias; optionally fake-quantized weights (bias stays float)."""
 
   features: int
-  weight_bits: int = q.FULL_PRECISION_BITS
-  protocol: str = "dfqf"
+  quant: q.QuantSpec | None = None
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", kaiming_normal, (x.shape[-1], self.features))
     bias = self.param("bias", torch_default_uniform((0,)), (self.features,), jnp.float32,
                       x.shape[-1])
-    kernel = _quantize_weight(self, kernel, self.weight_bits, self.protocol)
+    kernel = _quantize_weight(self, kernel)
     return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
 
 
@@ -86,7 +86,7 @@ class QuantReLU(nn.Module):
     x = nn.relu(x)
     if self.bits == q.FULL_PRECISION_BITS:
       return x
-    clip = self.param("act_clip", nn.initializers.ones, (), jnp.float32)
+    clip = self.param(q.ACT_CLIP, nn.initializers.ones, (), jnp.float32)
     return q.fake_quant_unsigned(x, clip.astype(x.dtype), self.bits)
 
 
@@ -107,14 +107,12 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    bits = self.quant.weight_bits if self.quant else q.FULL_PRECISION_BITS
-    protocol = self.quant.protocol if self.quant else "dfqf"
     relu = (lambda y, name: QuantReLU(self.quant.act_bits, name=name)(y)) if self.quant else (
         lambda y, name: nn.relu(y))
-    y = QuantConv(self.features, self.strides, bits, protocol, name="conv1")(x)
+    y = QuantConv(self.features, self.strides, self.quant, name="conv1")(x)
     y = BatchNorm(use_running_average=not self.train, name="bn1")(y)
     y = relu(y, "act1")
-    y = QuantConv(self.features, 1, bits, protocol, name="conv2")(y)
+    y = QuantConv(self.features, 1, self.quant, name="conv2")(y)
     y = BatchNorm(use_running_average=not self.train, name="bn2")(y)
     return relu(y + _option_a_shortcut(x, self.features, self.strides), "act2")
 
@@ -130,9 +128,7 @@ class CifarResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.astype(self.dtype)
-    edge_bits = self.quant.edge_weight_bits if self.quant else q.FULL_PRECISION_BITS
-    protocol = self.quant.protocol if self.quant else "dfqf"
-    x = QuantConv(16, 1, edge_bits, protocol, name="conv1")(x)
+    x = QuantConv(16, 1, self.quant, name="conv1")(x)
     x = BatchNorm(use_running_average=not train, name="bn1")(x)
     if self.quant and self.quant.quantize_stem_activation:
       x = QuantReLU(self.quant.act_bits, name="act1")(x)
@@ -144,5 +140,5 @@ class CifarResNet(nn.Module):
         x = BasicBlock(features, strides, train, self.quant,
                        name=f"layer{stage + 1}_{block}")(x)
     x = x.mean(axis=(1, 2))
-    x = QuantDense(self.num_classes, edge_bits, protocol, name="linear")(x)
+    x = QuantDense(self.num_classes, self.quant, name="linear")(x)
     return x.astype(jnp.float32)

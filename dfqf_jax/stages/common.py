@@ -47,7 +47,8 @@ def variables_of(state, path=()) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _count_correct(model, variables, images, labels, valid, mean, std):
+def count_correct(model, variables, images, labels, valid, mean, std):
+  """The number of valid images that `model` classifies right: one batch of `top1`."""
   logits = model.apply(variables, data.normalize(images, mean, std), train=False)
   correct = (jnp.argmax(logits, -1) == labels) & valid
   return correct.sum()
@@ -72,9 +73,25 @@ def top1(model, variables, split: data.Split, mean, std, mesh, batch_size: int =
     batch = parallel.global_batch(mesh, {"images": split.images[idx][rows],
                                          "labels": split.labels[idx][rows],
                                          "valid": valid[rows]})
-    correct += _count_correct(model, variables, batch["images"], batch["labels"],
+    correct += count_correct(model, variables, batch["images"], batch["labels"],
                               batch["valid"], tuple(mean), tuple(std))
   return float(correct) / len(split)
+
+
+def top1_evaluator(model, variables_of_state, splits: dict, mean, std, mesh,
+                   steps_per_epoch: int, prefix: str = ""):
+  """evaluate(state, step) for training.run_steps: the epoch and `{prefix}{name}_top1` of
+  `model` with variables_of_state(state) on each non-empty split of `splits` (name -> split;
+  None for none)."""
+  def evaluate(state, step) -> dict:
+    variables = variables_of_state(state)
+    result = {"epoch": step / steps_per_epoch}
+    for name, split in splits.items():
+      if split is not None and len(split):
+        result[f"{prefix}{name}_top1"] = top1(model, variables, split, mean, std, mesh)
+    return result
+
+  return evaluate
 
 
 def num_params(params) -> int:

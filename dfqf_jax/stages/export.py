@@ -35,9 +35,8 @@ def validate(config) -> None:
         f"config.student={student!r} is invalid; allowed: the name of a quantized model's "
         "folder in --workdir, e.g. student_w4a4 or ptq_w4a4_ft_dfqf.")
   if config.bits:
-    from dfqf_jax.stages.ptq import parse_bits
     try:
-      pairs = parse_bits(config.bits)
+      pairs = q.parse_bits(config.bits)
     except ValueError as e:
       raise validation.ConfigError(f"config.bits={config.bits!r} is invalid: {e}") from None
     if len(pairs) != 1 or any(b not in q.VALID_BITS[:-1] for b in pairs[0]):
@@ -84,7 +83,7 @@ def float32_bytes(variables: dict) -> int:
   statistics, clips left out)."""
   flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(
       {"params": variables["params"], "batch_stats": variables["batch_stats"]}).items()
-          if k[-1] not in ("weight_clip", "act_clip")}
+          if not q.is_clip(k)}
   buffer = io.BytesIO()
   np.savez(buffer, **flat)
   return buffer.tell()
@@ -135,8 +134,7 @@ def run(config, workdir: str) -> dict:
   name = config.student
   spec, variables, entry, checkpoint, step = load_student(workdir, name)
   if config.bits:
-    from dfqf_jax.stages.ptq import parse_bits
-    (w, a), = parse_bits(config.bits)
+    (w, a), = q.parse_bits(config.bits)
     if (w, a) != (spec.weight_bits, spec.act_bits):
       raise checkpoints.CheckpointError(
           f"config.bits={config.bits!r} but the checkpoint {name!r} is W{spec.weight_bits}"

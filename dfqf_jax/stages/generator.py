@@ -15,6 +15,7 @@ that too (the student's BN running statistics are then updated twice per iterati
 """
 import functools
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +34,11 @@ STAGE_DIR = "generator"
 LOSS_KEYS = ("loss_g", "loss_is", "loss_bn", "loss_adv")
 
 
-@struct.dataclass
-class GeneratorState:
-  step: jax.Array
-  generator: dict  # {'params', 'batch_stats'}
-  g_opt_state: optax.OptState
-  student: dict
-  s_opt_state: optax.OptState
+class Models(NamedTuple):
+  """The modules of a stage-1 iteration (in the step's compute dtype)."""
+  generator: Generator
+  teacher: CifarResNet
+  student: CifarResNet
 
 
 @struct.dataclass
@@ -51,6 +50,21 @@ class Hyper:
   lambda_bn: float = struct.field(pytree_node=False)
   lambda_adv: float = struct.field(pytree_node=False)
   single_student_pass: bool = struct.field(pytree_node=False, default=True)
+
+
+class GeneratorState(struct.PyTreeNode):
+  """Generator and FP student with their optimizer states; the modules, optimizers and
+  settings ride along as static fields (as in flax's TrainState), so the iteration is
+  step(state, key, teacher_vars)."""
+  step: jax.Array
+  generator: dict  # {'params', 'batch_stats'}
+  g_opt_state: optax.OptState
+  student: dict
+  s_opt_state: optax.OptState
+  models: Models = struct.field(pytree_node=False)
+  g_tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  s_tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  hp: Hyper = struct.field(pytree_node=False)
 
 
 def make_generator(config) -> Generator:
@@ -67,19 +81,23 @@ def student_optimizer(config, total_steps: int):
   return training.sgd(schedule, config.student.momentum, config.student.weight_decay), schedule
 
 
-def create_state(generator, student, g_tx, s_tx, key, latent_dim) -> GeneratorState:
+def initial_state(models: Models, g_tx, s_tx, hp: Hyper, key) -> GeneratorState:
+  """A fresh generator and student (the student initialized from scratch, as the reference)."""
   g_key, s_key = jax.random.split(key)
-  g_vars = generator.init(g_key, jnp.zeros((2, latent_dim)))
-  s_vars = student.init(s_key, jnp.zeros((1, 32, 32, 3)))
+  g_vars = models.generator.init(g_key, jnp.zeros((2, hp.latent_dim)))
+  s_vars = models.student.init(s_key, jnp.zeros((1, 32, 32, 3)))
   g = {"params": g_vars["params"], "batch_stats": g_vars["batch_stats"]}
   s = {"params": s_vars["params"], "batch_stats": s_vars["batch_stats"]}
   return GeneratorState(jnp.zeros((), jnp.int32), g, g_tx.init(g["params"]), s,
-                        s_tx.init(s["params"]))
+                        s_tx.init(s["params"]), models, g_tx, s_tx, hp)
 
 
-def train_step(generator, teacher, student, g_tx, s_tx, hp: Hyper, state: GeneratorState,
-               teacher_vars, key, mesh=None):
-  """One DFQF stage-1 iteration on a global batch (see the module docstring)."""
+def train_step(state: GeneratorState, key, teacher_vars, mesh=None):
+  """One DFQF stage-1 iteration on a global batch (see the module docstring).
+
+  Also runs on any state with GeneratorState's fields (fine-tuning's adversarial option)."""
+  generator, teacher, student = state.models
+  hp = state.hp
   z = sample_latent(key, hp.batch_size, hp.latent_dim)
   if mesh is not None:
     z = jax.lax.with_sharding_constraint(z, parallel.batch_sharding(mesh))
@@ -118,14 +136,18 @@ def train_step(generator, teacher, student, g_tx, s_tx, hp: Hyper, state: Genera
     (_, s_stats), s_grads = jax.value_and_grad(student_loss, has_aux=True)(
         state.student["params"])
 
-  g_updates, g_opt_state = g_tx.update(g_grads, state.g_opt_state, state.generator["params"])
-  s_updates, s_opt_state = s_tx.update(s_grads, state.s_opt_state, state.student["params"])
-  new_state = GeneratorState(
-      state.step + 1,
-      {"params": optax.apply_updates(state.generator["params"], g_updates),
-       "batch_stats": g_stats}, g_opt_state,
-      {"params": optax.apply_updates(state.student["params"], s_updates),
-       "batch_stats": s_stats}, s_opt_state)
+  g_updates, g_opt_state = state.g_tx.update(g_grads, state.g_opt_state,
+                                             state.generator["params"])
+  s_updates, s_opt_state = state.s_tx.update(s_grads, state.s_opt_state,
+                                             state.student["params"])
+  new_state = state.replace(
+      step=state.step + 1,
+      generator={"params": optax.apply_updates(state.generator["params"], g_updates),
+                 "batch_stats": g_stats},
+      g_opt_state=g_opt_state,
+      student={"params": optax.apply_updates(state.student["params"], s_updates),
+               "batch_stats": s_stats},
+      s_opt_state=s_opt_state)
   probs = jax.nn.softmax(t)
   histogram = jnp.bincount(jnp.argmax(t, -1), length=t.shape[-1]) / t.shape[0]
   metrics.update(teacher_max_prob=probs.max(-1).mean(),
@@ -133,10 +155,25 @@ def train_step(generator, teacher, student, g_tx, s_tx, hp: Hyper, state: Genera
   return new_state, metrics
 
 
-def jitted_step(generator, teacher, student, g_tx, s_tx, s_schedule, hp: Hyper, mesh):
-  """The stage's iteration as run() dispatches it: step(state, teacher_vars, key)."""
-  step = functools.partial(train_step, generator, teacher, student, g_tx, s_tx, hp, mesh=mesh)
-  return training.jit_step(step, s_schedule, "student_learning_rate")
+def total_steps_of(config) -> int:
+  return config.num_epochs * config.iters_per_epoch
+
+
+def create_state_and_step(config, teacher: CifarResNet, mesh):
+  """(initial state replicated on `mesh`, jitted step(state, key, teacher_vars)).
+
+  The modules compute in config.compute_dtype; the step logs the student's learning rate."""
+  dtype = common.compute_dtype(config)
+  models = Models(make_generator(config).clone(dtype=dtype), teacher.clone(dtype=dtype),
+                  CifarResNet(teacher.depth, teacher.num_classes, dtype=dtype))
+  g_tx = generator_optimizer(config)
+  s_tx, s_schedule = student_optimizer(config, total_steps_of(config))
+  hp = Hyper(config.batch_size, config.generator.latent_dim, config.lambda_is,
+             config.lambda_bn, config.lambda_adv, config.single_student_pass)
+  state = jax.jit(lambda key: initial_state(models, g_tx, s_tx, hp, key),
+                  out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
+  step = functools.partial(train_step, mesh=mesh)
+  return state, training.jit_step(step, s_schedule, "student_learning_rate")
 
 
 def stage_meta(config, teacher_meta) -> dict:
@@ -194,46 +231,32 @@ def run(config, workdir: str) -> None:
   test_split = data.load_split(teacher_meta["dataset"], "test", config.data.dir)
   val_split = held_out_training_images(config, teacher_meta["dataset"])
 
-  total_steps = config.num_epochs * config.iters_per_epoch
-  generator = make_generator(config)
-  student = CifarResNet(teacher_meta["depth"], teacher_meta["num_classes"])
-  dtype = common.compute_dtype(config)  # the step's models; evaluation and grids stay float32
-  g_model, t_model, s_model = (m.clone(dtype=dtype) for m in (generator, teacher, student))
-  g_tx = generator_optimizer(config)
-  s_tx, s_schedule = student_optimizer(config, total_steps)
-  hp = Hyper(config.batch_size, config.generator.latent_dim, config.lambda_is,
-             config.lambda_bn, config.lambda_adv, config.single_student_pass)
+  total_steps = total_steps_of(config)
   lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
   meta = {**stage_meta(config, teacher_meta), "total_steps": total_steps, "lineage": lineage}
   checkpoints.check_lineage(stage_dir, "generator", lineage, config.on_stale_upstream)
-
-  replicated = parallel.replicated(mesh)
-  teacher_vars = parallel.replicate(mesh, teacher_vars)
-  state = jax.jit(lambda k: create_state(generator, student, g_tx, s_tx, k, hp.latent_dim),
-                  out_shardings=replicated)(jax.random.key(config.seed))
+  state, step_fn = create_state_and_step(config, teacher, mesh)
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
-  state, start = checkpoints.resume(ckpt, stage_dir, state, meta)
-  if start:
-    print(f"generator: resuming from step {start}")
+  state, start = training.resume(ckpt, stage_dir, state, meta, "generator")
 
-  step_fn = jitted_step(g_model, t_model, s_model, g_tx, s_tx, s_schedule, hp, mesh)
+  teacher_vars = parallel.replicate(mesh, teacher_vars)
   base_key = jax.random.key(config.seed + 1)
 
   def do_step(state, step):
-    return step_fn(state, teacher_vars, jax.random.fold_in(base_key, step))
+    return step_fn(state, jax.random.fold_in(base_key, step), teacher_vars)
+
+  generator = make_generator(config)  # evaluation and grids in float32
+  student_top1 = common.top1_evaluator(
+      CifarResNet(teacher_meta["depth"], teacher_meta["num_classes"]),
+      lambda state: common.variables_of(state.student), {"test": test_split, "val": val_split},
+      teacher_meta["mean"], teacher_meta["std"], mesh, config.iters_per_epoch, "student_")
 
   def evaluate(state, step):
-    s_vars = common.variables_of(state.student)
-    top1 = functools.partial(common.top1, student, s_vars, mean=teacher_meta["mean"],
-                             std=teacher_meta["std"], mesh=mesh)
-    result = {"epoch": step / config.iters_per_epoch, "student_test_top1": top1(test_split)}
-    if val_split is not None:
-      result["student_val_top1"] = top1(val_split)
     if training.is_main_process():
-      path = os.path.join(stage_dir, "grid.png")
-      save_grid(path, generator, state.generator, teacher, teacher_vars, hp.latent_dim,
-                teacher_meta, jax.random.key(config.seed + 2), config.grid_images)
-    return result
+      save_grid(os.path.join(stage_dir, "grid.png"), generator, state.generator, teacher,
+                teacher_vars, config.generator.latent_dim, teacher_meta,
+                jax.random.key(config.seed + 2), config.grid_images)
+    return student_top1(state, step)
 
   training.run_steps(name="generator", ckpt=ckpt, state=state, start_step=start,
                      total_steps=total_steps, train_step=do_step, meta=meta,

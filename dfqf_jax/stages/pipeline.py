@@ -68,7 +68,7 @@ def stage_configs(config) -> list:
     stages.append(("teacher", teacher.run, validation.teacher, with_shared(config.teacher_stage)))
   stages.append(("generator", generator.run, validation.generator,
                  with_shared(config.generator_stage)))
-  for bits in ptq.split_names(config.bits):
+  for bits in validation.split_names(config.bits):
     sub = with_shared(config.finetune_stage)
     sub.bits = bits
     for field, source in FROM_GENERATOR_STAGE.items():
@@ -85,7 +85,7 @@ def stage_configs(config) -> list:
 
 def validate(config) -> None:
   validation.common(config, splits=("test",))  # each stage checks the splits it reads
-  if not ptq.split_names(config.bits):
+  if not validation.split_names(config.bits):
     raise validation.ConfigError(f"config.bits={config.bits!r} names no student to fine-tune; "
                                  "give one or more of w<W>a<A>, e.g. --config.bits=w4a4.")
   for _, _, check, sub in stage_configs(config):

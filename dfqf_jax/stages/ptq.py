@@ -11,29 +11,11 @@ import time
 import jax
 import numpy as np
 
-from dfqf_jax import calibration, checkpoints, data, training
+from dfqf_jax import calibration, checkpoints, data, training, validation
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import sample_latent
 from dfqf_jax.stages import common, evaluate
 from dfqf_jax.stages import generator as stage1
-
-
-def parse_bits(text: str) -> list[tuple[int, int]]:
-  """'w4a4' or 'w8a8,w4a4' -> [(8, 8), (4, 4)]."""
-  pairs = []
-  for item in str(text).lower().split(","):
-    item = item.strip()
-    try:
-      w, a = item.removeprefix("w").split("a")
-      pairs.append((int(w), int(a)))
-    except ValueError:
-      raise ValueError(f"bit widths {item!r} are not of the form w<bits>a<bits> (e.g. w4a4)."
-                       ) from None
-  return pairs
-
-
-def split_names(text: str) -> list[str]:
-  return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
 def model_name(prefix: str, w: int, a: int, method: str, protocol: str, source: str) -> str:
@@ -78,11 +60,11 @@ def run(config, workdir: str, evaluate_after: bool = True) -> dict | None:
     lineage["generator"] = g_meta[checkpoints.ORIGIN]
   batches = calibration_batches(config, teacher_meta, config.calibration_data,
                                 jax.random.key(config.seed + 3), generator)
-  methods = split_names(config.calibration)
+  methods = validation.split_names(config.calibration)
   summaries = None  # every bit width, protocol and method: from one reading of the tensors
   shared_seconds = time.time() - started
-  for w, a in parse_bits(config.bits):
-    for protocol in split_names(config.protocol):
+  for w, a in q.parse_bits(config.bits):
+    for protocol in validation.split_names(config.protocol):
       for method in methods:
         spec = q.QuantSpec(w, a, protocol)
         name = model_name("ptq", w, a, method, protocol, config.calibration_data)

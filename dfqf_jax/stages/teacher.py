@@ -5,6 +5,7 @@ import os
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 from flax import struct
 
 from dfqf_jax import checkpoints, data, parallel, training
@@ -13,40 +14,52 @@ from dfqf_jax.models.resnet import CifarResNet
 from dfqf_jax.stages import common
 
 
-@struct.dataclass
-class TeacherState:
+class TeacherState(struct.PyTreeNode):
+  """The teacher's training state; `model` and `tx` ride along as static fields (as in flax's
+  TrainState), so the step is step(state, batch)."""
   step: jax.Array
   params: dict
   batch_stats: dict
   opt_state: optax.OptState
+  model: nn.Module = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
 
-def create_state(model, tx, key) -> TeacherState:
-  variables = model.init(key, jnp.zeros((1, 32, 32, 3)), train=False)
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  return TeacherState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
-
-
-def train_step(model, tx, mean, std, state: TeacherState, batch):
+def train_step(state: TeacherState, batch, mean, std):
   """One SGD step on a global batch: cross-entropy, BN in training mode."""
   images = data.normalize(batch["images"], mean, std)
 
   def loss_fn(params):
-    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                  images, train=True, mutable=["batch_stats"])
+    logits, updates = state.model.apply({"params": params, "batch_stats": state.batch_stats},
+                                        images, train=True, mutable=["batch_stats"])
     return cross_entropy(logits, batch["labels"]), (logits, updates["batch_stats"])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  state = TeacherState(state.step + 1, optax.apply_updates(state.params, updates),
-                       batch_stats, opt_state)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
   return state, {"loss": loss, "train_top1": top1_correct(logits, batch["labels"]).mean()}
 
 
-def jitted_step(model, tx, schedule, mean, std):
-  """The stage's step as run() dispatches it: step(state, batch) -> (state, metrics)."""
-  return training.jit_step(functools.partial(train_step, model, tx, mean, std), schedule)
+def create_state_and_step(config, steps_per_epoch: int, mesh):
+  """(initial state replicated on `mesh`, jitted step(state, batch) -> (state, metrics)).
+
+  The step's model computes in config.compute_dtype; the step logs its learning rate."""
+  schedule = training.step_decay(config.learning_rate, config.lr_milestones, steps_per_epoch)
+  tx = training.sgd(schedule, config.momentum, config.weight_decay)
+  model = CifarResNet(config.model.depth, data.num_classes(config.data.name),
+                      dtype=common.compute_dtype(config))
+
+  def init(key):
+    variables = model.init(key, jnp.zeros((1, 32, 32, 3)), train=False)
+    params = variables["params"]
+    return TeacherState(jnp.zeros((), jnp.int32), params, variables["batch_stats"],
+                        tx.init(params), model, tx)
+
+  state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
+  step = functools.partial(train_step, mean=tuple(config.data.mean), std=tuple(config.data.std))
+  return state, training.jit_step(step, schedule)
 
 
 def run(config, workdir: str) -> None:
@@ -60,23 +73,12 @@ def run(config, workdir: str) -> None:
 
   per_epoch = data.steps_per_epoch(len(train_split), config.batch_size)
   total_steps = config.num_steps or config.num_epochs * per_epoch
-  schedule = training.step_decay(config.learning_rate, config.lr_milestones, per_epoch)
-  tx = training.sgd(schedule, config.momentum, config.weight_decay)
-  model = CifarResNet(config.model.depth, data.num_classes(config.data.name))
-  train_model = model.clone(dtype=common.compute_dtype(config))
   meta = common.classifier_meta(config.model.depth, config.data.name, mean, std,
                                 source="trained", model_name="teacher",
                                 total_steps=total_steps)
-
-  replicated = parallel.replicated(mesh)
-  init = jax.jit(lambda key: create_state(model, tx, key), out_shardings=replicated)
-  state = init(jax.random.key(config.seed))
+  state, step_fn = create_state_and_step(config, per_epoch, mesh)
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
-  state, start = checkpoints.resume(ckpt, stage_dir, state, meta)
-  if start:
-    print(f"teacher: resuming from step {start}")
-
-  step_fn = jitted_step(train_model, tx, schedule, mean, std)
+  state, start = training.resume(ckpt, stage_dir, state, meta, "teacher")
   rows = parallel.process_slice(config.batch_size)
 
   def do_step(state, step):
@@ -84,14 +86,10 @@ def run(config, workdir: str) -> None:
                              config.data.augment)
     return step_fn(state, parallel.global_batch(mesh, batch))
 
-  def evaluate(state, step):
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    result = {"epoch": step / per_epoch,
-              "test_top1": common.top1(model, variables, test_split, mean, std, mesh)}
-    if len(val_split):
-      result["val_top1"] = common.top1(model, variables, val_split, mean, std, mesh)
-    return result
-
+  evaluate = common.top1_evaluator(
+      CifarResNet(config.model.depth, data.num_classes(config.data.name)),
+      lambda state: {"params": state.params, "batch_stats": state.batch_stats},
+      {"test": test_split, "val": val_split}, mean, std, mesh, per_epoch)
   training.run_steps(name="teacher", ckpt=ckpt, state=state, start_step=start,
                      total_steps=total_steps, train_step=do_step, meta=meta,
                      log_every=config.log_every_steps, evaluate=evaluate,
