@@ -19,7 +19,7 @@ from configs import evaluate as evaluate_config
 from configs import finetune as finetune_config
 from configs import generator as generator_config
 from configs import teacher as teacher_config
-from dfqf_jax import data, parallel
+from dfqf_jax import data, parallel, rng
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import sample_latent
 from dfqf_jax.models.resnet import CifarResNet
@@ -82,7 +82,7 @@ def generator_step(batch: int, dtype, mesh, student_passes: int) -> Step:
   teacher = _classifier(config, jnp.float32)
   state, step = stage1.create_state_and_step(config, teacher, mesh)
   teacher_vars = _random_variables(teacher, mesh)
-  return Step(step, (state, jax.random.key(config.seed + 1), teacher_vars), True)
+  return Step(step, (state, rng.key(config.seed, rng.STAGE1_LATENTS), teacher_vars), True)
 
 
 def _calibrated_student(config, teacher_vars, generator, g_vars):
@@ -92,7 +92,7 @@ def _calibrated_student(config, teacher_vars, generator, g_vars):
   spec = q.QuantSpec(w, a, config.protocol)
   teacher_meta = {"depth": config.model.depth, "num_classes": data.num_classes(config.data.name)}
   teacher_vars = jax.device_get(teacher_vars)
-  z = sample_latent(jax.random.key(config.seed + 3), CALIBRATION_BATCH, generator.latent_dim)
+  z = sample_latent(rng.key(config.seed, rng.CALIBRATION_LATENTS), CALIBRATION_BATCH, generator.latent_dim)
   images = generator.apply(g_vars, z, train=True, mutable=["batch_stats"])[0]
   summaries = ptq.summarize(teacher_vars, teacher_meta, [images], [config.calibration])
   return ptq.quantize_and_calibrate(teacher_vars, teacher_meta, spec, config.calibration,
@@ -111,7 +111,7 @@ def finetune_step(batch: int, dtype, mesh) -> Step:
   student = _calibrated_student(config, teacher_vars, generator, g_vars)
   state, step = finetune.create_state_and_step(config, teacher, (generator, g_vars), student,
                                                mesh)
-  return Step(step, (state, jax.random.key(config.seed + 4), teacher_vars), True)
+  return Step(step, (state, rng.key(config.seed, rng.FINETUNE_LATENTS), teacher_vars), True)
 
 
 def evaluate_step(batch: int, dtype, mesh) -> Step:

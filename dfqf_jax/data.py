@@ -17,7 +17,7 @@ import zipfile
 
 import numpy as np
 
-from dfqf_jax import fetch, storage
+from dfqf_jax import fetch, rng, storage
 from dfqf_jax.errors import UserError
 
 DATASETS = {"cifar10": 10, "cifar100": 100}
@@ -143,7 +143,7 @@ def train_validation_split(train: Split, validation_size: int, seed: int) -> tup
   """Holds out `validation_size` training images (fixed by seed) for model selection."""
   if validation_size <= 0:
     return train, Split(train.images[:0], train.labels[:0])
-  order = np.random.default_rng([seed, 7]).permutation(len(train))
+  order = np.random.default_rng([seed, rng.VALIDATION_SPLIT]).permutation(len(train))
   held, kept = np.sort(order[:validation_size]), np.sort(order[validation_size:])
   return (Split(train.images[kept], train.labels[kept]),
           Split(train.images[held], train.labels[held]))
@@ -162,13 +162,13 @@ def train_batch_indices(num_examples: int, batch_size: int, seed: int, step: int
   return order[position * batch_size:(position + 1) * batch_size]
 
 
-def augment(images: np.ndarray, rng: np.random.Generator, padding: int = 4) -> np.ndarray:
+def augment(images: np.ndarray, random: np.random.Generator, padding: int = 4) -> np.ndarray:
   """Random crop with zero padding + random horizontal flip, per image (uint8 NHWC)."""
   n, h, w, _ = images.shape
   padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  dy = rng.integers(0, 2 * padding + 1, n)
-  dx = rng.integers(0, 2 * padding + 1, n)
-  flip = rng.random(n) < 0.5
+  dy = random.integers(0, 2 * padding + 1, n)
+  dx = random.integers(0, 2 * padding + 1, n)
+  flip = random.random(n) < 0.5
   rows = dy[:, None] + np.arange(h)[None, :]
   cols = dx[:, None] + np.arange(w)[None, :]
   cols = np.where(flip[:, None], cols[:, ::-1], cols)

@@ -8,6 +8,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm import tqdm
@@ -191,14 +192,32 @@ def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
   try:
     if evaluate_start and evaluate is not None and start_step == 0:
       writer.write(0, evaluate(state, 0))
-    return _run_steps(name, ckpt, state, start_step, total_steps, train_step, meta, writer,
-                      log_every, loss_keys, evaluate, eval_every)
+    return _run_steps(name=name, ckpt=ckpt, state=state, start_step=start_step,
+                      total_steps=total_steps, train_step=train_step, meta=meta,
+                      writer=writer, log_every=log_every, loss_keys=loss_keys,
+                      evaluate=evaluate, eval_every=eval_every)
   finally:
     writer.close()
     ckpt.close()
 
 
-def _run_steps(name, ckpt, state, start_step, total_steps, train_step, meta, writer,
+@jax.jit
+def _all_finite(state) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def check_finite_state(state, step: int, loss_keys) -> None:
+  """A save never stores NaN/Inf: the losses logged so far are computed before each update,
+  so they can all be finite while the last update already overflowed the parameters."""
+  if not bool(_all_finite(state)):
+    raise NonFiniteLossError(
+        f"the training state became NaN or Inf by step {step} (the losses "
+        f"{', '.join(map(repr, loss_keys))} were still finite); the run stopped and the last "
+        "good checkpoint is kept. Lower the learning rate or the loss weights.")
+
+
+def _run_steps(*, name, ckpt, state, start_step, total_steps, train_step, meta, writer,
                log_every, loss_keys, evaluate, eval_every):
   history, evaluated = [], {}
   if is_main_process() and start_step < total_steps:  # the first call compiles, silently
@@ -226,6 +245,7 @@ def _run_steps(name, ckpt, state, start_step, total_steps, train_step, meta, wri
         writer.write(done, summary)
         bar.set_postfix({k: f"{v:.4g}" for k, v in list(summary.items())[:4]})
       if save_now:
+        check_finite_state(state, done, loss_keys)
         checkpoints.save(ckpt, done, state, meta, force=True)
         now = time.time()
         add_wall_time(ckpt.directory, now - last_saved)

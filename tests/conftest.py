@@ -1,5 +1,8 @@
 """Tests run on CPU with 8 forced host devices (set before jax is imported)."""
+import contextlib
+import fcntl
 import os
+import shutil
 import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -20,6 +23,7 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 SHARED_DATA = os.environ.get("DFQF_DATA_DIR") or os.path.join(REPO, "..", "shared", "data")
 TEACHER_WEIGHTS = os.path.join(SHARED_DATA, "resnet20-12fca82f_weights.npz")
+PUBLISHED_TOP1 = 0.9173  # that teacher's published CIFAR-10 test top-1 (SOURCES.md)
 # A run given no data.dir reads the download cache: the shared files, never the network.
 os.environ.setdefault("DFQF_DATA_DIR", SHARED_DATA)
 
@@ -40,8 +44,9 @@ def write_small_split(src: str, dst: str, size: int, seed: int = 0) -> None:
   with np.load(src) as f:
     images, labels = f["images"], f["labels"]
   keep = np.sort(np.random.default_rng(seed).permutation(len(labels))[:size])
-  np.savez(dst + ".tmp.npz", images=images[keep], labels=labels[keep])
-  os.replace(dst + ".tmp.npz", dst)
+  tmp = f"{dst}.{os.getpid()}.tmp.npz"  # xdist workers may write it at the same time
+  np.savez(tmp, images=images[keep], labels=labels[keep])
+  os.replace(tmp, dst)
 
 
 @pytest.fixture(scope="session")
@@ -58,9 +63,38 @@ def small_data(shared_data):
 
 def copy_workdir(source, destination):
   """A fresh copy of a prepared workdir (session fixtures are shared: never write to them)."""
-  import shutil
   shutil.copytree(source, destination)
   return destination
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (pytest.ini): one worker per usable core, at most 4 (each test process already
+  runs XLA on several threads)."""
+  return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+@contextlib.contextmanager
+def _exclusive(path):
+  """Holds an exclusive lock on `path`.lock: one xdist worker at a time inside."""
+  with open(f"{path}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
+def prepared_once(tmp_path_factory, name: str, build) -> str:
+  """A workdir made by build(workdir) once per test session, shared by every xdist worker
+  (built by the first one to ask, under a lock; the others wait and reuse it)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's folder, common to the workers
+  workdir = root / f"prepared_{name}" / "run"
+  with _exclusive(root / f"prepared_{name}"):
+    if not (workdir.parent / "done").exists():
+      if workdir.exists():
+        shutil.rmtree(workdir)
+      build(workdir)
+      (workdir.parent / "done").write_text("")
+  return workdir
 
 
 @pytest.fixture(scope="session")
@@ -68,11 +102,13 @@ def imported_workdir(shared_data, tmp_path_factory):
   """A workdir holding the imported 91.73% teacher, made once per session: copy it
   (copy_workdir) before running anything in it."""
   from cli import run_in_process
-  workdir = tmp_path_factory.mktemp("imported") / "run"
-  result = run_in_process("configs/import_teacher.py", workdir,
-                          f"--config.weights={TEACHER_WEIGHTS}")
-  assert result.returncode == 0, result.stderr[-2000:]
-  return workdir
+
+  def build(workdir):
+    result = run_in_process("configs/import_teacher.py", workdir,
+                            f"--config.weights={TEACHER_WEIGHTS}")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+  return prepared_once(tmp_path_factory, "imported", build)
 
 
 @pytest.fixture(scope="session")
@@ -80,8 +116,11 @@ def generator_workdir(imported_workdir, small_data, tmp_path_factory):
   """imported_workdir plus the smoke stage-1 generator (4 iterations), made once per
   session: copy it before running anything in it."""
   from cli import run_in_process
-  workdir = copy_workdir(imported_workdir, tmp_path_factory.mktemp("generator") / "run")
-  result = run_in_process("configs/generator.py:smoke", workdir, f"--config.data.dir={small_data}",
-                          "--config.eval_every_epochs=100")
-  assert result.returncode == 0, result.stderr[-2000:]
-  return workdir
+
+  def build(workdir):
+    copy_workdir(imported_workdir, workdir)
+    result = run_in_process("configs/generator.py:smoke", workdir,
+                            f"--config.data.dir={small_data}", "--config.eval_every_epochs=100")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+  return prepared_once(tmp_path_factory, "generator", build)

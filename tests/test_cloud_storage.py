@@ -79,7 +79,8 @@ def emulator():
 
 def pipeline_args(workdir: str) -> list[str]:
   return ["configs/pipeline.py:smoke", workdir, f"--config.data.dir={SMALL_DATA}",
-          f"--config.teacher_weights={TEACHER_WEIGHTS}"]
+          f"--config.teacher_weights={TEACHER_WEIGHTS}",
+          "--config.ptq_stage.calibration=ft", "--config.ptq_stage.protocol=dfqf"]
 
 
 def test_a_gs_workdir_is_written_resumed_and_read_back(emulator, small_data, tmp_path):

@@ -6,11 +6,12 @@ import shutil
 import signal
 import subprocess
 import time
+import types
 
 import pytest
 
 from cli import environment, main_command, run_in_process
-from conftest import REPO, TEACHER_WEIGHTS
+from conftest import REPO, TEACHER_WEIGHTS, prepared_once
 
 from dfqf_jax import checkpoints, training
 
@@ -40,23 +41,33 @@ def wait_for(predicate, process, timeout=600.0):
   return False
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pipeline_stopped_then_finished(tmp_path_factory, small_data):
   """The smoke pipeline with a 12-step generator, SIGTERM once the generator has saved a
-  step, then the same command again."""
-  workdir = tmp_path_factory.mktemp("lineage")
+  step, then the same command again; made once per session (shared by xdist workers, so
+  never write into it: copy it)."""
   args = pipeline_args(small_data, "--config.generator_stage.num_epochs=6")
-  process = subprocess.Popen(main_command("configs/pipeline.py:smoke", workdir, *args),
-                             cwd=REPO, env=environment(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-  assert wait_for(lambda: checkpoints.latest_step(str(workdir / "generator")), process)
-  process.send_signal(signal.SIGTERM)
-  stdout, stderr = process.communicate(timeout=600)
-  stopped = dict(returncode=process.returncode, stderr=stderr,
-                 folders=sorted(os.listdir(workdir)),
-                 stopped_at=checkpoints.latest_step(str(workdir / "generator")))
-  rerun = run_in_process("configs/pipeline.py:smoke", workdir, *args)
-  return workdir, stopped, rerun
+
+  def build(workdir):
+    workdir.mkdir(parents=True)
+    process = subprocess.Popen(main_command("configs/pipeline.py:smoke", workdir, *args),
+                               cwd=REPO, env=environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: checkpoints.latest_step(str(workdir / "generator")), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=600)
+    stopped = dict(returncode=process.returncode, stderr=stderr,
+                   folders=sorted(os.listdir(workdir)),
+                   stopped_at=checkpoints.latest_step(str(workdir / "generator")))
+    rerun = run_in_process("configs/pipeline.py:smoke", workdir, *args,
+                           f"--config.record_to={workdir / 'record.json'}")
+    outcome = {"stopped": stopped, "rerun": {"returncode": rerun.returncode,
+                                             "stdout": rerun.stdout, "stderr": rerun.stderr}}
+    (workdir.parent / "outcome.json").write_text(json.dumps(outcome))
+
+  workdir = prepared_once(tmp_path_factory, "lineage", build)
+  outcome = json.loads((workdir.parent / "outcome.json").read_text())
+  return workdir, outcome["stopped"], types.SimpleNamespace(**outcome["rerun"])
 
 
 def test_a_signal_in_stage_1_stops_the_pipeline_and_the_rerun_builds_on_the_final_generator(
@@ -76,6 +87,35 @@ def test_a_signal_in_stage_1_stops_the_pipeline_and_the_rerun_builds_on_the_fina
   for name, entry in downstream(results).items():
     assert entry["lineage"]["generator"] == final, name
     assert entry["finished"], name
+
+
+def test_the_finished_pipeline_scores_every_stage_and_reports(pipeline_stopped_then_finished):
+  """The smoke pipeline end to end (its first run the README's command in a subprocess):
+  every stage, report, complete results.json and run record."""
+  workdir, _, rerun = pipeline_stopped_then_finished
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  # The imported teacher with its own normalization (its exact 91.73% on the full test split:
+  # tests/test_models.py); here on the 500-image split.
+  assert results["teacher"]["top1"] > 0.85
+  expected = {"teacher", "generator_student_fp", "student_w4a4", "ptq_w4a4_max_dfqf",
+              "ptq_w4a4_ft_dfqf", "ptq_w4a4_max_standard", "ptq_w4a4_ft_standard"}
+  assert expected <= set(results)
+  student = results["student_w4a4"]
+  assert (student["weight_bits"], student["act_bits"], student["protocol"]) == (4, 4, "dfqf")
+  assert results["ptq_w4a4_max_standard"]["calibration"] == "max"
+  for entry in results.values():
+    assert 0.0 <= entry["top1"] <= 1.0 and "drop_vs_teacher" in entry
+  report = (workdir / "report.md").read_text()
+  for name in expected:
+    assert f"| {name} |" in report
+  assert os.path.exists(workdir / "generator" / "grid.png")
+  assert os.path.exists(workdir / "curves_student_w4a4.png")
+  with open(workdir / "record.json") as f:
+    record = json.load(f)
+  assert record["results"]["student_w4a4"]["top1"] == student["top1"]
+  assert {"command", "commit", "hardware", "wall_seconds", "date", "curves"} <= set(record)
 
 
 def test_a_generator_trained_further_makes_the_pipeline_rebuild_what_was_built_on_it(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cli import run_in_process
-from conftest import TEACHER_WEIGHTS, copy_workdir
+from conftest import PUBLISHED_TOP1, TEACHER_WEIGHTS, copy_workdir
 from dfqf_jax import checkpoints, convert, data, parallel
 from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
@@ -24,13 +24,13 @@ def test_bfloat16_models_keep_float32_parameters_and_outputs():
 
 
 def test_bfloat16_compute_keeps_the_imported_teacher_accuracy(shared_data):
-  """Measured: 91.73% in both dtypes on the 10,000 test images."""
+  """Measured: 91.73% in both dtypes on the 10,000 test images. The float32 number is
+  test_models.py's (the published 91.73%, pinned there); only bfloat16 is evaluated here."""
   variables = convert.torch_resnet_to_flax(convert.load_state_dict_npz(TEACHER_WEIGHTS), 20, 10)
   test = data.load_split("cifar10", "test", shared_data)
-  top1 = {dtype: common.top1(CifarResNet(20, dtype=dtype), variables, test, data.IMAGENET_MEAN,
-                             data.IMAGENET_STD, parallel.make_mesh())
-          for dtype in (jnp.float32, jnp.bfloat16)}
-  assert top1[jnp.bfloat16] == pytest.approx(top1[jnp.float32], abs=0.003)
+  top1 = common.top1(CifarResNet(20, dtype=jnp.bfloat16), variables, test, data.IMAGENET_MEAN,
+                     data.IMAGENET_STD, parallel.make_mesh())
+  assert top1 == pytest.approx(PUBLISHED_TOP1, abs=0.003)
 
 
 def test_bfloat16_stage_1_trains_and_checkpoints_float32(tmp_path, small_data, imported_workdir):

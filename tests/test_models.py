@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import PUBLISHED_TOP1
 from dfqf_jax import convert, data, parallel
 from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
@@ -59,4 +60,4 @@ def test_imported_teacher_scores_published_accuracy(shared_data):
   test = data.load_split("cifar10", "test", shared_data)
   top1 = common.top1(CifarResNet(20), variables, test, data.IMAGENET_MEAN, data.IMAGENET_STD,
                      parallel.make_mesh())
-  assert top1 == pytest.approx(0.9173, abs=1e-9)
+  assert top1 == pytest.approx(PUBLISHED_TOP1, abs=1e-9)

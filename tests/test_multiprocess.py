@@ -13,16 +13,15 @@ from ml_collections import config_flags
 
 from cli import REPO, environment, main_command, run_main
 from conftest import SHARED_DATA, copy_workdir
-import jax.numpy as jnp
-import optax
-
 from configs import finetune
 from configs import generator as generator_config
-from dfqf_jax import checkpoints, training
+from configs import teacher as teacher_config
+from dfqf_jax import checkpoints, parallel, rng, training
 from dfqf_jax import quant as q
 from dfqf_jax.models.resnet import CifarResNet
 from dfqf_jax.stages import common, ptq
 from dfqf_jax.stages import generator as stage1
+from dfqf_jax.stages import teacher as stage0
 from test_parallel import assert_same_update
 
 # Small learning rates and one step: float round-off (gloo reduces in another order than
@@ -37,11 +36,8 @@ STAGES = {
     "generator": ("configs/generator.py:smoke", ["--config.num_epochs=1",
                                                  "--config.iters_per_epoch=1",
                                                  "--config.student.learning_rate=0.01"]),
-    "student_w4a4": ("configs/finetune.py:w4a4", ["--config.batch_size=16",
-                                                  "--config.steps_per_epoch=1",
-                                                  "--config.num_epochs=1",
-                                                  "--config.calibration_batches=1",
-                                                  "--config.calibration_batch_size=16"]),
+    "student_w4a4": ("configs/finetune.py:w4a4,smoke", ["--config.steps_per_epoch=1",
+                                                        "--config.calibration_batches=1"]),
 }
 # Paths into the checkpointed state. Adam normalizes each gradient entry, so round-off in
 # near-zero gradients of the generator becomes a full-size (lr) step: its parameters are
@@ -60,10 +56,10 @@ def prepare(workdir, stage: str, imported_workdir, generator_workdir) -> None:
 
 
 def finetune_config():
-  """The fine-tuning runs' config: configs/finetune.py:w4a4 with STAGES' overrides."""
+  """The fine-tuning runs' config: configs/finetune.py:w4a4,smoke with STAGES' overrides."""
   argv = ["main.py", *STAGES["student_w4a4"][1]]
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_dict("config", finetune.get_config("w4a4"), flag_values=flag_values,
+  config_flags.DEFINE_config_dict("config", finetune.get_config("w4a4,smoke"), flag_values=flag_values,
                                   sys_argv=argv)
   flag_values(argv)
   return flag_values.config
@@ -77,21 +73,18 @@ def initial_state(stage: str, inputs=None) -> dict:
     _, teacher_vars, teacher_meta = common.load_teacher(str(inputs))
     generator = stage1.load_generator(str(inputs))[:2]
     batches = ptq.calibration_batches(config, teacher_meta, "generated",
-                                      jax.random.key(config.seed + 3), generator)
+                                      rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
     summaries = ptq.summarize(teacher_vars, teacher_meta, batches, [config.calibration])
     _, student = ptq.quantize_and_calibrate(teacher_vars, teacher_meta, q.QuantSpec(4, 4, "dfqf"),
                                             config.calibration, summaries)
     return {"student": student}
-  model = CifarResNet(20)
-  init = jax.jit(lambda: model.init(jax.random.key(0),
-                                    jnp.zeros((1, 32, 32, 3))))
+  mesh = parallel.make_mesh(jax.devices()[:1])
   if stage == "teacher":
-    variables = init()
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  generator = stage1.make_generator(generator_config.get_config("smoke"))
-  state = stage1.create_state(generator, model, optax.adam(1e-3), optax.sgd(0.1),
-                              jax.random.key(0), generator.latent_dim)
-  return {"student": state.student}
+    state, _ = stage0.create_state_and_step(teacher_config.get_config("smoke"), 1, mesh)
+    return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  state, _ = stage1.create_state_and_step(generator_config.get_config("smoke"),
+                                          CifarResNet(20), mesh)
+  return {"student": jax.device_get(state.student)}
 
 
 def free_port() -> int:

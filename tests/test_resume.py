@@ -14,19 +14,20 @@ from conftest import SMALL_DATA, copy_workdir
 from dfqf_jax import checkpoints, report, training
 
 STAGES = {
-    "teacher": ("configs/teacher.py:smoke", ["--config.num_steps=40"]),
-    "generator": ("configs/generator.py:smoke", ["--config.num_epochs=5",
+    "teacher": ("configs/teacher.py:smoke", ["--config.num_steps=16",
+                                             "--config.batch_size=8"]),
+    "generator": ("configs/generator.py:smoke", ["--config.num_epochs=4",
                                                  "--config.iters_per_epoch=4",
+                                                 "--config.batch_size=8",
                                                  "--config.eval_every_epochs=100"]),
-    "student_w4a4": ("configs/finetune.py:w4a4", ["--config.batch_size=16",
-                                                  "--config.steps_per_epoch=5",
-                                                  "--config.num_epochs=4",
-                                                  "--config.eval_every_epochs=100",
-                                                  "--config.calibration_batches=2",
-                                                  "--config.calibration_batch_size=16"]),
+    "student_w4a4": ("configs/finetune.py:w4a4,smoke", ["--config.batch_size=8",
+                                                        "--config.steps_per_epoch=4",
+                                                        "--config.num_epochs=4",
+                                                        "--config.eval_every_epochs=100"]),
 }
-COMMON = [f"--config.data.dir={SMALL_DATA}", "--config.checkpoint_every_steps=10",
+COMMON = [f"--config.data.dir={SMALL_DATA}", "--config.checkpoint_every_steps=4",
           "--config.log_every_steps=1"]
+KILL_AFTER = 4  # steps: a checkpoint at or after it exists when the signal is sent
 
 
 def prepare(workdir, stage, imported_workdir, generator_workdir):
@@ -74,7 +75,7 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(
   result = run_main(config, straight, *COMMON, *extra)
   assert result.returncode == 0, result.stderr[-2000:]
 
-  returncode, _ = start_and_interrupt(interrupted, stage, signal.SIGKILL, after_step=10)
+  returncode, _ = start_and_interrupt(interrupted, stage, signal.SIGKILL, KILL_AFTER)
   assert returncode == -signal.SIGKILL, "the run finished before it could be killed"
   killed_at = checkpoints.latest_step(os.path.join(interrupted, stage))
   result = run_main(config, interrupted, *COMMON, *extra)
@@ -91,12 +92,12 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(
 
 
 def test_sigterm_saves_the_current_step(tmp_path, small_data):
-  returncode, stderr = start_and_interrupt(tmp_path, "teacher", signal.SIGTERM, after_step=10)
+  returncode, stderr = start_and_interrupt(tmp_path, "teacher", signal.SIGTERM, KILL_AFTER)
   assert returncode == training.StoppedBySignal.EXIT_CODE, stderr[-2000:]
   assert "stopped: teacher: stopped by signal at step" in stderr
   saved = checkpoints.latest_step(os.path.join(tmp_path, "teacher"))
   assert saved == logged_steps(tmp_path, "teacher")[-1]
-  assert 10 <= saved < 40
+  assert KILL_AFTER <= saved < 16
   record = report.record_run(str(tmp_path / "record.json"), str(tmp_path), {}, 1.0)
   assert record["stopped_early_at_step"] == {"teacher": saved}  # a record says it was cut short
   config, extra = STAGES["teacher"]
@@ -108,14 +109,14 @@ def test_sigterm_saves_the_current_step(tmp_path, small_data):
 
 def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                                  small_data):
-  args = [*COMMON, "--config.num_steps=40", "--config.learning_rate=1e12"]
+  args = [*COMMON, "--config.num_steps=16", "--config.learning_rate=1e12"]
   result = run_main("configs/teacher.py:smoke", tmp_path, *args, "--config.log_every_steps=5")
   assert result.returncode == 2, result.stderr[-2000:]
   error = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert len(error) == 1 and "'loss'" in error[0] and "by step" in error[0], result.stderr[-2000:]
   stage_dir = os.path.join(tmp_path, "teacher")
   saved = checkpoints.latest_step(stage_dir)
-  assert saved is None or saved < 40
+  assert saved is None or saved < 16
   if saved is not None:  # the kept checkpoint holds finite parameters
     state, _, _ = checkpoints.load_product(stage_dir, "teacher")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
@@ -123,17 +124,17 @@ def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_checkpoin
 
 def test_corrupted_checkpoint_is_reported_and_not_overwritten(tmp_path, small_data):
   config, extra = STAGES["teacher"]
-  result = run_main(config, tmp_path, *COMMON, "--config.num_steps=10")
+  result = run_main(config, tmp_path, *COMMON, "--config.num_steps=4")
   assert result.returncode == 0, result.stderr[-2000:]
-  step_dir = os.path.join(tmp_path, "teacher", "10", "state")
+  step_dir = os.path.join(tmp_path, "teacher", "4", "state")
   data_files = [os.path.join(root, f) for root, _, files in os.walk(step_dir) for f in files
                 if os.path.getsize(os.path.join(root, f)) > 1000]
   for path in data_files:  # truncate the array data
     with open(path, "r+b") as f:
       f.truncate(100)
   snapshot = {p: os.path.getsize(p) for p in data_files}
-  result = run_main(config, tmp_path, *COMMON, "--config.num_steps=20")
+  result = run_main(config, tmp_path, *COMMON, "--config.num_steps=8")
   assert result.returncode == 2, result.stderr[-2000:]
   assert "cannot be restored" in result.stderr and "delete it" in result.stderr
   assert {p: os.path.getsize(p) for p in data_files} == snapshot
-  assert checkpoints.latest_step(os.path.join(tmp_path, "teacher")) == 10
+  assert checkpoints.latest_step(os.path.join(tmp_path, "teacher")) == 4

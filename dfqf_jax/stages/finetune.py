@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from dfqf_jax import calibration, checkpoints, data, parallel, training
+from dfqf_jax import calibration, checkpoints, data, parallel, rng, training
 from dfqf_jax import losses as L
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import sample_latent
@@ -149,7 +149,7 @@ def run(config, workdir: str) -> None:
       teacher_vars, teacher_meta["depth"], teacher_meta["num_classes"], spec)
   if checkpoints.latest_step(stage_dir) is None:  # a resumed run restores calibrated clips
     batches = ptq.calibration_batches(config, teacher_meta, config.calibration_data,
-                                      jax.random.key(config.seed + 3), generator)
+                                      rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
     summaries = ptq.summarize(teacher_vars, teacher_meta, batches, [config.calibration])
     variables = calibration.calibrate(variables, spec, config.calibration, summaries)
   total_steps = config.num_epochs * config.steps_per_epoch
@@ -169,7 +169,7 @@ def run(config, workdir: str) -> None:
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
   state, start = training.resume(ckpt, stage_dir, state, meta, name)
   teacher_vars = parallel.replicate(mesh, teacher_vars)
-  base_key = jax.random.key(config.seed + 4)
+  base_key = rng.key(config.seed, rng.FINETUNE_LATENTS)
   rows = parallel.process_slice(config.batch_size)
 
   def do_step(state, step):

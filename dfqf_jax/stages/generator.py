@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from dfqf_jax import checkpoints, data, images, parallel, training
+from dfqf_jax import checkpoints, data, images, parallel, rng, training
 from dfqf_jax import losses as L
 from dfqf_jax.models.generator import Generator, sample_latent
 from dfqf_jax.models.layers import BN_INPUT_STATS
@@ -171,7 +171,7 @@ def create_state_and_step(config, teacher: CifarResNet, mesh):
   hp = Hyper(config.batch_size, config.generator.latent_dim, config.lambda_is,
              config.lambda_bn, config.lambda_adv, config.single_student_pass)
   state = jax.jit(lambda key: initial_state(models, g_tx, s_tx, hp, key),
-                  out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
+                  out_shardings=parallel.replicated(mesh))(rng.key(config.seed, rng.INIT))
   step = functools.partial(train_step, mesh=mesh)
   return state, training.jit_step(step, s_schedule, "student_learning_rate")
 
@@ -240,7 +240,7 @@ def run(config, workdir: str) -> None:
   state, start = training.resume(ckpt, stage_dir, state, meta, "generator")
 
   teacher_vars = parallel.replicate(mesh, teacher_vars)
-  base_key = jax.random.key(config.seed + 1)
+  base_key = rng.key(config.seed, rng.STAGE1_LATENTS)
 
   def do_step(state, step):
     return step_fn(state, jax.random.fold_in(base_key, step), teacher_vars)
@@ -255,7 +255,7 @@ def run(config, workdir: str) -> None:
     if training.is_main_process():
       save_grid(os.path.join(stage_dir, "grid.png"), generator, state.generator, teacher,
                 teacher_vars, config.generator.latent_dim, teacher_meta,
-                jax.random.key(config.seed + 2), config.grid_images)
+                rng.key(config.seed, rng.GRID_LATENTS), config.grid_images)
     return student_top1(state, step)
 
   training.run_steps(name="generator", ckpt=ckpt, state=state, start_step=start,

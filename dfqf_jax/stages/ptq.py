@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from dfqf_jax import calibration, checkpoints, data, training, validation
+from dfqf_jax import calibration, checkpoints, data, rng, training, validation
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import sample_latent
 from dfqf_jax.stages import common, evaluate
@@ -59,7 +59,7 @@ def run(config, workdir: str, evaluate_after: bool = True) -> dict | None:
     *generator, g_meta = stage1.load_generator(workdir, config.generator_dir)
     lineage["generator"] = g_meta[checkpoints.ORIGIN]
   batches = calibration_batches(config, teacher_meta, config.calibration_data,
-                                jax.random.key(config.seed + 3), generator)
+                                rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
   methods = validation.split_names(config.calibration)
   summaries = None  # every bit width, protocol and method: from one reading of the tensors
   shared_seconds = time.time() - started

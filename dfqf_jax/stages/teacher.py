@@ -8,7 +8,7 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from dfqf_jax import checkpoints, data, parallel, training
+from dfqf_jax import checkpoints, data, parallel, rng, training
 from dfqf_jax.losses import cross_entropy, top1_correct
 from dfqf_jax.models.resnet import CifarResNet
 from dfqf_jax.stages import common
@@ -57,7 +57,7 @@ def create_state_and_step(config, steps_per_epoch: int, mesh):
     return TeacherState(jnp.zeros((), jnp.int32), params, variables["batch_stats"],
                         tx.init(params), model, tx)
 
-  state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
+  state = jax.jit(init, out_shardings=parallel.replicated(mesh))(rng.key(config.seed, rng.INIT))
   step = functools.partial(train_step, mean=tuple(config.data.mean), std=tuple(config.data.std))
   return state, training.jit_step(step, schedule)
 

@@ -1,0 +1,17 @@
+"""The random streams of a run, all derived from config.seed.
+
+Each stream has a fixed offset: changing one changes every run's numbers (and no longer
+resumes old checkpoints exactly), so they are written down once, here.
+"""
+import jax
+
+INIT = 0  # initial weights (teacher, generator, stage-1 student)
+STAGE1_LATENTS = 1  # z of stage-1 iteration i: fold_in(key, i)
+GRID_LATENTS = 2  # the generator grid's images
+CALIBRATION_LATENTS = 3  # generated calibration batches (PTQ and fine-tuning)
+FINETUNE_LATENTS = 4  # z of fine-tuning step i: fold_in(key, i)
+VALIDATION_SPLIT = 7  # NumPy: which training images are held out (data.train_validation_split)
+
+
+def key(seed: int, stream: int) -> jax.Array:
+  return jax.random.key(seed + stream)
