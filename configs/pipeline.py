@@ -30,7 +30,11 @@ def get_config(schedule: str = "reference"):
   config = base_config("pipeline")
   config.schedule = schedule
   config.teacher_weights = ""  # a PyTorch state dict .npz to import instead of training
-  config.bits = "w4a4"  # students to fine-tune, comma-separated
+  # Students to fine-tune: every bit width (comma-separated) under every protocol of
+  # finetune_stage.protocol (e.g. --config.bits=w4a4,w3a3
+  # --config.finetune_stage.protocol=dfqf,standard: four students). The PTQ table always
+  # includes their bit widths and protocols (each student's starting point).
+  config.bits = "w4a4"
   config.teacher_stage = teacher.get_config("smoke" if schedule == "smoke" else "reference")
   config.import_stage = import_teacher.get_config()
   config.generator_stage = generator.get_config(

@@ -251,3 +251,22 @@ def test_the_pipeline_sets_each_shared_value_once():
   for sub in stages.values():
     assert (sub.seed, sub.data.validation_size, sub.model.depth) == (3, 5000, 20)
     assert sub.on_stale_upstream == "rebuild"
+
+
+def test_the_pipeline_fine_tunes_every_bit_width_under_every_protocol():
+  """--config.bits=w4a4,w3a3 with finetune_stage.protocol=dfqf,standard: four students, and
+  the PTQ table holds each one's starting point (its bits and protocol)."""
+  from configs import pipeline as pipeline_config
+  from dfqf_jax.stages import pipeline
+  config = pipeline_config.get_config("smoke")
+  config.bits = "w4a4,w3a3"
+  config.finetune_stage.protocol = "dfqf,standard"
+  stages = {name: sub for name, _, _, sub in pipeline.stage_configs(config)}
+  students = {name: (sub.bits, sub.protocol) for name, sub in stages.items()
+              if name.startswith("finetune_")}
+  assert students == {"finetune_w4a4": ("w4a4", "dfqf"), "finetune_w3a3": ("w3a3", "dfqf"),
+                      "finetune_w4a4_standard": ("w4a4", "standard"),
+                      "finetune_w3a3_standard": ("w3a3", "standard")}
+  assert stages["ptq"].bits == "w4a4,w3a3"  # smoke's PTQ bits w4a4, plus the students'
+  assert stages["ptq"].protocol == "dfqf,standard"
+  pipeline.validate(config)  # every stage's config is valid as split

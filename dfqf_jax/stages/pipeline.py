@@ -43,6 +43,12 @@ def remove_fields(config, fields) -> None:
     del node[leaf]
 
 
+def _union(names: str, more: list[str]) -> str:
+  """Comma-separated `names` with those of `more` it lacks appended, in order."""
+  kept = validation.split_names(names)
+  return ",".join(kept + [m for m in dict.fromkeys(more) if m not in kept])
+
+
 def stage_configs(config) -> list:
   """(name, run, validate, config) for each stage, with the pipeline's shared settings."""
   def with_shared(sub):
@@ -68,18 +74,23 @@ def stage_configs(config) -> list:
     stages.append(("teacher", teacher.run, validation.teacher, with_shared(config.teacher_stage)))
   stages.append(("generator", generator.run, validation.generator,
                  with_shared(config.generator_stage)))
-  for bits in validation.split_names(config.bits):
+  students = [(bits, protocol) for bits in validation.split_names(config.bits)
+              for protocol in validation.split_names(config.finetune_stage.protocol)]
+  for bits, protocol in students:
     sub = with_shared(config.finetune_stage)
-    sub.bits = bits
+    sub.bits, sub.protocol = bits, protocol
     for field, source in FROM_GENERATOR_STAGE.items():
       parents, leaf = _split(source)
       node = config.generator_stage
       for parent in parents:
         node = node[parent]
       sub[field] = node[leaf]
-    stages.append((f"finetune_{bits}", finetune.run, validation.finetune, sub))
-  stages.append(("ptq", lambda c, w: ptq.run(c, w, evaluate_after=False), validation.ptq,
-                 with_shared(config.ptq_stage)))
+    name = f"finetune_{bits}" + ("" if protocol == "dfqf" else f"_{protocol}")
+    stages.append((name, finetune.run, validation.finetune, sub))
+  sub = with_shared(config.ptq_stage)  # always holds each student's starting point
+  sub.bits = _union(sub.bits, [bits for bits, _ in students])
+  sub.protocol = _union(sub.protocol, [protocol for _, protocol in students])
+  stages.append(("ptq", lambda c, w: ptq.run(c, w, evaluate_after=False), validation.ptq, sub))
   return stages
 
 
