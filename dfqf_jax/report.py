@@ -203,13 +203,22 @@ def _points(value) -> str:
   return "–" if value is None else f"{100 * value:.2f}"
 
 
+def _compute(record: dict, entry: dict) -> str:
+  """'1234.5 s fine-tuning (3849.7 s all stages), <hardware>'."""
+  text = f"{entry.get('stage_wall_seconds', '?')} s fine-tuning"
+  if record.get("stage_wall_seconds_total") is not None:
+    text += f" ({record['stage_wall_seconds_total']} s all stages)"
+  return f"{text}, {entry.get('hardware') or record.get('hardware', '?')}"
+
+
 def comparison_rows(records: dict) -> list[dict]:
-  """One row per fine-tuned student in the run records (path -> record): its protocol, our
-  teacher's top-1, the student's top-1 and drop per bit width, its PTQ starting point (the
-  `ft` clips it was fine-tuned from, when the record has them), and the compute."""
+  """One row per fine-tuned student in the records (path -> run record or results.json): its
+  protocol, our teacher's top-1, the student's top-1 and drop per bit width, its PTQ
+  starting point (the `ft` clips it was fine-tuned from, when the record has them), and the
+  compute."""
   rows = []
   for path, record in records.items():
-    results = record.get("results", {})
+    results = record.get("results", record)  # a run record, or a workdir's results.json
     teacher = results.get("teacher", {}).get("top1")
     for name, entry in sorted(results.items()):
       if not name.startswith("student_"):
@@ -219,8 +228,7 @@ def comparison_rows(records: dict) -> list[dict]:
       rows.append({"method": f"DFQF (ours) {name}", "protocol": entry["protocol"],
                    "teacher": teacher, "bits": bits, "top1": entry["top1"],
                    "drop": None if teacher is None else teacher - entry["top1"],
-                   "ptq_start": ptq, "compute": f"{record.get('stage_wall_seconds_total')} s "
-                   f"stage time, {record.get('hardware', '?')}", "source": path})
+                   "ptq_start": ptq, "compute": _compute(record, entry), "source": path})
   return rows
 
 
