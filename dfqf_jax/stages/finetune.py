@@ -94,8 +94,8 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
   student: (quantized module, calibrated variables).
   inputs: a PRNG key (generated images; with `adversarial_generator`, a stage-1 iteration
   against the quantized student) or, with data_source='real', a global uint8 image batch
-  (normalized inside the step with the teacher's `normalization`, its (mean, std)). The modules compute in config.compute_dtype; the step logs
-  the learning rate.
+  (normalized inside the step with the teacher's `normalization`, its (mean, std)).
+  The modules compute in config.compute_dtype; the step logs the learning rate.
   """
   dtype = common.compute_dtype(config)
   (g_model, g_vars), (s_model, s_vars) = generator or (None, {}), student
@@ -104,8 +104,8 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
                          s_model.clone(dtype=dtype))
   s_tx, schedule = student_optimizer(config, config.steps_per_epoch)
   g_tx = optax.adam(config.generator_learning_rate) if config.adversarial_generator else None
-  hp = stage1.Hyper(config.batch_size, g_model.latent_dim if g_model else 0, config.lambda_is,
-                    config.lambda_bn, config.lambda_adv)
+  hp = stage1.Hyper(config.batch_size, 0 if g_model is None else g_model.latent_dim,
+                    config.lambda_is, config.lambda_bn, config.lambda_adv)
   # Fresh buffers: the step donates the state, and the student's arrays may be the teacher's.
   g_vars, s_vars = jax.tree.map(lambda x: jnp.array(x, copy=True), (g_vars, s_vars))
   state = jax.device_put(FinetuneState(
