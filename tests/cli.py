@@ -12,8 +12,14 @@ def main_command(config: str, workdir, *overrides: str) -> list[str]:
 
 
 def environment(devices: int = 1) -> dict:
+  """The environment of a main.py subprocess: `devices` CPU devices, and XLA's CPU backend
+  without LLVM optimization: a smoke run is mostly compilation (a cold stage-1 smoke run
+  40 s -> 23 s; the random initializers alone compile for 13 s at the default level), and
+  the code is only slower (its float rounding may differ in the last bit, e.g. where LLVM
+  would fuse a multiply-add, so compare runs made with the same environment)."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                      "--xla_backend_optimization_level=0")
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
