@@ -16,6 +16,9 @@ from conftest import REPO, TEACHER_WEIGHTS, prepared_once
 from dfqf_jax import checkpoints, training
 
 DOWNSTREAM_PREFIXES = ("student_", "ptq_")
+# One worker runs these tests: they share one prepared pipeline, which another worker would
+# wait for, idle.
+pytestmark = pytest.mark.xdist_group("lineage")
 
 
 def pipeline_args(data_dir, *extra):
@@ -97,7 +100,7 @@ def test_the_finished_pipeline_scores_every_stage_and_reports(pipeline_stopped_t
   with open(workdir / "results.json") as f:
     results = json.load(f)
   # The imported teacher with its own normalization (its exact 91.73% on the full test split:
-  # tests/test_models.py); here on the 500-image split.
+  # tests/test_models.py); here on the 250-image split.
   assert results["teacher"]["top1"] > 0.85
   expected = {"teacher", "generator_student_fp", "student_w4a4", "ptq_w4a4_max_dfqf",
               "ptq_w4a4_ft_dfqf", "ptq_w4a4_max_standard", "ptq_w4a4_ft_standard"}

@@ -173,8 +173,8 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, small_data):
 
 
 def test_evaluation_over_two_processes_equals_one_process(tmp_path, imported_workdir, small_data):
-  """The 500-image test split (half of one 1,000-image global batch: padded and masked)
-  scored by 2 processes x 2 devices and by this process's 8 devices: the same top-1."""
+  """The 250-image test split (one global batch, padded to 252 images and masked) scored
+  by 2 processes x 2 devices and by this process's 8 devices (256, masked): the same top-1."""
   args = (f"--config.data.dir={small_data}",)
   one = copy_workdir(imported_workdir, tmp_path / "one")
   result = run_in_process("configs/evaluate.py", one, *args)

@@ -23,15 +23,6 @@ ONE, ALL = tuple(jax.devices()[:1]), tuple(jax.devices())  # runs are cached by 
 pytestmark = pytest.mark.xdist_group("cached_runs")  # one worker computes each cached run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def optimized_like_the_runs():
-  """These tests compare float32 sums over 1 and 8 devices to a tolerance measured on the
-  programs main.py runs, i.e. with XLA's optimizations (conftest turns most of them off)."""
-  jax.config.update("jax_disable_most_optimizations", False)
-  yield
-  jax.config.update("jax_disable_most_optimizations", True)
-
-
 def initial_variables(module, seed, example):
   variables = module.init(jax.random.key(seed), example)
   return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
@@ -180,3 +171,22 @@ def test_one_cpu_device_per_core_unless_the_count_is_set(environment, expected):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   assert int(result.stdout.split()[-1]) == expected
+
+
+@pytest.mark.parametrize("batch_size", [8, 1000])
+def test_top1_over_8_devices_counts_each_image_once(batch_size):
+  """13 images (not a multiple of the 8 devices) in batches of 8 (the last one padded with
+  copies of the last image, masked), or as one batch of 16 (a split smaller than the batch
+  size): 8 of the 13 labels are the model's own predictions, the last image's among them,
+  so a padding copy counted, or an image dropped, changes the result."""
+  from dfqf_jax.stages import common
+  model = CifarResNet(20)
+  variables = initial_variables(model, 0, jnp.zeros((1, 32, 32, 3)))
+  images = np.random.default_rng(0).integers(0, 256, (13, 32, 32, 3), dtype=np.uint8)
+  mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+  logits = model.apply(variables, data.normalize(images, mean, std), train=False)
+  labels = np.array(np.argmax(logits, -1), np.int32)
+  labels[:5] = (labels[:5] + 1) % 10
+  split = data.Split(images, labels)
+  got = common.top1(model, variables, split, mean, std, parallel.make_mesh(ALL), batch_size)
+  assert got == 8 / 13

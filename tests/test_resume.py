@@ -65,23 +65,29 @@ def start_and_interrupt(workdir, stage, sig, after_step):
   return process.returncode, stderr
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
-def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(
-    stage, tmp_path, small_data, imported_workdir, generator_workdir):
+def run_straight_and_interrupted(stage, tmp_path, sig, imported_workdir=None,
+                                 generator_workdir=None):
+  """The stage run uninterrupted in tmp_path/straight, and in tmp_path/interrupted sent `sig`
+  once a checkpoint at or after KILL_AFTER exists; returns (returncode, stderr, the latest
+  checkpoint step) of the interrupted run, whose workdir is then ready for a rerun."""
   config, extra = STAGES[stage]
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
   for workdir in (straight, interrupted):
     prepare(workdir, stage, imported_workdir, generator_workdir)
   result = run_main(config, straight, *COMMON, *extra)
   assert result.returncode == 0, result.stderr[-2000:]
+  returncode, stderr = start_and_interrupt(interrupted, stage, sig, KILL_AFTER)
+  return returncode, stderr, checkpoints.latest_step(os.path.join(interrupted, stage))
 
-  returncode, _ = start_and_interrupt(interrupted, stage, signal.SIGKILL, KILL_AFTER)
-  assert returncode == -signal.SIGKILL, "the run finished before it could be killed"
-  killed_at = checkpoints.latest_step(os.path.join(interrupted, stage))
+
+def assert_rerun_is_bit_identical_to_straight(stage, tmp_path, interrupted_at):
+  """The interrupted run, rerun with the same command, resumes from its checkpoint and ends
+  where the uninterrupted one did: every step logged once, bit-identical state."""
+  config, extra = STAGES[stage]
+  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
   result = run_main(config, interrupted, *COMMON, *extra)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert f"resuming from step {killed_at}" in result.stdout
-
+  assert f"resuming from step {interrupted_at}" in result.stdout
   expected, final_step = final_state(straight, stage)
   got, step = final_state(interrupted, stage)
   assert step == final_step
@@ -91,18 +97,27 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(
     np.testing.assert_array_equal(a, b)
 
 
-def test_sigterm_saves_the_current_step(tmp_path, small_data):
-  returncode, stderr = start_and_interrupt(tmp_path, "teacher", signal.SIGTERM, KILL_AFTER)
+@pytest.mark.parametrize("stage", ["generator", "student_w4a4"])
+def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(
+    stage, tmp_path, small_data, imported_workdir, generator_workdir):
+  """(The teacher's stage is interrupted by SIGTERM in the next test, with the same check.)"""
+  returncode, _, killed_at = run_straight_and_interrupted(
+      stage, tmp_path, signal.SIGKILL, imported_workdir, generator_workdir)
+  assert returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  assert_rerun_is_bit_identical_to_straight(stage, tmp_path, killed_at)
+
+
+def test_sigterm_saves_the_current_step_and_the_rerun_is_bit_identical(tmp_path, small_data):
+  returncode, stderr, saved = run_straight_and_interrupted("teacher", tmp_path, signal.SIGTERM)
   assert returncode == training.StoppedBySignal.EXIT_CODE, stderr[-2000:]
   assert "stopped: teacher: stopped by signal at step" in stderr
-  saved = checkpoints.latest_step(os.path.join(tmp_path, "teacher"))
-  assert saved == logged_steps(tmp_path, "teacher")[-1]
+  interrupted = tmp_path / "interrupted"
+  assert saved == logged_steps(interrupted, "teacher")[-1]
   assert KILL_AFTER <= saved < 16
-  record = report.record_run(str(tmp_path / "record.json"), str(tmp_path), {}, 1.0)
+  record = report.record_run(str(tmp_path / "record.json"), str(interrupted), {}, 1.0)
   assert record["stopped_early_at_step"] == {"teacher": saved}  # a record says it was cut short
-  config, extra = STAGES["teacher"]
-  assert run_main(config, tmp_path, *COMMON, *extra).returncode == 0  # resumed to the end
-  record = report.record_run(str(tmp_path / "record.json"), str(tmp_path), {}, 1.0)
+  assert_rerun_is_bit_identical_to_straight("teacher", tmp_path, saved)
+  record = report.record_run(str(tmp_path / "record.json"), str(interrupted), {}, 1.0)
   assert "stopped_early_at_step" not in record
   assert saved in [step for step, _ in record["curves"]["teacher"]["loss"]]  # its row is kept
 

@@ -57,12 +57,15 @@ def count_correct(model, variables, images, labels, valid, mean, std):
 def top1(model, variables, split: data.Split, mean, std, mesh, batch_size: int = 1000) -> float:
   """Top-1 accuracy over a whole split, data-parallel; exact across devices and processes.
 
-  The last batch is padded and masked. Every process holds the whole split in memory and
-  feeds its rows of each global batch.
+  The last batch is padded and masked. A split smaller than `batch_size` is one batch of
+  its own size, rounded up to a multiple of the device count (not padded to `batch_size`).
+  Every process holds the whole split in memory and feeds its rows of each global batch.
   """
   if len(split) == 0:
     return float("nan")
-  batch_size = max(jax.device_count(), batch_size - batch_size % jax.device_count())
+  devices = jax.device_count()
+  batch_size = min(batch_size, -(-len(split) // devices) * devices)
+  batch_size = max(devices, batch_size - batch_size % devices)
   variables = parallel.replicate(mesh, variables)
   rows = parallel.process_slice(batch_size)
   correct = 0
