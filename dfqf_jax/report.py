@@ -1,4 +1,5 @@
 """Run records for docs/results/, results tables, curves and image grids."""
+import argparse
 import datetime
 import json
 import os
@@ -257,23 +258,34 @@ def comparison_table(records: dict) -> str:
   return "\n".join(lines)
 
 
-def _main(argv: list[str]) -> None:
-  """python -m dfqf_jax.report RECORD: the record's PTQ table.
-  python -m dfqf_jax.report --compare RECORD [RECORD ...] [--out FILE]: our students beside
-  the published numbers (written to FILE too)."""
-  if argv[:1] != ["--compare"]:
-    loaded = json.loads(storage.read_text(argv[0]))
-    print(ptq_table(loaded.get("results", loaded)))
-    return
-  paths, out = argv[1:], None
-  if "--out" in paths:
-    out = paths[paths.index("--out") + 1]
-    paths = paths[:paths.index("--out")] + paths[paths.index("--out") + 2:]
-  table = comparison_table({p: json.loads(storage.read_text(p)) for p in paths})
+def _main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m dfqf_jax.report",
+      description="RECORD: print the record's PTQ table. --compare RECORD [RECORD ...]: our "
+                  "students beside the published numbers (also written to --out).")
+  parser.add_argument("records", nargs="+", metavar="RECORD",
+                      help="a run record (docs/results/*.json) or a workdir's results.json")
+  parser.add_argument("--compare", action="store_true",
+                      help="one comparison table over all RECORDs")
+  parser.add_argument("--out", default="", help="with --compare: also write the table here")
+  args = parser.parse_args(argv)
+  if len(args.records) > 1 and not args.compare:
+    parser.error("several RECORDs need --compare (one table over all of them)")
+  missing = [p for p in args.records if not storage.exists(p)]
+  if missing:
+    parser.error(f"no record at {', '.join(missing)}; give the path of a run record, "
+                 "e.g. docs/results/budget_cpu.json")
+  loaded = {p: json.loads(storage.read_text(p)) for p in args.records}
+  if not args.compare:
+    record = loaded[args.records[0]]
+    print(ptq_table(record.get("results", record)))
+    return 0
+  table = comparison_table(loaded)
   print(table)
-  if out:
-    storage.write_atomically(out, table + "\n")
+  if args.out:
+    storage.write_atomically(args.out, table + "\n")
+  return 0
 
 
 if __name__ == "__main__":
-  _main(sys.argv[1:])
+  sys.exit(_main(sys.argv[1:]))

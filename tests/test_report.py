@@ -39,3 +39,11 @@ def test_the_table_puts_each_student_in_its_bit_width_with_drop_and_ptq_start(tm
   assert synq[2:7] == ["93.89", "92.76", "1.13", "88.11", "5.78"]  # the drops the issue cites
   gdfq = next(l for l in lines if l.startswith("| GDFQ |")).split(" | ")
   assert gdfq[5:7] == ["–", "–"]  # no published W3A3 number
+
+
+def test_a_missing_record_is_one_usage_error_naming_it(tmp_path, capsys):
+  missing = str(tmp_path / "nope.json")
+  with pytest.raises(SystemExit) as exit_:
+    report._main(["--compare", missing])
+  assert exit_.value.code == 2
+  assert f"no record at {missing}" in capsys.readouterr().err
