@@ -13,7 +13,8 @@ agreement of the predicted classes (must be >= 99.9%), top-1 of both (within 0.0
 the largest logit difference in units of the output's quantization step (end to end, and
 with each layer fed the fake-quant model's own input: the layer-local code mismatches,
 float32 rounding ties), the jax.export artifact's agreement on 1,000 images, and the sizes
-on disk. Writes a JSON record (command, commit, hardware, wall time, results); exits 1 if a
+on disk. --logits-dir keeps the integer model's test logits, which
+scripts/run_exported.py --expected compares with the artifact's in a process without dfqf_jax. Writes a JSON record (command, commit, hardware, wall time, results); exits 1 if a
 check fails.
 """
 import argparse
@@ -78,7 +79,7 @@ def build_students(args, workdir: str) -> list[str]:
   return names
 
 
-def check(workdir: str, name: str, split: data.Split, mesh) -> dict:
+def check(workdir: str, name: str, split: data.Split, mesh, logits_dir: str) -> dict:
   started = time.time()
   sizes = export.run(configs.export.get_config(name), workdir)
   spec, variables, entry, _, _ = export.load_student(workdir, name)
@@ -128,14 +129,17 @@ def check(workdir: str, name: str, split: data.Split, mesh) -> dict:
                                          "valid": valid})
     stats, exact = batch_stats(variables, arrays_r, batch["images"], batch["labels"],
                                batch["valid"])
-    if start < ARTIFACT_IMAGES:
-      int_logits.append(np.asarray(exact)[valid])
+    int_logits.append(np.asarray(exact)[valid])
     stats = jax.device_get(stats)
     totals = stats if totals is None else {
         k: (max(totals[k], v) if k.startswith(("max", "head")) else totals[k] + v)
         for k, v in stats.items()}
   n = len(split)
   evaluated = time.time() - started
+  int_logits = np.concatenate(int_logits)
+  if logits_dir:  # for scripts/run_exported.py --expected, in a process without dfqf_jax
+    os.makedirs(logits_dir, exist_ok=True)
+    np.save(os.path.join(logits_dir, f"{name}.npy"), int_logits)
 
   # The jax.export artifact, as a user without dfqf_jax would run it.
   with open(os.path.join(folder, integer.STABLEHLO_FILE), "rb") as f:
@@ -143,7 +147,7 @@ def check(workdir: str, name: str, split: data.Split, mesh) -> dict:
   images = split.images[:ARTIFACT_IMAGES]
   artifact_logits = np.concatenate([np.asarray(artifact.call(images[i:i + BATCH]))
                                     for i in range(0, len(images), BATCH)])
-  expected = np.concatenate(int_logits)[:len(images)]
+  expected = int_logits[:len(images)]
   result = {
       "weight_bits": spec.weight_bits, "act_bits": spec.act_bits, "protocol": spec.protocol,
       "test_images": n,
@@ -185,6 +189,8 @@ def main() -> int:
       REPO, "..", "shared", "data", "resnet20-12fca82f_weights.npz"))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--test-images", type=int, default=0, help="first N only (0: all)")
+  parser.add_argument("--logits-dir", default="",
+                      help="write each integer model's test logits here as <name>.npy")
   parser.add_argument("--out", default=os.path.join(REPO, "docs", "results",
                                                     "integer_check_cpu.json"))
   args = parser.parse_args()
@@ -197,7 +203,7 @@ def main() -> int:
   mesh = parallel.make_mesh()
   results = {}
   for name in names:
-    results[name] = check(workdir, name, split, mesh)
+    results[name] = check(workdir, name, split, mesh, args.logits_dir)
     r = results[name]
     print(f"{name}: classes agree {100 * r['class_agreement']:.2f}%, top-1 fake-quant "
           f"{100 * r['top1_fake_quant']:.2f}% integer {100 * r['top1_integer']:.2f}%, largest "

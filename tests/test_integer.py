@@ -154,37 +154,44 @@ def test_export_folder(exported, setup):
     assert size["export_bytes"] < size["float32_bytes"] / (2.5 if "w8" in name else 4.5), size
 
 
-def test_stablehlo_artifact_runs_without_dfqf_jax(exported, setup, tmp_path):
+def test_stablehlo_artifact_runs_without_dfqf_jax(exported, tiny_data, tmp_path):
+  """scripts/run_exported.py runs both artifacts on a 100-image split in a process that
+  never imports dfqf_jax; its logits against dfqf_jax's integer forward pass."""
   workdir, _ = exported
-  _, images, x, _ = setup
-  np.save(tmp_path / "images.npy", images[:8])
   names = ("student_w4a4", "student_w8a8")
-  script = (
-      "import sys, numpy as np, jax\n"
-      "images = np.load(sys.argv[1])\n"
-      "for path in sys.argv[2:]:\n"
-      "  exp = jax.export.deserialize(bytearray(open(path, 'rb').read()))\n"
-      "  np.save(path + '.logits.npy', np.asarray(exp.call(images)))\n"
-      "assert not [m for m in sys.modules if m.startswith('dfqf_jax')]\n")
-  for name in names:
-    shutil.copy(workdir / "export" / name / "model.stablehlo", tmp_path / name)
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  result = subprocess.run(
-      [sys.executable, "-c", script, str(tmp_path / "images.npy"),
-       *[str(tmp_path / name) for name in names]], cwd=tmp_path, env=env,
-      capture_output=True, text=True, timeout=120)
-  assert result.returncode == 0, result.stderr[-2000:]
+  with np.load(os.path.join(tiny_data, "cifar10_test.npz")) as f:
+    images, labels = f["images"], f["labels"]
+  expected = {}
   for name in names:
     graph, arrays = integer.load(str(workdir / "export" / name))
-    expected = np.asarray(jax.jit(lambda a, x: integer.forward(graph, a, x))(arrays, x[:8]))
-    logits = np.load(tmp_path / f"{name}.logits.npy")
+    x = data.normalize(images, graph["mean"], graph["std"])
+    expected[name] = np.asarray(jax.jit(lambda a, x: integer.forward(graph, a, x))(arrays, x))
+    np.save(tmp_path / f"{name}.npy", expected[name])
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "run_exported.py")
+  result = subprocess.run(
+      [sys.executable, script, *[str(workdir / "export" / n / "model.stablehlo") for n in names],
+       "--data-dir", tiny_data, "--expected-dir", str(tmp_path),
+       "--logits-dir", str(tmp_path / "artifact"), "--out", str(tmp_path / "record.json")],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  record = json.loads((tmp_path / "record.json").read_text())
+  assert record["test_images"] == 100 and not record["imports_dfqf_jax"]
+  for name in names:
+    graph, arrays = integer.load(str(workdir / "export" / name))
+    logits = np.load(tmp_path / "artifact" / f"{name}.npy")
     unit = np.asarray(integer.output_unit(graph, arrays))
-    assert logits.shape == (8, 10)
+    assert logits.shape == (100, 10)
     # A separate compilation of the same program: equal up to float32 rounding of the float
     # convs and rescales (a rare tie may flip a code, which then propagates).
-    assert np.median(np.abs(logits - expected) / unit) < 1.0
-    np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))
+    assert np.median(np.abs(logits - expected[name]) / unit) < 1.0
+    assert (logits.argmax(-1) == expected[name].argmax(-1)).sum() >= 99
+    # The script's own comparison and top-1 say the same.
+    entry = record["results"][name]
+    assert entry["comparison"]["class_agreement"] == np.mean(
+        logits.argmax(-1) == expected[name].argmax(-1))
+    assert entry["top1"] == np.mean(logits.argmax(-1) == labels)
 
 
 @pytest.fixture(scope="module")
