@@ -38,10 +38,9 @@ import numpy as np  # noqa: E402
 
 import configs.export  # noqa: E402
 from dfqf_jax import (calibration, checkpoints, convert, data, integer, provenance,  # noqa: E402
-                      report)
+                      report, validation)
 from dfqf_jax import quant as q  # noqa: E402
 from dfqf_jax.stages import common, export  # noqa: E402
-from dfqf_jax.stages.ptq import parse_bits, split_names  # noqa: E402
 
 MIN_AGREEMENT = 0.999
 MAX_TOP1_GAP = 0.0005  # 0.05 points
@@ -58,8 +57,8 @@ def build_students(args, workdir: str) -> list[str]:
   batch = data.normalize(train.images[idx], data.IMAGENET_MEAN, data.IMAGENET_STD)
   summaries = calibration.summarize(teacher, 20, 10, [batch], ["ft"])
   names = []
-  for w, a in parse_bits(args.students):
-    for protocol in split_names(args.protocols):
+  for w, a in q.parse_bits(args.students):
+    for protocol in validation.split_names(args.protocols):
       spec = q.QuantSpec(w, a, protocol)
       name = f"student_w{w}a{a}_{protocol}"
       _, variables = calibration.quantized_student(teacher, 20, 10, spec)
@@ -196,7 +195,7 @@ def main() -> int:
   args = parser.parse_args()
   started = time.time()
   workdir = args.workdir or tempfile.mkdtemp(prefix="integer_check_")
-  names = split_names(args.names) if args.names else build_students(args, workdir)
+  names = validation.split_names(args.names) if args.names else build_students(args, workdir)
   split = data.load_split("cifar10", "test", args.data_dir)
   if args.test_images:
     split = data.Split(split.images[:args.test_images], split.labels[:args.test_images])
