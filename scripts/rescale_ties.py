@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dfqf_jax import data, integer, report  # noqa: E402
+from dfqf_jax import data, integer, report, storage  # noqa: E402
 from dfqf_jax.stages import common, export  # noqa: E402
 
 BATCH = 500
@@ -120,9 +120,7 @@ def main() -> int:
     record = {"command": " ".join(["python"] + sys.argv), "commit": report.git_commit(),
               "hardware": report.hardware(), "model": args.name, "class_agreement": agreement,
               "top1": top1, "layer_local": worst}
-    with open(args.out + ".tmp", "w") as f:
-      json.dump(record, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    storage.write_atomically(args.out, json.dumps(record, indent=1))
   return 0
 
 
