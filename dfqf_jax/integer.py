@@ -11,12 +11,13 @@ Export format (a folder, see `save` / `load`)
               `L.scale` (float32: one per tensor, or one per output channel), `L.zero_point`
               (standard protocol, int32 per output channel), `L.bn_scale` / `L.bn_bias`
               (batch norm folded: bn(z) = z * bn_scale + bn_bias per channel, computed in
-              float64 from the running statistics, stored float32), `L.bias` (dense), and
+              float64 from the running statistics, stored float64), `L.bias` (dense), and
               for a layer whose ReLU output is quantized `L.act_clip` / `L.act_step`
               (step = clip / (2^b - 1), float32, as the fake quantizer computes it); and
               the rescaling constants the forward pass uses, `L.multiplier`, `L.offset`,
-              `L.shortcut_multiplier` (float32, see `requant_params`; `load` checks that
-              they follow from the arrays above).
+              `L.shortcut_multiplier` (float64, see `requant_params`; `load` checks that
+              they follow from the arrays above and derives the integer requantization
+              tables from them, `requant_tables`).
 `model.stablehlo` the integer forward below as a `jax.export` artifact (uint8 NHWC images
               in, float32 logits out, any batch size), runnable with JAX alone.
 
@@ -41,16 +42,23 @@ corrections:
 most), so int32 never overflows. acc * step_in * s is exactly the real-number conv of the
 fake-quantized tensors.
 
-Where a float32 multiply remains: each conv's output is rescaled per channel into the next
-tensor's units, with the folded BN: t = acc * M + B, M = step_in * s * bn_scale / step_out,
-B = bn_bias / step_out (M and B computed once at export in float64 and stored as float32);
-in a residual block's second conv the shortcut is added in the same units,
-t += x_codes * (step_x / step_out) (option-A shortcut: subsample by 2, zero-pad channels,
-done on the codes); then codes_out = clip(round_half_even(t), 0, 2^ba - 1), which is ReLU +
-fake quantization in one (round is monotone and round(0) = 0). acc is converted to float32
-for this multiply (exact while |acc| < 2^24). A fixed-point multiplier would make this step
-integer too; it is float32 here, so two compilations of the model (e.g. the jax.export
-artifact and a jit in this process) may fuse it differently and round a tie the other way.
+Requantization. Each conv's output is rescaled per channel into the next tensor's units,
+with the folded BN: t = acc * M + B, M = step_in * s * bn_scale / step_out,
+B = bn_bias / step_out; in a residual block's second conv the shortcut is added in the same
+units, t += r * K with r the shortcut's codes and K = step_x / step_out (option-A shortcut:
+subsample by 2, zero-pad channels, done on the codes); then codes_out =
+clip(round_half_even(t), 0, 2^ba - 1), which is ReLU + fake quantization in one (round is
+monotone and round(0) = 0). M, B and K are computed once at export in float64 (and stored
+so). Where acc and r are integers (every conv with integer input codes and, for a residual
+conv, an integer shortcut) this step is exact and integer-only (`requant_tables`,
+`exact_requantize`): per channel, int32 thresholds for each output code, derived in float64
+from M, B and K, and a b-step binary search. Exact means: the code a real-number evaluation
+of t gives (to float64 precision), independent of how a compiler fuses the program. A
+float32 `acc * M + B` instead rounds t's near-ties (a value 2e-7 below 5.5 became 6) and
+made 0.13% of the budget W4A4 student's predictions differ.
+
+Where a float32 multiply remains: the layers reading a float tensor (below) compute
+t = acc * M + B (+ x * K) in float32 (M, B, K rounded to float32) and round it.
 
 Tensors that a protocol keeps in float, and the layers reading them:
   * the input (both protocols): the stem conv is a float32 conv of the normalized image with
@@ -67,13 +75,14 @@ Tensors that a protocol keeps in float, and the layers reading them:
     One unit of acc, step_last * s / (H * W), is the output's quantization step.
 
 Equality with the fake-quantized model: in exact arithmetic every pre-rounding value t above
-equals the fake-quant model's (ReLU input / step) and the logits are equal; in float32 both
-sides round differently (mostly the fake-quant model's float32 conv of dequantized values;
-here the float convs of the float-input layers and the rescale), by ~1e-7 relative, so a
-code can differ by one where t lies within that of a half-integer, and such a difference
-propagates to later layers. `layer_by_layer` measures the ties alone (each integer layer fed
-the fake-quant model's own input); tests/test_integer.py and scripts/integer_check.py
-report both.
+equals the fake-quant model's (ReLU input / step) and the logits are equal. The integer
+layers compute the exact value's codes; the fake-quant model computes t in float32 (a
+float32 conv of dequantized values, then BN), ~1e-7 relative off, so where t lies within
+that of a half-integer one of its codes differs by one, and the difference propagates to
+later layers. The float-input layers (below the requantization) round on both sides.
+`layer_by_layer` measures the ties alone (each integer layer fed the fake-quant model's own
+input); tests/test_integer.py and scripts/integer_check.py report both, and
+scripts/rescale_ties.py compares with the fake-quant model run in float64.
 """
 import json
 import os
@@ -87,7 +96,7 @@ from dfqf_jax import quant as q
 from dfqf_jax.models.resnet import blocks_per_stage
 
 FORMAT = "dfqf-jax integer model"
-VERSION = 1
+VERSION = 2  # 2: float64 folded BN and rescale constants, exact requantization
 GRAPH_FILE = "model.json"
 WEIGHTS_FILE = "weights.npz"
 STABLEHLO_FILE = "model.stablehlo"
@@ -95,6 +104,10 @@ BN_EPSILON = 1e-5  # dfqf_jax.models.layers.BatchNorm
 POOL_POSITIONS = 64  # 8 x 8 positions averaged before the dense layer (32 x 32 inputs)
 PACK_BITS = 4  # codes of this many bits or fewer are stored two per byte
 DIMS = ("NHWC", "HWIO", "NHWC")
+TABLES = ("sign", "threshold_high", "threshold_low", "threshold_fraction", "shortcut_high",
+          "shortcut_low", "shortcut_fraction")  # requant_tables' (derived, never stored)
+LIMB = 2**28  # the requantization tables' integers are high * LIMB + low
+FRACTION_ONE = 2**31  # and their fractions multiples of 1 / FRACTION_ONE
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,7 +143,7 @@ def fold_bn(bn: dict, stats: dict) -> dict:
   g = np.asarray(bn["scale"], np.float64) / np.sqrt(np.asarray(stats["var"], np.float64)
                                                      + BN_EPSILON)
   b = np.asarray(bn["bias"], np.float64) - np.asarray(stats["mean"], np.float64) * g
-  return {"bn_scale": g.astype(np.float32), "bn_bias": b.astype(np.float32)}
+  return {"bn_scale": g, "bn_bias": b}
 
 
 def check_exportable(spec: q.QuantSpec | None, what: str) -> None:
@@ -192,17 +205,19 @@ def build(variables: dict, spec: q.QuantSpec, depth: int, num_classes: int) -> t
                           "shape": list(np.shape(params["linear"]["kernel"])),
                           "pool_positions": POOL_POSITIONS})
   arrays.update(requant_params(graph, arrays))
-  return graph, arrays
+  return graph, with_tables(graph, arrays)
 
 
 def requant_params(graph: dict, arrays: dict) -> dict:
-  """The float32 constants of the rescaling after each integer accumulation, computed once in
-  float64 from the stored scales, folded BN and steps, then rounded to float32:
-    L.multiplier  (per channel) step_in * s * bn_scale / step_out (step_in = 1 for a float
-                  input, step_out = 1 for a float output; the dense layer: step_in * s / (H W))
-    L.offset      (per channel) bn_bias / step_out
-    L.shortcut_multiplier  step_x / step_out for a residual input x (step_x = 1 if float).
-  Fixed here, they make the rescale the same in every program that runs the model."""
+  """The rescaling constants after each accumulation, float64, from the stored scales,
+  folded BN and steps:
+    L.multiplier  (per channel) M = step_in * s * bn_scale / step_out (step_in = 1 for a
+                  float input, step_out = 1 for a float output; the dense layer:
+                  step_in * s / (H W))
+    L.offset      (per channel) B = bn_bias / step_out
+    L.shortcut_multiplier  K = step_x / step_out for a residual input x (step_x = 1 if float).
+  The layers of `exact_layers` use them only through `requant_tables` (exact); the others
+  multiply by them rounded to float32."""
   steps = {"input": None}
   for layer in graph["layers"]:
     if layer["op"] == "conv":
@@ -223,7 +238,79 @@ def requant_params(graph: dict, arrays: dict) -> dict:
     result[f"{name}.offset"] = np.asarray(arrays[f"{name}.bn_bias"], np.float64) / step_out
     if layer.get("shortcut"):
       result[f"{name}.shortcut_multiplier"] = one(steps[layer["shortcut"]["input"]]) / step_out
-  return {k: np.asarray(v, np.float32) for k, v in result.items()}
+  return {k: np.asarray(v, np.float64) for k, v in result.items()}
+
+
+def exact_layers(graph: dict) -> dict:
+  """name -> bits of the shortcut's codes (0 without a shortcut) for the conv layers whose
+  requantization is exact: integer input codes, integer output codes, and a shortcut (if
+  any) of integer codes."""
+  code_bits = {layer["output"]: layer["act_bits"] for layer in graph["layers"]
+               if layer["op"] == "conv" and layer["act_bits"]}
+  result = {}
+  for layer in graph["layers"]:
+    shortcut = layer.get("shortcut")
+    if (layer["op"] == "conv" and layer["act_bits"] and layer["input"] in code_bits
+        and (not shortcut or shortcut["input"] in code_bits)):
+      result[layer["name"]] = code_bits[shortcut["input"]] if shortcut else 0
+  return result
+
+
+def _split(x: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """x = high * 2^28 + low + fraction / 2^31 (to 2^-31), with low in [0, 2^28) and fraction
+  in [0, 2^31): three int32 arrays."""
+  whole = np.floor(x)
+  if not np.all(np.abs(whole) < 2.0**52):
+    raise checkpoints.CheckpointError(
+        f"{what} needs a requantization threshold of {np.abs(whole).max():.3g} accumulator "
+        "units, beyond float64's integers (a channel whose rescale multiplier is almost but "
+        "not exactly zero); this model cannot be exported exactly.")
+  high = np.floor(whole / LIMB)
+  fraction = np.minimum(np.floor((x - whole) * FRACTION_ONE), FRACTION_ONE - 1)
+  return high.astype(np.int32), (whole - high * LIMB).astype(np.int32), fraction.astype(np.int32)
+
+
+def requant_tables(graph: dict, arrays: dict) -> dict:
+  """The int32 tables that make the requantization of `exact_layers` exact, derived (never
+  stored) from the float64 constants of `requant_params`. For output code k (1..2^b - 1),
+  code >= k iff t = acc * M + r * K + B >= k - 1/2 (round half to even of t, clipped to
+  [0, 2^b - 1], counts the k below it; exact halves have measure zero and go up). Divided by
+  u = |M| (u = 1 if M == 0), with sigma = sign(M):
+      sigma * acc + r * (K / u) >= (k - 1/2 - B) / u.
+  Both sides are split into integer and fractional parts, r * K / u = m_r + f_r and
+  (k - 1/2 - B) / u = n_k + g_k (fractions in [0, 1), as multiples of 2^-31), so the test is
+  i > 0 or (i == 0 and f_r >= g_k) with the integer i = sigma * acc + m_r - n_k. m_r and n_k
+  are huge where |M| is tiny (the real teacher has channels with |M| ~ 1e-8), so each is held
+  in two limbs, high * 2^28 + low, and i is formed as clip(high_r - high_k, -2, 2) * 2^28 +
+  (sigma * acc + low_r - low_k): |acc| < 2^26, so this is int32 and has i's sign and zeros.
+    L.sign (C,);
+    L.threshold_{high,low,fraction} (2^b - 1, C): n_k and g_k for each output code k;
+    L.shortcut_{high,low,fraction} (2^b_x, C): m_r and f_r for each shortcut code r."""
+  tables = {}
+  for name, shortcut_bits in exact_layers(graph).items():
+    layer = _layer(graph, name)
+    multiplier = np.asarray(arrays[f"{name}.multiplier"], np.float64)
+    unit = np.where(multiplier == 0, 1.0, np.abs(multiplier))
+    levels = np.arange(1, q.unsigned_range(layer["act_bits"])[1] + 1, dtype=np.float64)
+    boundaries = (levels[:, None] - 0.5 - arrays[f"{name}.offset"]) / unit
+    tables[f"{name}.sign"] = np.sign(multiplier).astype(np.int32)
+    for part, value in zip(("high", "low", "fraction"), _split(boundaries, name)):
+      tables[f"{name}.threshold_{part}"] = value
+    if shortcut_bits:
+      codes = np.arange(2**shortcut_bits, dtype=np.float64)[:, None]
+      shortcut = codes * arrays[f"{name}.shortcut_multiplier"] / unit
+      for part, value in zip(("high", "low", "fraction"), _split(shortcut, name)):
+        tables[f"{name}.shortcut_{part}"] = value
+  return tables
+
+
+def with_tables(graph: dict, arrays: dict) -> dict:
+  return {**{k: v for k, v in arrays.items() if not _is_table(k)},
+          **requant_tables(graph, arrays)}
+
+
+def _is_table(key: str) -> bool:
+  return key.rsplit(".", 1)[-1] in TABLES
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,7 +377,9 @@ def load(folder: str) -> tuple[dict, dict]:
         f"the export {folder!r} cannot be read ({type(e).__name__}: {e}); it is incomplete: "
         "rerun the export stage.") from e
   if graph.get("format") != FORMAT or graph.get("version") != VERSION:
-    raise checkpoints.CheckpointError(f"{path!r} is not a {FORMAT} (version {VERSION}).")
+    raise checkpoints.CheckpointError(
+        f"{path!r} is not a {FORMAT} of version {VERSION} (it says {graph.get('format')!r}, "
+        f"version {graph.get('version')!r}); export the student again (configs/export.py).")
   signed = graph["protocol"] != "standard"
   arrays = {}
   for key, desc in graph["arrays"].items():
@@ -334,7 +423,7 @@ def load(folder: str) -> tuple[dict, dict]:
           f"the export {folder!r} has {key} that does not follow from its scales, batch norm "
           f"and steps; the arrays come from different models or another bit width: rerun "
           "the export stage.")
-  return graph, arrays
+  return graph, with_tables(graph, arrays)
 
 
 # ---------------------------------------------------------------------------------------
@@ -391,6 +480,33 @@ def option_a_shortcut(x, features: int, stride: int):
   return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad, features - x.shape[-1] - pad)))
 
 
+def _per_channel(table, index):
+  """table[index[..., c], c] for a (rows, C) table and int32 indices (..., C)."""
+  channels = table.shape[1]
+  return jnp.take(table.reshape(-1), index * channels + jnp.arange(channels), mode="clip")
+
+
+def exact_requantize(acc, arrays: dict, name: str, bits: int, shortcut=None):
+  """clip(round(acc * M + shortcut * K + B), 0, 2^bits - 1) per channel with int32
+  operations only (`requant_tables`): a bits-step binary search for the largest code k whose
+  threshold is reached. acc, shortcut: int32 (shortcut: codes, or None)."""
+  table = lambda part: jnp.asarray(arrays[f"{name}.{part}"], jnp.int32)
+  low = acc * table("sign")
+  high = fraction = jnp.zeros((), jnp.int32)
+  if shortcut is not None:
+    high = _per_channel(table("shortcut_high"), shortcut)
+    low = low + _per_channel(table("shortcut_low"), shortcut)
+    fraction = _per_channel(table("shortcut_fraction"), shortcut)
+  codes = jnp.zeros_like(low)
+  for bit in reversed(range(bits)):
+    candidate = codes + (1 << bit)
+    threshold = lambda part: _per_channel(table(f"threshold_{part}"), candidate - 1)
+    i = (jnp.clip(high - threshold("high"), -2, 2) * LIMB + low - threshold("low"))
+    reached = (i > 0) | ((i == 0) & (fraction >= threshold("fraction")))
+    codes = jnp.where(reached, candidate, codes)
+  return codes
+
+
 def apply_layer(layer: dict, arrays: dict, protocol: str, env: dict) -> tuple:
   """One layer of the graph: reads its input (and shortcut) tensors from `env` (name ->
   (kind 'float' | 'codes', value, step, bits)) and returns its output tensor likewise."""
@@ -404,17 +520,24 @@ def apply_layer(layer: dict, arrays: dict, protocol: str, env: dict) -> tuple:
     acc = jax.lax.dot(total, _w_int(arrays, name, protocol), preferred_element_type=jnp.int32)
     logits = acc.astype(jnp.float32) * f32(f"{name}.multiplier") + f32(f"{name}.bias")
     return "float", logits, None, None
-  if kind == "codes":
-    w8, dz = _weight_operand(arrays, name, layer["weight_bits"], protocol)
-    acc = integer_conv(value, bits_in, w8, dz, layer["stride"]).astype(jnp.float32)
-  else:  # float input: float conv of the integer codes (the scale is in the multiplier)
-    w = _w_int(arrays, name, protocol).astype(jnp.float32)
-    acc = _conv(value, w, layer["stride"], ((1, 1), (1, 1)), jnp.float32)
-  # In units of the output step (or real units for a float output): bn(conv) [+ shortcut].
-  t = acc * f32(f"{name}.multiplier") + f32(f"{name}.offset")
+  shortcut = None
   if layer.get("shortcut"):
     _, shortcut, _, _ = env[layer["shortcut"]["input"]]
     shortcut = option_a_shortcut(shortcut, layer["shape"][-1], layer["shortcut"]["stride"])
+  if kind == "codes":
+    w8, dz = _weight_operand(arrays, name, layer["weight_bits"], protocol)
+    acc = integer_conv(value, bits_in, w8, dz, layer["stride"])
+    if f"{name}.threshold_low" in arrays:  # integer codes in and out: exact
+      return ("codes", exact_requantize(acc, arrays, name, layer["act_bits"], shortcut),
+              f32(f"{name}.act_step"), layer["act_bits"])
+    acc = acc.astype(jnp.float32)
+  else:  # float input: float conv of the integer codes (the scale is in the multiplier)
+    w = _w_int(arrays, name, protocol).astype(jnp.float32)
+    acc = _conv(value, w, layer["stride"], ((1, 1), (1, 1)), jnp.float32)
+  # float32 rescale, in units of the output step (or real units for a float output):
+  # bn(conv) [+ shortcut].
+  t = acc * f32(f"{name}.multiplier") + f32(f"{name}.offset")
+  if shortcut is not None:
     t = t + shortcut.astype(jnp.float32) * f32(f"{name}.shortcut_multiplier")
   if not layer["act_bits"]:  # float output (the dfqf stem)
     return "float", jax.nn.relu(t), None, None
@@ -527,10 +650,12 @@ class IntegerResNet:
 # Portable artifact
 # ---------------------------------------------------------------------------------------
 def stored_arrays(graph: dict, arrays: dict) -> dict:
-  """The arrays as weights.npz stores them: codes int8 / uint8, 4 bits and fewer packed."""
+  """The arrays as weights.npz stores them: codes int8 / uint8, 4 bits and fewer packed; the
+  requantization tables left out (derived)."""
   signed = graph["protocol"] != "standard"
   return {k: pack(v, _layer(graph, k.rsplit(".", 1)[0])["weight_bits"], signed)
-          if k.endswith(".codes") else np.asarray(v) for k, v in arrays.items()}
+          if k.endswith(".codes") else np.asarray(v) for k, v in arrays.items()
+          if not _is_table(k)}
 
 
 def unpack_in_graph(graph: dict, stored: dict) -> dict:
@@ -553,14 +678,16 @@ def unpack_in_graph(graph: dict, stored: dict) -> dict:
 
 def exported_function(graph: dict, arrays: dict, mean, std):
   """uint8 NHWC images -> logits, with the weights as constants (what gets serialized),
-  the codes kept as stored (int8 / uint8, packed) and unpacked inside the program."""
+  the codes kept as stored (int8 / uint8, packed) and unpacked inside the program, and the
+  requantization tables."""
   stored = stored_arrays(graph, arrays)
+  tables = requant_tables(graph, arrays)
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
 
   def run(images):
     x = (images.astype(jnp.float32) / 255.0 - mean) / std  # == dfqf_jax.data.normalize
-    return forward(graph, unpack_in_graph(graph, stored), x)
+    return forward(graph, {**unpack_in_graph(graph, stored), **tables}, x)
 
   return run
 

@@ -1,8 +1,10 @@
 """Where an exported integer model and its fake-quantized checkpoint disagree, which side is
 off: the fake-quant model run in float64 against its float32 self and against the integer
-model's logits, then the layer with the most layer-local code mismatches and, for its
-channels without a residual input, the accumulator value at the rounding boundary evaluated
-in float64 and in the integer path's float32.
+model's logits; then, layer by layer, each integer layer fed the fake-quant model's own
+input tensors (float32 and float64 runs) and its output codes compared with that model's.
+The integer layers requantize exactly (dfqf_jax.integer.requant_tables), so against the
+float64 model only the layers reading a float tensor may differ; against the float32 model
+every layer differs where float32 rounds a near-tie the other way.
 
   python scripts/rescale_ties.py --workdir DIR --name student_w4a4 \
       --integer-logits DIR/integer_logits/student_w4a4.npy [--out RECORD.json]
@@ -42,51 +44,28 @@ def _fake_quant_logits(entry, variables, split, dtype) -> np.ndarray:
       for i in range(0, len(split), BATCH)])
 
 
-def exact_requant_constants(graph, arrays, layer, channel):
-  """M and B of `layer`'s rescale for one channel in float64 (integer.requant_params rounds
-  the same values to float32)."""
-  steps = {l["output"]: np.float64(arrays[f"{l['name']}.act_step"])
-           for l in graph["layers"] if l["op"] == "conv" and l["act_bits"]}
-  name = layer["name"]
-  scale = np.asarray(arrays[f"{name}.scale"], np.float64)
-  scale = scale[channel] if scale.ndim else scale
-  multiplier = (steps[layer["input"]] * scale
-                * np.float64(arrays[f"{name}.bn_scale"][channel]) / steps[layer["output"]])
-  return multiplier, np.float64(arrays[f"{name}.bn_bias"][channel]) / steps[layer["output"]]
+def fake_quant_codes(entry, variables, graph, arrays, x, dtype) -> dict:
+  """integer.fake_quant_tensors of the fake-quant model run in `dtype`, as NumPy."""
+  with jax.enable_x64(dtype == jnp.float64):
+    model = common.classifier_from_meta(entry, dtype=dtype)
+    variables = jax.tree.map(lambda a: jnp.asarray(a, dtype), variables)
+    env = integer.fake_quant_tensors(model, variables, graph, arrays, jnp.asarray(x, dtype))
+    return {name: (kind, np.asarray(value), step, bits)
+            for name, (kind, value, step, bits) in env.items()}
 
 
-def worst_layer(model, variables, graph, arrays, split, images: int) -> dict:
-  x = data.normalize(split.images[:images], graph["mean"], graph["std"])
-  env = integer.fake_quant_tensors(model, variables, graph, arrays, x)
-  counts = {}
+def layer_local_mismatches(env: dict, graph, arrays) -> dict:
+  """Per layer with output codes: how many codes the integer layer, fed `env`'s inputs, gives
+  differently from `env`'s own; and how many codes were compared."""
+  env = {name: (kind, jnp.asarray(value, jnp.int32 if kind == "codes" else jnp.float32),
+                step, bits) for name, (kind, value, step, bits) in env.items()}
+  counts, compared = {}, 0
   for layer in graph["layers"][:-1]:
     kind, value, _, _ = integer.apply_layer(layer, arrays, graph["protocol"], env)
     if kind == "codes":
-      counts[layer["name"]] = (np.asarray(value), np.asarray(env[layer["output"]][1]))
-  name = max(counts, key=lambda n: (counts[n][0] != counts[n][1]).sum())
-  layer = next(l for l in graph["layers"] if l["name"] == name)
-  exact, fake = counts[name]
-  per_channel = (exact != fake).sum((0, 1, 2))
-  result = {"images": images, "layer": name,
-            "mismatches_per_layer": {n: int((a != b).sum()) for n, (a, b) in counts.items()},
-            "channels": {}}
-  requant = integer.requant_params(graph, arrays)
-  for channel in np.nonzero(per_channel)[0]:
-    entry = {"mismatches": int(per_channel[channel])}
-    if not layer.get("shortcut"):  # y = acc * M + B: the boundary's accumulator value
-      m64, b64 = exact_requant_constants(graph, arrays, layer, channel)
-      where = exact[..., channel] != fake[..., channel]
-      boundary = (exact[..., channel][where][0] + fake[..., channel][where][0]) / 2
-      acc = int(np.round((boundary - b64) / m64))
-      m32 = requant[f"{name}.multiplier"][channel]
-      b32 = requant[f"{name}.offset"][channel]
-      entry.update({"multiplier": float(m32), "offset": float(b32), "accumulator": acc,
-                    "boundary": float(boundary), "value_float64": float(acc * m64 + b64),
-                    "value_float32": float(np.float32(acc) * m32 + b32),
-                    "integer_code": int(exact[..., channel][where][0]),
-                    "fake_quant_code": int(fake[..., channel][where][0])})
-    result["channels"][int(channel)] = entry
-  return result
+      counts[layer["name"]] = int((np.asarray(value) != np.asarray(env[layer["output"]][1])).sum())
+      compared += value.size
+  return counts, compared
 
 
 def main() -> int:
@@ -112,14 +91,30 @@ def main() -> int:
                             ("float64", "integer")]}
   top1 = {k: float(np.mean(v == split.labels)) for k, v in classes.items()}
   print(f"class agreement: {agreement}; top-1: {top1}")
-  model = common.classifier_from_meta(entry)
-  worst = worst_layer(model, variables, graph, arrays, split, args.layer_images)
-  print(f"layer-local mismatches on {args.layer_images} images: "
-        f"{worst['mismatches_per_layer']}\nmost in {worst['layer']}: {worst['channels']}")
+  x = data.normalize(split.images[:args.layer_images], graph["mean"], graph["std"])
+  exact = integer.exact_layers(graph)
+  layer_local = {}
+  for dtype in (jnp.float32, jnp.float64):
+    counts, compared = {}, 0
+    for i in range(0, len(x), BATCH):
+      batch_counts, batch_compared = layer_local_mismatches(
+          fake_quant_codes(entry, variables, graph, arrays, x[i:i + BATCH], dtype), graph,
+          arrays)
+      counts = {k: counts.get(k, 0) + v for k, v in batch_counts.items()}
+      compared += batch_compared
+    layer_local[jnp.dtype(dtype).name] = {
+        "exact_layers": sum(n for name, n in counts.items() if name in exact),
+        "float_input_layers": sum(n for name, n in counts.items() if name not in exact),
+        "codes_compared": compared, "per_layer": counts}
+    print(f"layer-local code mismatches against the {jnp.dtype(dtype).name} fake-quant model "
+          f"on {args.layer_images} images: integer-requantized layers "
+          f"{layer_local[jnp.dtype(dtype).name]['exact_layers']}, float-input layers "
+          f"{layer_local[jnp.dtype(dtype).name]['float_input_layers']}")
   if args.out:
     record = {"command": " ".join(["python"] + sys.argv), "commit": report.git_commit(),
               "hardware": report.hardware(), "model": args.name, "class_agreement": agreement,
-              "top1": top1, "layer_local": worst}
+              "top1": top1, "layer_local_images": args.layer_images,
+              "layer_local": layer_local}
     storage.write_atomically(args.out, json.dumps(record, indent=1))
   return 0
 

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,70 @@ def test_integer_forward_equals_fake_quant(setup, bits, protocol):
   int8_convs = re.findall(r"convolution.*xi8>, tensor<[^>]*xi8>\) -> tensor<[^>]*xi32>", hlo)
   # The 18 convs of the 9 blocks, less the dfqf protocol's first (it reads the float stem).
   assert len(int8_convs) >= (17 if protocol == "dfqf" else 18), len(int8_convs)
+  assert float_roundings(hlo) == FLOAT_ROUNDINGS[protocol]
+
+
+# Only the layers reading a float tensor round a float32 rescale; the others requantize with
+# integer thresholds: the dfqf protocol's layer1_0.conv1 (float stem input) and conv2 (float
+# shortcut), the standard protocol's stem (float image input).
+FLOAT_ROUNDINGS = {"dfqf": 2, "standard": 1}
+
+
+def float_roundings(stablehlo_text: str) -> int:
+  """Uses of jnp.round (lowered once as a private function, called per use)."""
+  return len(re.findall(r"call @round\w*\(", stablehlo_text))
+
+
+def exact_codes(acc, shortcut, multiplier, offset, shortcut_multiplier, bits):
+  """clip(round_half_even(acc * M + r * K + B), 0, 2^bits - 1) in rational arithmetic."""
+  codes = np.zeros(acc.shape, np.int64)
+  for index in np.ndindex(acc.shape):
+    c = index[-1]
+    t = (Fraction(int(acc[index])) * Fraction(multiplier[c]) + Fraction(offset[c])
+         + Fraction(int(shortcut[index])) * Fraction(shortcut_multiplier))
+    codes[index] = min(max(round(t), 0), 2**bits - 1)
+  return codes
+
+
+@pytest.mark.parametrize("bits,shortcut_bits", [(4, 4), (3, 3), (8, 0), (2, 8)])
+def test_requantization_is_exact_where_float32_is_not(bits, shortcut_bits):
+  """acc * M + r * K + B rounded to the output codes, with M of either sign or zero, equals
+  rational arithmetic on every accumulator value, including values a hair below a rounding
+  boundary, where the float32 rescale rounds up (the budget student's failure)."""
+  rng = np.random.default_rng(bits)
+  # Of either sign, zero, and almost zero (the real teacher has |M| ~ 1e-8: huge thresholds).
+  multiplier = np.array([0.033041805, -0.02, 0.0, 1.7, 1e-3, -0.5, 3e-9, -2e-8])
+  channels = len(multiplier)
+  offset = rng.uniform(-10, 10, channels)
+  offset[6:] = [1.3, 0.2]  # with acc up to 2^20 these reach a few codes
+  acc = rng.integers(-2**20, 2**20, (300, channels)).astype(np.int32)
+  acc[:100] = rng.integers(-600, 600, (100, channels))  # the codes' interesting range
+  shortcut = rng.integers(0, 2**shortcut_bits, acc.shape).astype(np.int32)
+  shortcut_multiplier = 0.37 if shortcut_bits else 0.0
+  # Near-ties: t = k - 1/2 - 1e-7 exactly representable in float64, not in float32.
+  for c in (0, 1, 3, 5):
+    k = 1 + c % (2**bits - 1)
+    acc[0, c], shortcut[0, c] = -22 if multiplier[c] > 0 else 22, 0
+    offset[c] = k - 0.5 - 1e-7 - float(acc[0, c]) * multiplier[c]
+  graph = {"layers": [
+      {"name": "x", "op": "conv", "input": "input", "output": "x", "act_bits": shortcut_bits},
+      {"name": "l", "op": "conv", "input": "x", "output": "y", "act_bits": bits,
+       "shortcut": {"input": "x"} if shortcut_bits else None}]}
+  arrays = {"l.multiplier": multiplier, "l.offset": offset,
+            "l.shortcut_multiplier": np.float64(shortcut_multiplier)}
+  if not shortcut_bits:  # a conv without a residual input: its input still integer codes
+    graph["layers"][0]["act_bits"], shortcut = 4, np.zeros_like(acc)
+  arrays.update(integer.requant_tables(graph, arrays))
+  got = integer.exact_requantize(jnp.asarray(acc), arrays, "l", bits,
+                                 jnp.asarray(shortcut) if shortcut_bits else None)
+  expected = exact_codes(acc, shortcut, multiplier, offset, shortcut_multiplier, bits)
+  np.testing.assert_array_equal(np.asarray(got), expected)
+  # The float32 rescale the export used before (and uses for float inputs) gets the
+  # near-ties wrong: this test would catch it.
+  t32 = (acc.astype(np.float32) * multiplier.astype(np.float32) + offset.astype(np.float32)
+         + shortcut.astype(np.float32) * np.float32(shortcut_multiplier))
+  float32_codes = np.clip(np.round(t32), 0, 2**bits - 1)
+  assert (float32_codes[0] != expected[0]).any(), (float32_codes[0], expected[0])
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -149,9 +214,24 @@ def test_export_folder(exported, setup):
   assert graph["layers"] == built_graph["layers"] and sorted(arrays) == sorted(built)
   for key, value in built.items():
     np.testing.assert_array_equal(arrays[key], value, err_msg=key)
+  # The artifact is the same program: integer requantization but in the float-input layers.
+  with open(folder / "model.stablehlo", "rb") as f:
+    artifact = integer.deserialize(f.read())
+  assert float_roundings(artifact.mlir_module()) == FLOAT_ROUNDINGS["dfqf"]
   # Both sizes well below the float32 model's.
   for name, size in sizes.items():
     assert size["export_bytes"] < size["float32_bytes"] / (2.5 if "w8" in name else 4.5), size
+
+
+def test_an_export_of_an_older_format_is_refused(exported, tmp_path):
+  """Version 1 (float32 rescale constants) cannot be requantized exactly: export again."""
+  folder = tmp_path / "student_w4a4"
+  shutil.copytree(exported[0] / "export" / "student_w4a4", folder)
+  graph = json.loads((folder / "model.json").read_text())
+  (folder / "model.json").write_text(json.dumps({**graph, "version": 1}))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"version 1\); export the student again"):
+    integer.load(str(folder))
 
 
 def test_stablehlo_artifact_runs_without_dfqf_jax(exported, shared_data, tmp_path):
