@@ -205,7 +205,7 @@ def build(variables: dict, spec: q.QuantSpec, depth: int, num_classes: int) -> t
                           "shape": list(np.shape(params["linear"]["kernel"])),
                           "pool_positions": POOL_POSITIONS})
   arrays.update(requant_params(graph, arrays))
-  return graph, with_tables(graph, arrays)
+  return graph, {**arrays, **requant_tables(graph, arrays)}
 
 
 def requant_params(graph: dict, arrays: dict) -> dict:
@@ -302,11 +302,6 @@ def requant_tables(graph: dict, arrays: dict) -> dict:
       for part, value in zip(("high", "low", "fraction"), _split(shortcut, name)):
         tables[f"{name}.shortcut_{part}"] = value
   return tables
-
-
-def with_tables(graph: dict, arrays: dict) -> dict:
-  return {**{k: v for k, v in arrays.items() if not _is_table(k)},
-          **requant_tables(graph, arrays)}
 
 
 def _is_table(key: str) -> bool:
@@ -423,7 +418,7 @@ def load(folder: str) -> tuple[dict, dict]:
           f"the export {folder!r} has {key} that does not follow from its scales, batch norm "
           f"and steps; the arrays come from different models or another bit width: rerun "
           "the export stage.")
-  return graph, with_tables(graph, arrays)
+  return graph, {**arrays, **requant_tables(graph, arrays)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,19 +485,21 @@ def exact_requantize(acc, arrays: dict, name: str, bits: int, shortcut=None):
   """clip(round(acc * M + shortcut * K + B), 0, 2^bits - 1) per channel with int32
   operations only (`requant_tables`): a bits-step binary search for the largest code k whose
   threshold is reached. acc, shortcut: int32 (shortcut: codes, or None)."""
-  table = lambda part: jnp.asarray(arrays[f"{name}.{part}"], jnp.int32)
-  low = acc * table("sign")
+  table = {part: jnp.asarray(arrays[f"{name}.{part}"], jnp.int32) for part in TABLES
+           if f"{name}.{part}" in arrays}
+  low = acc * table["sign"]
   high = fraction = jnp.zeros((), jnp.int32)
   if shortcut is not None:
-    high = _per_channel(table("shortcut_high"), shortcut)
-    low = low + _per_channel(table("shortcut_low"), shortcut)
-    fraction = _per_channel(table("shortcut_fraction"), shortcut)
+    high = _per_channel(table["shortcut_high"], shortcut)
+    low = low + _per_channel(table["shortcut_low"], shortcut)
+    fraction = _per_channel(table["shortcut_fraction"], shortcut)
   codes = jnp.zeros_like(low)
   for bit in reversed(range(bits)):
     candidate = codes + (1 << bit)
-    threshold = lambda part: _per_channel(table(f"threshold_{part}"), candidate - 1)
-    i = (jnp.clip(high - threshold("high"), -2, 2) * LIMB + low - threshold("low"))
-    reached = (i > 0) | ((i == 0) & (fraction >= threshold("fraction")))
+    threshold = {part: _per_channel(table[f"threshold_{part}"], candidate - 1)
+                 for part in ("high", "low", "fraction")}
+    i = jnp.clip(high - threshold["high"], -2, 2) * LIMB + low - threshold["low"]
+    reached = (i > 0) | ((i == 0) & (fraction >= threshold["fraction"]))
     codes = jnp.where(reached, candidate, codes)
   return codes
 
@@ -588,7 +585,11 @@ def layer_by_layer(model, variables: dict, graph: dict, arrays: dict, x) -> dict
   its output: name -> {'mismatched': codes that differ, 'total', 'max_code_diff'}; for the
   dense layer `max_logit_diff_units`, the largest |logit difference| / output step. This
   isolates float32 rounding ties from their propagation through later layers."""
-  env = fake_quant_tensors(model, variables, graph, arrays, x)
+  return compare_layers(graph, arrays, fake_quant_tensors(model, variables, graph, arrays, x))
+
+
+def compare_layers(graph: dict, arrays: dict, env: dict) -> dict:
+  """`layer_by_layer` on given tensors `env` (as `fake_quant_tensors` returns them)."""
   last = env[graph["layers"][-1]["input"]][1]
   unit = output_unit(graph, arrays, last.shape[1] * last.shape[2])
   result = {}

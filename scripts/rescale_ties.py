@@ -29,43 +29,32 @@ from dfqf_jax.stages import common, export  # noqa: E402
 BATCH = 500
 
 
+def fake_quant_model(entry, variables, dtype):
+  """The fake-quant model and its variables in `dtype` (float64: under jax.enable_x64)."""
+  return (common.classifier_from_meta(entry, dtype=dtype),
+          jax.tree.map(lambda a: jnp.asarray(a, dtype), variables))
+
+
 def fake_quant_logits(entry, variables, split, dtype) -> np.ndarray:
   with jax.enable_x64(dtype == jnp.float64):  # only here: the rest runs as the export does
-    return _fake_quant_logits(entry, variables, split, dtype)
+    model, variables = fake_quant_model(entry, variables, dtype)
+    apply = jax.jit(lambda v, x: model.apply(v, x.astype(dtype)))
+    return np.concatenate([
+        np.asarray(apply(variables, data.normalize(split.images[i:i + BATCH], entry["mean"],
+                                                   entry["std"])))
+        for i in range(0, len(split), BATCH)])
 
 
-def _fake_quant_logits(entry, variables, split, dtype) -> np.ndarray:
-  model = common.classifier_from_meta(entry, dtype=dtype)
-  variables = jax.tree.map(lambda a: jnp.asarray(a, dtype), variables)
-  apply = jax.jit(lambda v, x: model.apply(v, x.astype(dtype)))
-  return np.concatenate([
-      np.asarray(apply(variables, data.normalize(split.images[i:i + BATCH], entry["mean"],
-                                                 entry["std"])))
-      for i in range(0, len(split), BATCH)])
-
-
-def fake_quant_codes(entry, variables, graph, arrays, x, dtype) -> dict:
-  """integer.fake_quant_tensors of the fake-quant model run in `dtype`, as NumPy."""
+def fake_quant_tensors(entry, variables, graph, arrays, x, dtype) -> dict:
+  """integer.fake_quant_tensors of the fake-quant model run in `dtype`, handed back as the
+  integer forward pass takes them (int32 codes, float32 values)."""
   with jax.enable_x64(dtype == jnp.float64):
-    model = common.classifier_from_meta(entry, dtype=dtype)
-    variables = jax.tree.map(lambda a: jnp.asarray(a, dtype), variables)
+    model, variables = fake_quant_model(entry, variables, dtype)
     env = integer.fake_quant_tensors(model, variables, graph, arrays, jnp.asarray(x, dtype))
-    return {name: (kind, np.asarray(value), step, bits)
-            for name, (kind, value, step, bits) in env.items()}
-
-
-def layer_local_mismatches(env: dict, graph, arrays) -> dict:
-  """Per layer with output codes: how many codes the integer layer, fed `env`'s inputs, gives
-  differently from `env`'s own; and how many codes were compared."""
-  env = {name: (kind, jnp.asarray(value, jnp.int32 if kind == "codes" else jnp.float32),
-                step, bits) for name, (kind, value, step, bits) in env.items()}
-  counts, compared = {}, 0
-  for layer in graph["layers"][:-1]:
-    kind, value, _, _ = integer.apply_layer(layer, arrays, graph["protocol"], env)
-    if kind == "codes":
-      counts[layer["name"]] = int((np.asarray(value) != np.asarray(env[layer["output"]][1])).sum())
-      compared += value.size
-  return counts, compared
+    env = {name: (kind, np.asarray(value), step, bits)
+           for name, (kind, value, step, bits) in env.items()}
+  return {name: (kind, jnp.asarray(value, jnp.int32 if kind == "codes" else jnp.float32),
+                 step, bits) for name, (kind, value, step, bits) in env.items()}
 
 
 def main() -> int:
@@ -97,19 +86,20 @@ def main() -> int:
   for dtype in (jnp.float32, jnp.float64):
     counts, compared = {}, 0
     for i in range(0, len(x), BATCH):
-      batch_counts, batch_compared = layer_local_mismatches(
-          fake_quant_codes(entry, variables, graph, arrays, x[i:i + BATCH], dtype), graph,
-          arrays)
-      counts = {k: counts.get(k, 0) + v for k, v in batch_counts.items()}
-      compared += batch_compared
-    layer_local[jnp.dtype(dtype).name] = {
+      env = fake_quant_tensors(entry, variables, graph, arrays, x[i:i + BATCH], dtype)
+      for name, result in integer.compare_layers(graph, arrays, env).items():
+        if "mismatched" in result:
+          counts[name] = counts.get(name, 0) + int(result["mismatched"])
+          compared += result["total"]
+    dtype_name = jnp.dtype(dtype).name
+    layer_local[dtype_name] = {
         "exact_layers": sum(n for name, n in counts.items() if name in exact),
         "float_input_layers": sum(n for name, n in counts.items() if name not in exact),
         "codes_compared": compared, "per_layer": counts}
-    print(f"layer-local code mismatches against the {jnp.dtype(dtype).name} fake-quant model "
-          f"on {args.layer_images} images: integer-requantized layers "
-          f"{layer_local[jnp.dtype(dtype).name]['exact_layers']}, float-input layers "
-          f"{layer_local[jnp.dtype(dtype).name]['float_input_layers']}")
+    print(f"layer-local code mismatches against the {dtype_name} fake-quant model on "
+          f"{args.layer_images} images: integer-requantized layers "
+          f"{layer_local[dtype_name]['exact_layers']}, float-input layers "
+          f"{layer_local[dtype_name]['float_input_layers']}")
   if args.out:
     record = {"command": " ".join(["python"] + sys.argv), "commit": report.git_commit(),
               "hardware": report.hardware(), "model": args.name, "class_agreement": agreement,
