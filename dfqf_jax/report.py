@@ -194,6 +194,7 @@ def ptq_table(results: dict) -> str:
 # protocol (every layer at the target bits, per-channel weights), each paper's own table, all
 # against a 93.89% full-precision ResNet-20: method -> (W4A4 top-1, W3A3 top-1 or None).
 PUBLISHED_TEACHER_TOP1 = 0.9389
+PUBLISHED_NETWORK = "ResNet-20"  # every published number below is ResNet-20 on CIFAR-10
 PUBLISHED = {"GDFQ": (0.9025, None), "Qimera": (0.9126, None), "IntraQ": (0.9149, 0.7707),
              "AdaDFQ": (0.9231, 0.8489), "HAST": (0.9236, 0.8634), "TexQ": (0.9268, 0.8647),
              "SynQ": (0.9276, 0.8811)}
@@ -214,19 +215,22 @@ def _compute(record: dict, entry: dict) -> str:
 
 def comparison_rows(records: dict) -> list[dict]:
   """One row per fine-tuned student in the records (path -> run record or results.json): its
-  protocol, our teacher's top-1, the student's top-1 and drop per bit width, its PTQ
+  network (the teacher's depth), protocol, our teacher's top-1, the student's top-1 and drop per bit width, its PTQ
   starting point (the `ft` clips it was fine-tuned from, when the record has them), and the
   compute."""
   rows = []
   for path, record in records.items():
     results = record.get("results", record)  # a run record, or a workdir's results.json
     teacher = results.get("teacher", {}).get("top1")
+    depth = results.get("teacher", {}).get("depth")
+    network = "?" if depth is None else f"ResNet-{depth}"
     for name, entry in sorted(results.items()):
       if not name.startswith("student_"):
         continue
       bits = (entry["weight_bits"], entry["act_bits"])
       ptq = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}", {}).get("top1")
-      rows.append({"method": f"DFQF (ours) {name}", "protocol": entry["protocol"],
+      rows.append({"method": f"DFQF (ours) {name}", "network": network,
+                   "protocol": entry["protocol"],
                    "teacher": teacher, "bits": bits, "top1": entry["top1"],
                    "drop": None if teacher is None else teacher - entry["top1"],
                    "ptq_start": ptq, "compute": _compute(record, entry), "source": path})
@@ -236,21 +240,21 @@ def comparison_rows(records: dict) -> list[dict]:
 def comparison_table(records: dict) -> str:
   """Markdown: our students beside the published numbers, top-1 and drop vs each one's own
   full-precision teacher, one column pair per bit width in COMPARED_BITS."""
-  header = ["method", "protocol", "FP teacher"]
+  header = ["method", "network", "protocol", "FP teacher"]
   for w, a in COMPARED_BITS:
     header += [f"W{w}A{a} top-1", f"W{w}A{a} drop"]
   header += ["PTQ start (ft)", "compute", "source"]
-  lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 5)
+  lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 6)
            + "---|---|---|"]
   for row in comparison_rows(records):
-    cells = [row["method"], row["protocol"], _points(row["teacher"])]
+    cells = [row["method"], row["network"], row["protocol"], _points(row["teacher"])]
     for bits in COMPARED_BITS:
       mine = row["bits"] == bits
       cells += [_points(row["top1"]) if mine else "", _points(row["drop"]) if mine else ""]
     cells += [_points(row["ptq_start"]), row["compute"], row["source"]]
     lines.append("| " + " | ".join(cells) + " |")
   for method, tops in PUBLISHED.items():
-    cells = [method, "standard", _points(PUBLISHED_TEACHER_TOP1)]
+    cells = [method, PUBLISHED_NETWORK, "standard", _points(PUBLISHED_TEACHER_TOP1)]
     for top1 in tops:
       cells += [_points(top1), _points(None if top1 is None else PUBLISHED_TEACHER_TOP1 - top1)]
     cells += ["", "published", "the paper's table"]
