@@ -1,12 +1,20 @@
-"""Stage 2's state: the generator is carried only as far as the fine-tuning needs it."""
+"""Stage 2's state: the generator is carried only as far as the fine-tuning needs it; the
+student's BN statistics move only when configured to."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
+import configs.finetune
 from cli import run_in_process
 from conftest import copy_workdir
-from dfqf_jax import checkpoints
+from dfqf_jax import calibration, checkpoints, parallel
+from dfqf_jax import quant as q
+from dfqf_jax.models.generator import Generator
+from dfqf_jax.models.resnet import CifarResNet
+from dfqf_jax.stages import finetune
 
 
 def test_real_data_qat_keeps_no_generator_and_kd_on_generated_images_no_generator_optimizer(
@@ -26,3 +34,28 @@ def test_real_data_qat_keeps_no_generator_and_kd_on_generated_images_no_generato
     with open(workdir / stage / "metrics.jsonl") as f:
       losses = [json.loads(line)["loss_kd"] for line in f if "loss_kd" in line]
     assert losses and np.all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("adversarial_generator,student_bn_train",
+                         [(False, False), (True, False), (True, True)])
+def test_the_student_bns_are_frozen_or_re_estimated_as_configured_in_either_step(
+    adversarial_generator, student_bn_train):
+  """student_bn_train=False keeps the teacher's running statistics in the student, also when
+  the generator keeps training adversarially (stage 1's iteration on the fine-tuning state)."""
+  config = configs.finetune.get_config("w4a4,smoke")
+  config.adversarial_generator, config.student_bn_train = adversarial_generator, student_bn_train
+  teacher, generator = CifarResNet(20), Generator(latent_dim=16)
+  t_init = teacher.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  teacher_vars = {"params": t_init["params"], "batch_stats": t_init["batch_stats"]}
+  g_vars = generator.init(jax.random.key(1), jnp.zeros((2, 16)))
+  student = calibration.quantized_student(teacher_vars, 20, 10, q.QuantSpec(4, 4, "dfqf"))
+  mesh = parallel.make_mesh()
+  state, step = finetune.create_state_and_step(config, teacher, (generator, g_vars), student,
+                                               mesh)
+  before = jax.device_get(state.student)  # the step donates its state
+  after, _ = step(state, jax.random.key(2), parallel.replicate(mesh, teacher_vars))
+  after = jax.device_get(after.student)
+  stats_unchanged = jax.tree.all(jax.tree.map(np.array_equal, before["batch_stats"],
+                                              after["batch_stats"]))
+  assert stats_unchanged == (not student_bn_train)
+  assert not jax.tree.all(jax.tree.map(np.array_equal, before["params"], after["params"]))

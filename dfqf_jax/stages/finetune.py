@@ -15,7 +15,6 @@ import os
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 from dfqf_jax import calibration, checkpoints, data, parallel, rng, training
 from dfqf_jax import losses as L
@@ -48,8 +47,8 @@ class FinetuneState(stage1.GeneratorState):
 
   The generator is trained only with `adversarial_generator` (otherwise g_opt_state is
   empty and the generator's variables never change); having GeneratorState's fields lets
-  that option run stage 1's iteration on this state unchanged."""
-  student_bn_train: bool = struct.field(pytree_node=False, default=True)
+  that option run stage 1's iteration on this state unchanged. The student's BN mode
+  (config.student_bn_train) is hp.student_bn_train, which both steps honour."""
 
 
 def generate(state: FinetuneState, key, mesh):
@@ -62,19 +61,16 @@ def generate(state: FinetuneState, key, mesh):
 def kd_step(state: FinetuneState, x, teacher_vars):
   """One KD step of the student on images x.
 
-  student_bn_train: the student's BNs normalize with batch statistics and update their
+  hp.student_bn_train: the student's BNs normalize with batch statistics and update their
   running statistics (the reference); False keeps the teacher's running statistics frozen.
   """
   _, teacher, student = state.models
   t = teacher.apply(teacher_vars, x, train=False)
 
   def loss_fn(params):
-    variables = {"params": params, "batch_stats": state.student["batch_stats"]}
-    if state.student_bn_train:
-      s, updates = student.apply(variables, x, train=True, mutable=["batch_stats"])
-      return L.kd_loss(t, s), (s, updates["batch_stats"])
-    s = student.apply(variables, x, train=False)
-    return L.kd_loss(t, s), (s, state.student["batch_stats"])
+    s, stats = stage1.student_forward(student, params, state.student["batch_stats"], x,
+                                      state.hp.student_bn_train)
+    return L.kd_loss(t, s), (s, stats)
 
   (loss, (s, s_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.student["params"])
@@ -105,12 +101,13 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
   s_tx, schedule = student_optimizer(config, config.steps_per_epoch)
   g_tx = optax.adam(config.generator_learning_rate) if config.adversarial_generator else None
   hp = stage1.Hyper(config.batch_size, 0 if g_model is None else g_model.latent_dim,
-                    config.lambda_is, config.lambda_bn, config.lambda_adv)
+                    config.lambda_is, config.lambda_bn, config.lambda_adv,
+                    student_bn_train=config.student_bn_train)
   # Fresh buffers: the step donates the state, and the student's arrays may be the teacher's.
   g_vars, s_vars = jax.tree.map(lambda x: jnp.array(x, copy=True), (g_vars, s_vars))
   state = jax.device_put(FinetuneState(
       jnp.zeros((), jnp.int32), g_vars, g_tx.init(g_vars["params"]) if g_tx else (), s_vars,
-      s_tx.init(s_vars["params"]), models, g_tx, s_tx, hp, config.student_bn_train),
+      s_tx.init(s_vars["params"]), models, g_tx, s_tx, hp),
       parallel.replicated(mesh))
 
   if config.adversarial_generator:

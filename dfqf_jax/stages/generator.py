@@ -50,6 +50,19 @@ class Hyper:
   lambda_bn: float = struct.field(pytree_node=False)
   lambda_adv: float = struct.field(pytree_node=False)
   single_student_pass: bool = struct.field(pytree_node=False, default=True)
+  # The student's BNs: batch statistics, running statistics updated (stage 1, the reference);
+  # False: the running statistics, frozen (fine-tuning's student_bn_train=False).
+  student_bn_train: bool = struct.field(pytree_node=False, default=True)
+
+
+def student_forward(student: CifarResNet, params, batch_stats, x, bn_train: bool):
+  """(logits, the student's next batch_stats): BNs in training mode with bn_train, else
+  normalizing with the running statistics, which stay as they are."""
+  variables = {"params": params, "batch_stats": batch_stats}
+  if bn_train:
+    s, updates = student.apply(variables, x, train=True, mutable=["batch_stats"])
+    return s, updates["batch_stats"]
+  return student.apply(variables, x, train=False), batch_stats
 
 
 class GeneratorState(struct.PyTreeNode):
@@ -107,14 +120,13 @@ def train_step(state: GeneratorState, key, teacher_vars, mesh=None):
         {"params": g_params, "batch_stats": state.generator["batch_stats"]}, z, train=True,
         mutable=["batch_stats"])
     t, recorded = teacher.apply(teacher_vars, x, train=False, mutable=[BN_INPUT_STATS])
-    s, s_updates = student.apply(
-        {"params": s_params, "batch_stats": state.student["batch_stats"]}, x, train=True,
-        mutable=["batch_stats"])
+    s, s_stats = student_forward(student, s_params, state.student["batch_stats"], x,
+                                 hp.student_bn_train)
     loss_is, h_cond, h_marg = L.inception_score_loss(t, hp.lambda_is)
     loss_bn = L.bn_statistics_loss(recorded[BN_INPUT_STATS], teacher_vars["batch_stats"])
     loss_adv = L.kd_loss(t, s)
     loss = loss_is + hp.lambda_bn * loss_bn - hp.lambda_adv * loss_adv
-    aux = (x, t, g_updates["batch_stats"], s_updates["batch_stats"],
+    aux = (x, t, g_updates["batch_stats"], s_stats,
            {"loss_g": loss, "loss_is": loss_is, "entropy_conditional": h_cond,
             "entropy_marginal": h_marg, "loss_bn": loss_bn, "loss_adv": loss_adv})
     return loss, aux
@@ -129,9 +141,8 @@ def train_step(state: GeneratorState, key, teacher_vars, mesh=None):
     x, t = jax.lax.stop_gradient(x), jax.lax.stop_gradient(t)
 
     def student_loss(s_params):
-      s, updates = student.apply({"params": s_params, "batch_stats": s_stats}, x, train=True,
-                                 mutable=["batch_stats"])
-      return L.kd_loss(t, s), updates["batch_stats"]
+      s, stats = student_forward(student, s_params, s_stats, x, hp.student_bn_train)
+      return L.kd_loss(t, s), stats
 
     (_, s_stats), s_grads = jax.value_and_grad(student_loss, has_aux=True)(
         state.student["params"])
