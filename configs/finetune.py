@@ -5,8 +5,10 @@ python main.py --config=configs/finetune.py:w4a4 --workdir=DIR --config.data.dir
 Needs DIR/teacher and DIR/generator. Reference settings (METHOD.md) by default.
 `--config.data_source=real` gives the real-data QAT bound (DIR/qat_real_w4a4).
 """
-from configs import generator
+from ml_collections import config_dict
+
 from configs.common import base_config, bits_and_scale
+from dfqf_jax.stages.finetune import ADVERSARIAL_FIELDS
 
 
 def get_config(arg: str = "w4a4"):
@@ -31,12 +33,11 @@ def get_config(arg: str = "w4a4"):
   # generated-image statistics. False keeps the teacher's statistics frozen.
   config.student_bn_train = True
   # Keep training G adversarially against the quantized student (off in the reference),
-  # with stage 1's loss weights and learning rate.
+  # with stage 1's loss weights and learning rate: unset (None), those the generator was
+  # trained with (recorded in its checkpoint); a value given here overrides them.
   config.adversarial_generator = False
-  stage1 = generator.get_config()
-  config.lambda_is, config.lambda_bn = stage1.lambda_is, stage1.lambda_bn
-  config.lambda_adv = stage1.lambda_adv
-  config.generator_learning_rate = stage1.generator.learning_rate
+  for field in ADVERSARIAL_FIELDS:
+    config[field] = config_dict.placeholder(float)
   config.eval_every_epochs = 1
   config.log_every_steps = 50
   config.checkpoint_every_steps = 391

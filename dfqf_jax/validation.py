@@ -151,8 +151,10 @@ def finetune(config) -> None:
   one_of(config, "data_source", ("generated", "real"))
   divisible_batch(config, "batch_size")
   for field in ("steps_per_epoch", "num_epochs", "learning_rate", "clip_learning_rate",
-                "eval_every_epochs", "lambda_is", "lambda_bn", "lambda_adv",
-                "generator_learning_rate"):
+                "eval_every_epochs"):
     positive(config, field)
+  for field in ("lambda_is", "lambda_bn", "lambda_adv", "generator_learning_rate"):
+    if config[field] is not None:  # None: the generator's own (see configs/finetune.py)
+      positive(config, field)
   for field in ("momentum", "weight_decay"):
     positive(config, field, allow_zero=True)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import configs.finetune
+import configs.generator
 from cli import run_in_process
 from conftest import copy_workdir
 from dfqf_jax import calibration, checkpoints, parallel
@@ -15,6 +16,8 @@ from dfqf_jax import quant as q
 from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
 from dfqf_jax.stages import finetune
+from dfqf_jax.stages import generator as stage1
+from dfqf_jax.validation import ConfigError
 
 
 def test_real_data_qat_keeps_no_generator_and_kd_on_generated_images_no_generator_optimizer(
@@ -36,6 +39,34 @@ def test_real_data_qat_keeps_no_generator_and_kd_on_generated_images_no_generato
     assert losses and np.all(np.isfinite(losses))
 
 
+TRAINED_WITH = {"lambda_is": 40.0, "lambda_bn": 10.0, "lambda_adv": 5.0,
+                "generator_learning_rate": 0.005}
+
+
+def test_the_adversarial_generator_keeps_the_loss_weights_it_was_trained_with(generator_workdir):
+  """Unset, fine-tuning's loss weights are the generator's own (recorded in its checkpoint);
+  a value in the config overrides them."""
+  _, _, g_meta = stage1.load_generator(str(generator_workdir))
+  smoke = configs.generator.get_config("smoke")
+  assert g_meta["loss_weights"] == {"lambda_is": smoke.lambda_is, "lambda_bn": smoke.lambda_bn,
+                                    "lambda_adv": smoke.lambda_adv,
+                                    "generator_learning_rate": smoke.generator.learning_rate}
+  config = configs.finetune.get_config("w4a4,smoke")
+  config.adversarial_generator, config.lambda_adv = True, 2.0
+  resolved = finetune.with_generator_loss_weights(config, {"loss_weights": TRAINED_WITH})
+  assert {f: resolved[f] for f in finetune.ADVERSARIAL_FIELDS} == {**TRAINED_WITH,
+                                                                  "lambda_adv": 2.0}
+  assert config.lambda_bn is None  # the given config is left as it was
+
+
+def test_a_generator_that_records_no_loss_weights_needs_them_given():
+  config = configs.finetune.get_config("w4a4,smoke")
+  config.adversarial_generator, config.lambda_is = True, 40.0
+  with pytest.raises(ConfigError, match="does not record lambda_bn, lambda_adv, "
+                                        "generator_learning_rate .* pass the values"):
+    finetune.with_generator_loss_weights(config, {"latent_dim": 1000})
+
+
 @pytest.mark.parametrize("adversarial_generator,student_bn_train",
                          [(False, False), (True, False), (True, True)])
 def test_the_student_bns_are_frozen_or_re_estimated_as_configured_in_either_step(
@@ -44,6 +75,7 @@ def test_the_student_bns_are_frozen_or_re_estimated_as_configured_in_either_step
   the generator keeps training adversarially (stage 1's iteration on the fine-tuning state)."""
   config = configs.finetune.get_config("w4a4,smoke")
   config.adversarial_generator, config.student_bn_train = adversarial_generator, student_bn_train
+  config = finetune.with_generator_loss_weights(config, {"loss_weights": TRAINED_WITH})
   teacher, generator = CifarResNet(20), Generator(latent_dim=16)
   t_init = teacher.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   teacher_vars = {"params": t_init["params"], "batch_stats": t_init["batch_stats"]}

@@ -23,6 +23,30 @@ from dfqf_jax.models.generator import sample_latent
 from dfqf_jax.models.resnet import CifarResNet
 from dfqf_jax.stages import common, ptq
 from dfqf_jax.stages import generator as stage1
+from dfqf_jax.validation import ConfigError
+
+
+# The adversarial generator's settings (stage 1's): unset, those the generator was trained with.
+ADVERSARIAL_FIELDS = ("lambda_is", "lambda_bn", "lambda_adv", "generator_learning_rate")
+
+
+def with_generator_loss_weights(config, g_meta: dict):
+  """The config with the adversarial generator's loss weights and learning rate: those it
+  sets, else those the generator was trained with (its checkpoint's `loss_weights`)."""
+  trained = g_meta.get("loss_weights", {})
+  missing = [f for f in ADVERSARIAL_FIELDS if config[f] is None and f not in trained]
+  if missing:
+    raise ConfigError(
+        f"the generator's checkpoint does not record {', '.join(missing)} (it was trained "
+        "before they were recorded), and adversarial_generator trains it further with them: "
+        "pass the values it was trained with, e.g. --config.lambda_is=40.0 "
+        "--config.lambda_bn=10.0 --config.lambda_adv=5.0 --config.generator_learning_rate=0.005 "
+        "for configs/generator.py:cpu.")
+  config = config.copy_and_resolve_references()
+  for field in ADVERSARIAL_FIELDS:
+    if config[field] is None:
+      config[field] = trained[field]
+  return config
 
 
 def stage_name(config, w: int, a: int) -> str:
@@ -131,6 +155,8 @@ def run(config, workdir: str) -> None:
   if "generated" in (config.data_source, config.calibration_data) or config.adversarial_generator:
     *generator, g_meta = stage1.load_generator(workdir, config.generator_dir)
     lineage["generator"] = g_meta[checkpoints.ORIGIN]
+    if config.adversarial_generator:
+      config = with_generator_loss_weights(config, g_meta)
   checkpoints.check_lineage(stage_dir, name, lineage, config.on_stale_upstream)
   mesh = parallel.make_mesh()
   test_split = data.load_split(teacher_meta["dataset"], "test", config.data.dir)
@@ -158,6 +184,8 @@ def run(config, workdir: str) -> None:
       student_bn_train=config.student_bn_train,
       steps=total_steps, batch_size=config.batch_size)
   meta.update(total_steps=total_steps, lineage=lineage)
+  if config.adversarial_generator:
+    meta["generator_loss_weights"] = {field: config[field] for field in ADVERSARIAL_FIELDS}
   meta = {**meta, "classifiers": {name: meta}}
 
   state, step_fn = create_state_and_step(

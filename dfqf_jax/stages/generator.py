@@ -193,6 +193,10 @@ def stage_meta(config, teacher_meta) -> dict:
                                    path=["student"])
   return {"arch": "dafl_generator", "latent_dim": config.generator.latent_dim,
           "reference_quirks": config.generator.reference_quirks,
+          # fine-tuning's adversarial generator keeps training with these by default
+          "loss_weights": {"lambda_is": config.lambda_is, "lambda_bn": config.lambda_bn,
+                           "lambda_adv": config.lambda_adv,
+                           "generator_learning_rate": config.generator.learning_rate},
           "teacher": {k: teacher_meta[k] for k in ("depth", "dataset", "mean", "std")},
           "classifiers": {"generator_student_fp": student}}
 
