@@ -215,20 +215,20 @@ def _compute(record: dict, entry: dict) -> str:
 
 def comparison_rows(records: dict) -> list[dict]:
   """One row per fine-tuned student in the records (path -> run record or results.json): its
-  network (the teacher's depth), protocol, our teacher's top-1, the student's top-1 and drop per bit width, its PTQ
-  starting point (the `ft` clips it was fine-tuned from, when the record has them), and the
-  compute."""
+  network (ResNet-<depth>), protocol, our teacher's top-1, the student's top-1 and drop per
+  bit width, its PTQ starting point (the `ft` clips it was fine-tuned from, when the record
+  has them), and the compute."""
   rows = []
   for path, record in records.items():
     results = record.get("results", record)  # a run record, or a workdir's results.json
     teacher = results.get("teacher", {}).get("top1")
-    depth = results.get("teacher", {}).get("depth")
-    network = "?" if depth is None else f"ResNet-{depth}"
     for name, entry in sorted(results.items()):
       if not name.startswith("student_"):
         continue
       bits = (entry["weight_bits"], entry["act_bits"])
       ptq = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}", {}).get("top1")
+      depth = entry.get("depth", results.get("teacher", {}).get("depth"))
+      network = "?" if depth is None else f"ResNet-{depth}"
       rows.append({"method": f"DFQF (ours) {name}", "network": network,
                    "protocol": entry["protocol"],
                    "teacher": teacher, "bits": bits, "top1": entry["top1"],

@@ -11,6 +11,11 @@ from dfqf_jax.models.resnet import DEPTHS
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
+# Fine-tuning's adversarial-generator settings (stage 1's loss weights and learning rate);
+# unset, those the generator was trained with (stages/finetune.with_generator_loss_weights).
+ADVERSARIAL_FIELDS = ("lambda_is", "lambda_bn", "lambda_adv", "generator_learning_rate")
+
+
 class ConfigError(UserError, ValueError):
   """A config field has a value the job cannot use."""
 
@@ -153,7 +158,7 @@ def finetune(config) -> None:
   for field in ("steps_per_epoch", "num_epochs", "learning_rate", "clip_learning_rate",
                 "eval_every_epochs"):
     positive(config, field)
-  for field in ("lambda_is", "lambda_bn", "lambda_adv", "generator_learning_rate"):
+  for field in ADVERSARIAL_FIELDS:
     if config[field] is not None:  # None: the generator's own (see configs/finetune.py)
       positive(config, field)
   for field in ("momentum", "weight_decay"):

@@ -1,12 +1,14 @@
 """Stage 2: calibrate the quantized student, then fine-tune it by KD on generated images.
 
 Each step draws fresh images x = G(z) (G's BNs in training mode), and the quantized student
-S_q (BNs in training mode, so their running statistics adapt to generated data) descends
-KL(softmax(T(x)) || softmax(S_q(x))) with T in inference mode. Weights use SGD (momentum
+S_q descends KL(softmax(T(x)) || softmax(S_q(x))) with T in inference mode. S_q's BNs are in
+training mode, so their running statistics adapt to generated data (the reference;
+`student_bn_train=False` keeps the teacher's statistics frozen). Weights use SGD (momentum
 0.9, weight decay 5e-4, lr 0.001); clip values plain SGD at lr 0.0001.
 
 Options: `adversarial_generator=True` keeps updating G with the stage-1 generator loss
-against S_q (the stage-1 step is reused); `data_source='real'` replaces generated images with
+against S_q (the stage-1 step is reused), with the loss weights and learning rate G was
+trained with unless the config sets them; `data_source='real'` replaces generated images with
 augmented real training images (the real-data QAT bound, labels unused).
 """
 import functools
@@ -23,11 +25,7 @@ from dfqf_jax.models.generator import sample_latent
 from dfqf_jax.models.resnet import CifarResNet
 from dfqf_jax.stages import common, ptq
 from dfqf_jax.stages import generator as stage1
-from dfqf_jax.validation import ConfigError
-
-
-# The adversarial generator's settings (stage 1's): unset, those the generator was trained with.
-ADVERSARIAL_FIELDS = ("lambda_is", "lambda_bn", "lambda_adv", "generator_learning_rate")
+from dfqf_jax.validation import ADVERSARIAL_FIELDS, ConfigError
 
 
 def with_generator_loss_weights(config, g_meta: dict):

@@ -19,7 +19,8 @@ from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, ptq,
 PIPELINE_FIELDS = ("seed", "data.name", "data.dir", "data.validation_size", "model.depth",
                    "compute_dtype")
 # Fine-tuning's adversarial generator (config.adversarial_generator) trains with stage 1's
-# loss weights and learning rate: the pipeline takes them from its generator stage.
+# loss weights and learning rate: the pipeline takes them from its generator stage's config
+# (the one a rerun of the pipeline would train the generator with).
 FROM_GENERATOR_STAGE = {"lambda_is": "lambda_is", "lambda_bn": "lambda_bn",
                         "lambda_adv": "lambda_adv",
                         "generator_learning_rate": "generator.learning_rate"}
