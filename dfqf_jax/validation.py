@@ -11,9 +11,12 @@ from dfqf_jax.models.resnet import DEPTHS
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-# Fine-tuning's adversarial-generator settings (stage 1's loss weights and learning rate);
-# unset, those the generator was trained with (stages/finetune.with_generator_loss_weights).
-ADVERSARIAL_FIELDS = ("lambda_is", "lambda_bn", "lambda_adv", "generator_learning_rate")
+# Fine-tuning's adversarial-generator settings -> the stage-1 config field each one is (its
+# loss weights and learning rate). Unset in fine-tuning, those the generator was trained with
+# (stages/finetune.with_generator_loss_weights); the pipeline sets them from its generator stage.
+ADVERSARIAL_FIELDS = {"lambda_is": "lambda_is", "lambda_bn": "lambda_bn",
+                      "lambda_adv": "lambda_adv",
+                      "generator_learning_rate": "generator.learning_rate"}
 
 
 class ConfigError(UserError, ValueError):
@@ -30,26 +33,27 @@ def _fail(field, value, allowed):
 
 
 def positive(config, field: str, allow_zero: bool = False) -> None:
-  value = _get(config, field)
+  value = field_value(config, field)
   if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (
       value == 0 and not allow_zero):
     _fail(field, value, "a number >= 0" if allow_zero else "a number > 0")
 
 
 def one_of(config, field: str, allowed) -> None:
-  value = _get(config, field)
+  value = field_value(config, field)
   if value not in allowed:
     _fail(field, value, f"one of {list(allowed)}")
 
 
 def divisible_batch(config, field: str) -> None:
   positive(config, field)
-  value, devices = _get(config, field), jax.device_count()
+  value, devices = field_value(config, field), jax.device_count()
   if value % devices:
     _fail(field, value, f"a multiple of the {devices} devices")
 
 
-def _get(config, field: str):
+def field_value(config, field: str):
+  """config's value at a dotted field name ('generator.learning_rate')."""
   node = config
   for part in field.split("."):
     node = node[part]

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from dfqf_jax import checkpoints, data, images, parallel, rng, training
+from dfqf_jax import checkpoints, data, images, parallel, rng, training, validation
 from dfqf_jax import losses as L
 from dfqf_jax.models.generator import Generator, sample_latent
 from dfqf_jax.models.layers import BN_INPUT_STATS
@@ -194,9 +194,8 @@ def stage_meta(config, teacher_meta) -> dict:
   return {"arch": "dafl_generator", "latent_dim": config.generator.latent_dim,
           "reference_quirks": config.generator.reference_quirks,
           # fine-tuning's adversarial generator keeps training with these by default
-          "loss_weights": {"lambda_is": config.lambda_is, "lambda_bn": config.lambda_bn,
-                           "lambda_adv": config.lambda_adv,
-                           "generator_learning_rate": config.generator.learning_rate},
+          "loss_weights": {field: validation.field_value(config, source)
+                           for field, source in validation.ADVERSARIAL_FIELDS.items()},
           "teacher": {k: teacher_meta[k] for k in ("depth", "dataset", "mean", "std")},
           "classifiers": {"generator_student_fp": student}}
 

@@ -21,9 +21,7 @@ PIPELINE_FIELDS = ("seed", "data.name", "data.dir", "data.validation_size", "mod
 # Fine-tuning's adversarial generator (config.adversarial_generator) trains with stage 1's
 # loss weights and learning rate: the pipeline takes them from its generator stage's config
 # (the one a rerun of the pipeline would train the generator with).
-FROM_GENERATOR_STAGE = {"lambda_is": "lambda_is", "lambda_bn": "lambda_bn",
-                        "lambda_adv": "lambda_adv",
-                        "generator_learning_rate": "generator.learning_rate"}
+FROM_GENERATOR_STAGE = validation.ADVERSARIAL_FIELDS
 # Fields of every job config that the pipeline itself does not use (each stage has its own).
 STAGE_ONLY_FIELDS = ("log_every_steps", "checkpoint_every_steps", "on_stale_upstream",
                      "data.mean", "data.std", "data.augment")
@@ -81,11 +79,7 @@ def stage_configs(config) -> list:
     sub = with_shared(config.finetune_stage)
     sub.bits, sub.protocol = bits, protocol
     for field, source in FROM_GENERATOR_STAGE.items():
-      parents, leaf = _split(source)
-      node = config.generator_stage
-      for parent in parents:
-        node = node[parent]
-      sub[field] = node[leaf]
+      sub[field] = validation.field_value(config.generator_stage, source)
     name = f"finetune_{bits}" + ("" if protocol == "dfqf" else f"_{protocol}")
     stages.append((name, finetune.run, validation.finetune, sub))
   sub = with_shared(config.ptq_stage)  # always holds each student's starting point
