@@ -122,12 +122,13 @@ def plot_curves(workdir: str, path: str) -> list[str]:
 def write_report(workdir: str, results: dict, schedule: str) -> str:
   """DIR/report.md: one table (teacher, PTQ baselines, DFQF students), grid and curves.
 
-  Also adds `drop_vs_teacher` and the hardware to each entry of DIR/results.json.
+  Also adds `drop_vs_teacher` (except to a `stale` entry, one built from upstream checkpoints
+  the workdir no longer holds) and the hardware to each entry of DIR/results.json.
   """
   teacher_top1 = results.get("teacher", {}).get("top1")
   host = hardware()
   for name, entry in results.items():
-    if teacher_top1 is not None:
+    if teacher_top1 is not None and "stale" not in entry:
       entry["drop_vs_teacher"] = teacher_top1 - entry["top1"]
     entry["hardware"] = host
   order = lambda n: (0 if n == "teacher" else 2 if n.startswith("ptq_") else 1, n)
@@ -149,8 +150,9 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
         f"{built_from(r)} |")
   lines += ["", "Top-1 on the full CIFAR test split of each *final* model (no test-set "
             "selection). Stage wall time includes compilation and per-epoch monitoring. "
-            "'Built from': the upstream checkpoints (stage, step, fingerprint of its state).",
-            ""]
+            "'Built from': the upstream checkpoints (stage, step, fingerprint of its state); "
+            "**stale**: built from a checkpoint the workdir no longer holds (rerun the "
+            "pipeline with that model requested to rebuild it, or delete its folder).", ""]
   if storage.exists(os.path.join(workdir, "generator", "grid.png")):
     lines += ["## Generated images (one row per teacher-predicted class)", "",
               "![grid](generator/grid.png)", ""]
@@ -166,7 +168,10 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
 
 
 def built_from(entry: dict) -> str:
-  """'generator step 100 (1a2b3c4d)' for each upstream checkpoint except the teacher."""
+  """'generator step 100 (1a2b3c4d)' for each upstream checkpoint except the teacher, or
+  why the entry is stale."""
+  if "stale" in entry:
+    return f"**stale**: {entry['stale']}"
   return ", ".join(checkpoints.describe_origin(origin) for stage, origin in
                    entry.get("lineage", {}).items() if stage != "teacher")
 
@@ -217,13 +222,17 @@ def comparison_rows(records: dict) -> list[dict]:
   """One row per fine-tuned student in the records (path -> run record or results.json): its
   network (ResNet-<depth>), protocol, our teacher's top-1, the student's top-1 and drop per
   bit width, its PTQ starting point (the `ft` clips it was fine-tuned from, when the record
-  has them), and the compute."""
+  has them), and the compute. A `stale` student (built from checkpoints its workdir no longer
+  held) is left out, with one line on stderr."""
   rows = []
   for path, record in records.items():
     results = record.get("results", record)  # a run record, or a workdir's results.json
     teacher = results.get("teacher", {}).get("top1")
     for name, entry in sorted(results.items()):
       if not name.startswith("student_"):
+        continue
+      if "stale" in entry:
+        print(f"{path}: {name} left out: stale, {entry['stale']}", file=sys.stderr)
         continue
       bits = (entry["weight_bits"], entry["act_bits"])
       ptq = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}", {}).get("top1")

@@ -20,7 +20,7 @@ from dfqf_jax import calibration, checkpoints, convert, data, integer
 from dfqf_jax import quant as q
 from dfqf_jax.stages import common, evaluate, export
 
-NUM_IMAGES = 24  # test images compared per student (W8A8, W4A4, W3A3 x both protocols)
+NUM_IMAGES = 8  # test images compared per student (W8A8, W4A4, W3A3 x both protocols)
 
 
 @pytest.fixture(scope="module")

@@ -139,6 +139,18 @@ def test_a_generator_trained_further_makes_the_pipeline_rebuild_what_was_built_o
   assert len(error) == 1, alone.stderr[-2000:]
   assert "was built from generator step 12" in error[0] and "now holds generator step 14" in error[0]
   assert "delete that folder" in error[0]
+  # Evaluation alone scores the models left over and marks them, with no drop vs the teacher.
+  scored = run_in_process("configs/evaluate.py", workdir, f"--config.data.dir={small_data}")
+  assert scored.returncode == 0, scored.stderr[-2000:]
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  why = (f"built from {checkpoints.describe_origin(before)}, but the workdir now holds "
+         f"{checkpoints.describe_origin(after)}")
+  assert downstream(results)
+  for name, entry in downstream(results).items():
+    assert entry["stale"] == why and "drop_vs_teacher" not in entry, name
+  assert "stale" not in results["teacher"] and "stale" not in results["generator_student_fp"]
+  assert "student_w4a4" in scored.stdout and "stale: built from generator step 12" in scored.stdout
   rerun = run_in_process("configs/pipeline.py:smoke", workdir,
                          *pipeline_args(small_data, "--config.generator_stage.num_epochs=7"))
   assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -146,7 +158,7 @@ def test_a_generator_trained_further_makes_the_pipeline_rebuild_what_was_built_o
   with open(workdir / "results.json") as f:
     results = json.load(f)
   for name, entry in downstream(results).items():
-    assert entry["lineage"]["generator"] == after, name
+    assert entry["lineage"]["generator"] == after and "stale" not in entry, name
   report = (workdir / "report.md").read_text()
   student_row = next(line for line in report.splitlines() if line.startswith("| student_w4a4 |"))
   assert f"generator step 14 ({after['fingerprint'][:8]})" in student_row

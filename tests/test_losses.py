@@ -108,3 +108,19 @@ def test_gradient_signs_generator_ascends_adversarial_student_descends():
 
 def test_entropy_handles_zero_probabilities():
   np.testing.assert_allclose(L.entropy(jnp.array([0.5, 0.5, 0.0])), np.log(2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [20, 56])
+def test_the_bn_loss_sees_every_bn_layer_of_the_teacher(depth):
+  """One recorded (mean, var) per BN layer: depth - 1 (every conv has one), the same layers
+  as the running statistics the loss compares them with."""
+  from flax import traverse_util
+
+  from dfqf_jax.models.resnet import CifarResNet
+  model, x = CifarResNet(depth), jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  _, recorded = jax.eval_shape(lambda v: model.apply(v, x, train=False,
+                                                     mutable=[BN_INPUT_STATS]), variables)
+  layers = lambda tree: {path[:-1] for path in traverse_util.flatten_dict(tree)}
+  assert layers(recorded[BN_INPUT_STATS]) == layers(variables["batch_stats"])
+  assert len(layers(variables["batch_stats"])) == depth - 1

@@ -82,24 +82,28 @@ def test_per_channel_minmax_keeps_each_channels_range():
   np.testing.assert_array_equal(grad, np.ones_like(w))
 
 
-def _weight_bits_in_model(spec: q.QuantSpec) -> dict:
-  """module path -> the weight width the built model quantizes it at, read off its
-  parameters: a `weight_clip` says a dfqf-protocol quantized kernel."""
+def _weight_bits_in_model(spec: q.QuantSpec, depth: int = 20) -> set:
+  """The module paths whose kernels the built model quantizes with a learned clip, read off
+  its parameters: a `weight_clip` says a dfqf-protocol quantized kernel."""
   from flax import traverse_util
 
   from dfqf_jax.models.resnet import CifarResNet
-  shapes = jax.eval_shape(lambda: CifarResNet(20, quant=spec).init(
+  shapes = jax.eval_shape(lambda: CifarResNet(depth, quant=spec).init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   return {"/".join(path[:-1]) for path in traverse_util.flatten_dict(shapes["params"])
           if path[-1] == q.WEIGHT_CLIP}
 
 
-def test_quantization_rules_dfqf_keeps_the_stem_and_head_at_8_bits():
+@pytest.mark.parametrize("depth", [20, 56])
+def test_quantization_rules_dfqf_keeps_the_stem_and_head_at_8_bits(depth):
   spec = q.QuantSpec(4, 4, "dfqf")
   assert spec.weight_bits_of("conv1") == spec.weight_bits_of(("linear",)) == 8
   assert spec.weight_bits_of("layer1_0/conv1") == spec.weight_bits_of("layer3_2/conv2") == 4
-  # The model quantizes every conv and the dense layer (one clip each): 19 convs + 1 dense.
-  assert len(_weight_bits_in_model(spec)) == 20
+  # The model quantizes every conv and the dense layer (one clip each): depth - 1 convs + 1
+  # dense, and only the stem and the head at 8 bits.
+  paths = _weight_bits_in_model(spec, depth)
+  assert len(paths) == depth
+  assert {p for p in paths if spec.weight_bits_of(p) == 8} == {"conv1", "linear"}
 
 
 def test_quantization_rules_standard_and_full_precision_use_one_width_everywhere():

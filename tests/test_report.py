@@ -50,3 +50,13 @@ def test_a_missing_record_is_one_usage_error_naming_it(tmp_path, capsys):
     report._main(["--compare", missing])
   assert exit_.value.code == 2
   assert f"no record at {missing}" in capsys.readouterr().err
+
+
+def test_a_stale_student_is_left_out_of_the_table_with_one_line_saying_why(capsys):
+  results = record(0.92, {"student_w4a4": (4, 4, "dfqf", 0.91),
+                          "student_w3a3": (3, 3, "dfqf", 0.88)}, {})["results"]
+  results["student_w3a3"]["stale"] = "built from generator step 12 (aaaa), but ..."
+  rows = report.comparison_rows({"r.json": results})
+  assert [r["method"] for r in rows] == ["DFQF (ours) student_w4a4"]
+  assert capsys.readouterr().err.splitlines() == [
+      "r.json: student_w3a3 left out: stale, built from generator step 12 (aaaa), but ..."]

@@ -97,9 +97,12 @@ def test_latent_size_mismatch_with_generator_checkpoint(generator_workdir, tmp_p
   assert sorted(os.listdir(workdir / "generator")) == before
 
 
-def test_teacher_of_another_depth_is_rejected_by_stage_2(imported_teacher, shared_data):
-  result = run_in_process(PTQ, imported_teacher, f"--config.data.dir={SHARED_DATA}",
-                    "--config.model.depth=32", "--config.calibration_data=real")
+@pytest.mark.parametrize("job, overrides", [(GENERATOR_SMOKE, []),
+                                            (PTQ, ["--config.calibration_data=real"])])
+def test_teacher_of_another_depth_is_rejected_by_stages_1_and_2(imported_teacher, shared_data,
+                                                               job, overrides):
+  result = run_in_process(job, imported_teacher, f"--config.data.dir={SHARED_DATA}",
+                          "--config.model.depth=32", *overrides)
   assert_clean_failure(result, imported_teacher, "ResNet-20", "config.model.depth=32")
   assert sorted(os.listdir(imported_teacher)) == ["teacher"]
 

@@ -116,7 +116,8 @@ def classifiers_in(meta: dict) -> dict:
 
 
 def check_teacher_depth(config, teacher_meta: dict) -> None:
-  """The stage's model.depth must be the teacher's (the student is a copy of it)."""
+  """The stage's model.depth must be the teacher's: its students have the teacher's depth (a
+  quantized copy of it, or stage 1's full-precision student), so another one is a mistake."""
   if config.model.depth != teacher_meta["depth"]:
     raise checkpoints.CheckpointError(
         f"the teacher checkpoint is a ResNet-{teacher_meta['depth']} but "

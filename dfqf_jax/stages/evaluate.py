@@ -41,7 +41,7 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
   written = checkpoints.written_at(checkpoint)
   cached = {n: r for n, r in known.items()
             if r.get("checkpoint") == checkpoint and r.get("checkpoint_mtime") == written
-            and r.get("test_data") == splits[r["dataset"]][1]}
+            and r.get("test_data") == splits[r["dataset"]][1] and checkpoints.ORIGIN in r}
   if cached:  # the wall time may have grown since (a resumed stage)
     return {n: {**r, "stage_wall_seconds": training.read_wall_time(directory)}
             for n, r in cached.items()}
@@ -59,8 +59,42 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
                      "stage_wall_seconds": training.read_wall_time(directory),
                      "test_data": split_fingerprint, **described,
                      "lineage": meta.get("lineage", {}),
+                     checkpoints.ORIGIN: meta[checkpoints.ORIGIN],
                      "finished": meta[checkpoints.ORIGIN]["finished"]}
   return results
+
+
+def stale_reasons(results: dict) -> dict[str, str]:
+  """name -> why, for each entry built from an upstream checkpoint (its `lineage`: stage ->
+  origin) other than the one the workdir now holds under that stage (the `origin` of the
+  entries evaluated from it). Such a model is left over from earlier inputs: a stage rerun
+  alone (a generator trained further, a teacher replaced) rebuilds nothing downstream, and a
+  pipeline rebuilds only the students and PTQ models it is asked for."""
+  current = {r[checkpoints.ORIGIN]["stage"]: r[checkpoints.ORIGIN]
+             for r in results.values() if checkpoints.ORIGIN in r}
+  reasons = {}
+  for name, entry in results.items():
+    changed = [(upstream, current[stage]) for stage, upstream in entry.get("lineage", {}).items()
+               if stage in current and current[stage]["fingerprint"] != upstream["fingerprint"]]
+    if changed:
+      reasons[name] = "; ".join(
+          f"built from {checkpoints.describe_origin(was)}, but the workdir now holds "
+          f"{checkpoints.describe_origin(now)}" for was, now in changed)
+  return reasons
+
+
+def with_staleness(results: dict) -> dict:
+  """The entries, each stale one marked `stale` (the reason) and without a drop against the
+  workdir's teacher; the others unmarked."""
+  reasons = stale_reasons(results)
+  marked = {}
+  for name, entry in results.items():
+    entry = {k: v for k, v in entry.items() if k != "stale"}
+    if name in reasons:
+      entry = {k: v for k, v in entry.items() if k != "drop_vs_teacher"}
+      entry["stale"] = reasons[name]
+    marked[name] = entry
+  return marked
 
 
 def check_workdir(workdir: str) -> None:
@@ -84,17 +118,18 @@ def run(config, workdir: str) -> dict:
   if not results:
     raise checkpoints.CheckpointError(f"no checkpoint found in {workdir!r}; run a stage first.")
   # Entries of checkpoints that are gone (deleted, rebuilt) are dropped.
-  merged = {**{n: r for n, r in known.items()
-               if r.get("checkpoint") and storage.isdir(r["checkpoint"])},
-            **results}
+  merged = with_staleness({**{n: r for n, r in known.items()
+                              if r.get("checkpoint") and storage.isdir(r["checkpoint"])},
+                           **results})
   if training.is_main_process():
     storage.write_atomically(path, json.dumps(merged, indent=2, sort_keys=True))
-  print(format_table(results))
+  print(format_table({n: merged[n] for n in results}))
   return merged
 
 
 def format_table(results: dict) -> str:
   lines = [f"{'model':<28} {'top-1':>8} {'params':>9} {'step':>7}"]
   for name, r in sorted(results.items()):
-    lines.append(f"{name:<28} {100 * r['top1']:>7.2f}% {r['num_params']:>9,} {r['step']:>7}")
+    lines.append(f"{name:<28} {100 * r['top1']:>7.2f}% {r['num_params']:>9,} {r['step']:>7}"
+                 + (f"  stale: {r['stale']}" if "stale" in r else ""))
   return "\n".join(lines)

@@ -195,7 +195,8 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
     written = storage.getmtime(graph_path)
     cached = known.get(key)
     if (cached and cached.get("checkpoint") == folder and cached.get("checkpoint_mtime") ==
-        written and cached.get("test_data") == splits[cached["dataset"]][1]):
+        written and cached.get("test_data") == splits[cached["dataset"]][1]
+        and "lineage" in cached):
       results[key] = cached
       continue
     graph, arrays = integer.load(folder)
@@ -206,6 +207,8 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
         "top1": top1, "num_params": integer.num_params(graph), "checkpoint": folder,
         "checkpoint_mtime": written, "step": graph["step"], "integer": True,
         "test_data": split_fingerprint, "source_checkpoint": graph["source_checkpoint"],
+        # the student checkpoint it was exported from (an export older than that record: none)
+        "lineage": {name: graph["source_origin"]} if graph.get("source_origin") else {},
         "export_bytes": folder_bytes(folder, (integer.WEIGHTS_FILE, integer.GRAPH_FILE)),
         **{k: graph[k] for k in IDENTITY + ("dataset",)}}
   return results

@@ -241,6 +241,7 @@ def held_out_training_images(config, dataset: str):
 def run(config, workdir: str) -> None:
   stage_dir = os.path.join(workdir, STAGE_DIR)
   teacher, teacher_vars, teacher_meta = common.load_teacher(workdir, config.teacher_dir)
+  common.check_teacher_depth(config, teacher_meta)
   mesh = parallel.make_mesh()
   test_split = data.load_split(teacher_meta["dataset"], "test", config.data.dir)
   val_split = held_out_training_images(config, teacher_meta["dataset"])

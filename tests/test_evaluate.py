@@ -1,0 +1,51 @@
+"""Evaluation marks every model built from upstream checkpoints the workdir no longer holds."""
+from dfqf_jax.stages import evaluate
+
+
+def origin(stage: str, fingerprint: str, step: int = 10) -> dict:
+  return {"stage": stage, "step": step, "fingerprint": fingerprint, "finished": True}
+
+
+def entry(own: dict, **lineage) -> dict:
+  return {"top1": 0.9, "origin": own, "lineage": lineage}
+
+
+TEACHER, GENERATOR = origin("teacher", "t1", 0), origin("generator", "g2", 14)
+
+
+def test_a_model_is_stale_iff_an_upstream_checkpoint_it_names_is_no_longer_the_workdirs():
+  results = {
+      "teacher": entry(TEACHER),
+      "generator_student_fp": entry(GENERATOR, teacher=TEACHER),
+      "student_w4a4": entry(origin("student_w4a4", "s1"), teacher=TEACHER, generator=GENERATOR),
+      "student_w3a3": entry(origin("student_w3a3", "s2"), teacher=TEACHER,
+                            generator=origin("generator", "g1", 12)),
+      "ptq_w4a4_max_dfqf": entry(origin("ptq_w4a4_max_dfqf", "p1"),
+                                 teacher=origin("teacher", "t0", 0)),
+      # an export records the student checkpoint it came from
+      "export_student_w4a4": {"top1": 0.9, "lineage": {"student_w4a4": origin("student_w4a4",
+                                                                              "s0")}},
+  }
+  reasons = evaluate.stale_reasons(results)
+  assert set(reasons) == {"student_w3a3", "ptq_w4a4_max_dfqf", "export_student_w4a4"}
+  assert reasons["student_w3a3"] == ("built from generator step 12 (g1), but the workdir now "
+                                     "holds generator step 14 (g2)")
+  assert "built from teacher step 0 (t0)" in reasons["ptq_w4a4_max_dfqf"]
+  assert "student_w4a4 step 10 (s0)" in reasons["export_student_w4a4"]
+  # Built from a stage this workdir has no checkpoint of (generator_dir elsewhere): not stale.
+  del results["generator_student_fp"]
+  assert set(evaluate.stale_reasons(results)) == {"ptq_w4a4_max_dfqf", "export_student_w4a4"}
+
+
+def test_the_mark_replaces_an_old_one_and_a_stale_model_has_no_drop_against_the_teacher():
+  results = {"teacher": entry(TEACHER),
+             "student_w4a4": {**entry(origin("student_w4a4", "s1"), teacher=TEACHER),
+                              "stale": "an old reason", "drop_vs_teacher": 0.01},
+             "student_w3a3": {**entry(origin("student_w3a3", "s2"),
+                                      teacher=origin("teacher", "t0", 0)),
+                              "drop_vs_teacher": 0.04}}
+  marked = evaluate.with_staleness(results)
+  assert "stale" not in marked["student_w4a4"] and marked["student_w4a4"]["drop_vs_teacher"]
+  assert marked["student_w3a3"]["stale"].startswith("built from teacher step 0 (t0)")
+  assert "drop_vs_teacher" not in marked["student_w3a3"]
+  assert "stale" in results["student_w4a4"]  # the input is not changed
