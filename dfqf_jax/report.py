@@ -222,8 +222,8 @@ def comparison_rows(records: dict) -> list[dict]:
   """One row per fine-tuned student in the records (path -> run record or results.json): its
   network (ResNet-<depth>), protocol, our teacher's top-1, the student's top-1 and drop per
   bit width, its PTQ starting point (the `ft` clips it was fine-tuned from, when the record
-  has them), and the compute. A `stale` student (built from checkpoints its workdir no longer
-  held) is left out, with one line on stderr."""
+  has them, unless stale), and the compute. A `stale` student (built from checkpoints its
+  workdir no longer held) is left out, with one line on stderr."""
   rows = []
   for path, record in records.items():
     results = record.get("results", record)  # a run record, or a workdir's results.json
@@ -235,7 +235,8 @@ def comparison_rows(records: dict) -> list[dict]:
         print(f"{path}: {name} left out: stale, {entry['stale']}", file=sys.stderr)
         continue
       bits = (entry["weight_bits"], entry["act_bits"])
-      ptq = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}", {}).get("top1")
+      start = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}", {})
+      ptq = None if "stale" in start else start.get("top1")
       depth = entry.get("depth", results.get("teacher", {}).get("depth"))
       network = "?" if depth is None else f"ResNet-{depth}"
       rows.append({"method": f"DFQF (ours) {name}", "network": network,

@@ -56,7 +56,9 @@ def test_a_stale_student_is_left_out_of_the_table_with_one_line_saying_why(capsy
   results = record(0.92, {"student_w4a4": (4, 4, "dfqf", 0.91),
                           "student_w3a3": (3, 3, "dfqf", 0.88)}, {})["results"]
   results["student_w3a3"]["stale"] = "built from generator step 12 (aaaa), but ..."
+  results["ptq_w4a4_ft_dfqf"] = {"top1": 0.85, "stale": "built from teacher step 0 (bbbb), ..."}
   rows = report.comparison_rows({"r.json": results})
   assert [r["method"] for r in rows] == ["DFQF (ours) student_w4a4"]
+  assert rows[0]["ptq_start"] is None  # not the start of this student
   assert capsys.readouterr().err.splitlines() == [
       "r.json: student_w3a3 left out: stale, built from generator step 12 (aaaa), but ..."]

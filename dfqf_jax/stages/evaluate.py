@@ -59,19 +59,23 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
                      "stage_wall_seconds": training.read_wall_time(directory),
                      "test_data": split_fingerprint, **described,
                      "lineage": meta.get("lineage", {}),
-                     checkpoints.ORIGIN: meta[checkpoints.ORIGIN],
+                     checkpoints.ORIGIN: meta[checkpoints.ORIGIN],  # as lineages name it
                      "finished": meta[checkpoints.ORIGIN]["finished"]}
   return results
 
 
-def stale_reasons(results: dict) -> dict[str, str]:
-  """name -> why, for each entry built from an upstream checkpoint (its `lineage`: stage ->
-  origin) other than the one the workdir now holds under that stage (the `origin` of the
-  entries evaluated from it). Such a model is left over from earlier inputs: a stage rerun
-  alone (a generator trained further, a teacher replaced) rebuilds nothing downstream, and a
-  pipeline rebuilds only the students and PTQ models it is asked for."""
+def stale_reasons(results: dict, held: dict) -> dict[str, str]:
+  """name -> why, for each entry of `results` built from an upstream checkpoint (its
+  `lineage`: stage -> origin) other than the one the workdir now holds under that stage (the
+  `origin` of the `held` entries, those evaluated from the workdir's checkpoints now), or
+  built from a stage whose model is itself stale (an export of a stale student). Such a
+  model is left over from earlier inputs: a stage rerun alone (a generator trained further,
+  a teacher replaced) rebuilds nothing downstream, and a pipeline rebuilds only the students
+  and PTQ models it is asked for."""
   current = {r[checkpoints.ORIGIN]["stage"]: r[checkpoints.ORIGIN]
-             for r in results.values() if checkpoints.ORIGIN in r}
+             for r in held.values() if checkpoints.ORIGIN in r}
+  holders = {r[checkpoints.ORIGIN]["stage"]: name
+             for name, r in held.items() if checkpoints.ORIGIN in r}
   reasons = {}
   for name, entry in results.items():
     changed = [(upstream, current[stage]) for stage, upstream in entry.get("lineage", {}).items()
@@ -80,20 +84,29 @@ def stale_reasons(results: dict) -> dict[str, str]:
       reasons[name] = "; ".join(
           f"built from {checkpoints.describe_origin(was)}, but the workdir now holds "
           f"{checkpoints.describe_origin(now)}" for was, now in changed)
+  spreading = True
+  while spreading:  # down the chain: teacher -> generator -> student -> export
+    spreading = False
+    for name, entry in results.items():
+      stale_upstream = [holders[stage] for stage in entry.get("lineage", {})
+                        if holders.get(stage) in reasons]
+      if name not in reasons and stale_upstream:
+        reasons[name] = f"built from {stale_upstream[0]}, itself stale: " + reasons[
+            stale_upstream[0]]
+        spreading = True
   return reasons
 
 
-def with_staleness(results: dict) -> dict:
-  """The entries, each stale one marked `stale` (the reason) and without a drop against the
-  workdir's teacher; the others unmarked."""
-  reasons = stale_reasons(results)
+def with_staleness(results: dict, held: dict) -> dict:
+  """The entries, each stale one (see stale_reasons) marked `stale` (the reason) and without
+  a drop against the workdir's teacher; the others unmarked."""
+  reasons = stale_reasons(results, held)
   marked = {}
   for name, entry in results.items():
-    entry = {k: v for k, v in entry.items() if k != "stale"}
+    dropped = ("stale", "drop_vs_teacher") if name in reasons else ("stale",)
+    marked[name] = {k: v for k, v in entry.items() if k not in dropped}
     if name in reasons:
-      entry = {k: v for k, v in entry.items() if k != "drop_vs_teacher"}
-      entry["stale"] = reasons[name]
-    marked[name] = entry
+      marked[name]["stale"] = reasons[name]
   return marked
 
 
@@ -120,7 +133,7 @@ def run(config, workdir: str) -> dict:
   # Entries of checkpoints that are gone (deleted, rebuilt) are dropped.
   merged = with_staleness({**{n: r for n, r in known.items()
                               if r.get("checkpoint") and storage.isdir(r["checkpoint"])},
-                           **results})
+                           **results}, held=results)
   if training.is_main_process():
     storage.write_atomically(path, json.dumps(merged, indent=2, sort_keys=True))
   print(format_table({n: merged[n] for n in results}))
