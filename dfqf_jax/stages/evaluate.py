@@ -72,10 +72,9 @@ def stale_reasons(results: dict, held: dict) -> dict[str, str]:
   model is left over from earlier inputs: a stage rerun alone (a generator trained further,
   a teacher replaced) rebuilds nothing downstream, and a pipeline rebuilds only the students
   and PTQ models it is asked for."""
-  current = {r[checkpoints.ORIGIN]["stage"]: r[checkpoints.ORIGIN]
-             for r in held.values() if checkpoints.ORIGIN in r}
   holders = {r[checkpoints.ORIGIN]["stage"]: name
              for name, r in held.items() if checkpoints.ORIGIN in r}
+  current = {stage: held[name][checkpoints.ORIGIN] for stage, name in holders.items()}
   reasons = {}
   for name, entry in results.items():
     changed = [(upstream, current[stage]) for stage, upstream in entry.get("lineage", {}).items()
