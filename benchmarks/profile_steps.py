@@ -7,8 +7,8 @@ For each stage it builds the step exactly as benchmark.py does (the stage's own 
 sharded, state-donating step), then
   * times --steps steps dispatched back to back (waited for once, at the end): the
     steady-state wall time per step, host dispatch overlapping device work as in a run;
-  * reads XLA's cost analysis of the compiled step (FLOPs and bytes accessed per step), so
-    the achieved rate can be set against the chip's ceilings;
+  * reads XLA's cost analysis of the compiled step (FLOPs and bytes accessed per step, of
+    XLA's own kernels only: on a GPU cuDNN's convolutions are custom calls it leaves out);
   * traces --steps more steps with jax.profiler and sums the device's kernels from the
     Perfetto trace: time per step spent in kernels (by kernel and by kind: convolutions and
     matrix products, fused element-wise / reduction kernels, copies), the device's busy time
@@ -160,7 +160,9 @@ def profile_stage(stage: str, steps: int, trace_dir: str, warmup: int = 5) -> di
       "cost_analysis": {"flops_per_step": flops, "bytes_accessed_per_step": bytes_accessed,
                         "achieved_tflop_per_s": round(flops / wall_s / 1e12, 2),
                         "achieved_gb_per_s": round(bytes_accessed / wall_s / 1e9, 1),
-                        "flop_per_byte": round(flops / max(bytes_accessed, 1.0), 2)},
+                        "flop_per_byte": round(flops / max(bytes_accessed, 1.0), 2),
+                        "counts": "XLA's own kernels; library calls (cuDNN convolutions on "
+                                  "a GPU) are custom calls it does not count"},
       "trace_lines": sorted(set(lines.values())),
       "device": summarize_kernels(kernels, steps),
   }

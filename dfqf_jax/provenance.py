@@ -10,9 +10,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def git_state() -> tuple[str, bool | None]:
   """(HEAD, whether tracked files differ from it).
 
-  Outside git (e.g. a copy of the working tree on a remote accelerator) HEAD is taken from
-  $DFQF_COMMIT, else 'unknown'; the dirty flag is then None (not known).
+  $DFQF_COMMIT, when set, is the commit instead, with the dirty flag None (not known): a copy
+  of the working tree on a remote accelerator may carry a .git that is not the tree's (one
+  such copy reported the previous commit, to which the tree's new files were untracked).
+  Outside git and without it: 'unknown'.
   """
+  if os.environ.get("DFQF_COMMIT"):
+    return os.environ["DFQF_COMMIT"], None
   try:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                           text=True, check=True).stdout.strip()
@@ -20,7 +24,7 @@ def git_state() -> tuple[str, bool | None]:
                             cwd=REPO, capture_output=True, text=True, check=True).stdout
     return head, bool(status.strip())
   except (OSError, subprocess.CalledProcessError):
-    return os.environ.get("DFQF_COMMIT", "unknown"), None
+    return "unknown", None
 
 
 def cpu_model() -> str:

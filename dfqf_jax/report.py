@@ -218,9 +218,15 @@ def _compute(record: dict, entry: dict) -> str:
   return f"{text}, {entry.get('hardware') or record.get('hardware', '?')}"
 
 
+def schedule_of(record: dict) -> str:
+  """The schedule a run record's command named (configs/<job>.py:<schedule>), else ''."""
+  match = re.search(r"configs/\w+\.py:(\w+)", record.get("command", ""))
+  return match.group(1) if match else ""
+
+
 def comparison_rows(records: dict) -> list[dict]:
   """One row per fine-tuned student in the records (path -> run record or results.json): its
-  network (ResNet-<depth>), protocol, our teacher's top-1, the student's top-1 and drop per
+  network (ResNet-<depth>), protocol, schedule (the record's), our teacher's top-1, the student's top-1 and drop per
   bit width, its PTQ starting point (the `ft` clips it was fine-tuned from, when the record
   has them, unless stale), and the compute. A `stale` student (built from checkpoints its
   workdir no longer held) is left out, with one line on stderr."""
@@ -240,7 +246,7 @@ def comparison_rows(records: dict) -> list[dict]:
       depth = entry.get("depth", results.get("teacher", {}).get("depth"))
       network = "?" if depth is None else f"ResNet-{depth}"
       rows.append({"method": f"DFQF (ours) {name}", "network": network,
-                   "protocol": entry["protocol"],
+                   "protocol": entry["protocol"], "schedule": schedule_of(record),
                    "teacher": teacher, "bits": bits, "top1": entry["top1"],
                    "drop": None if teacher is None else teacher - entry["top1"],
                    "ptq_start": ptq, "compute": _compute(record, entry), "source": path})
@@ -250,21 +256,23 @@ def comparison_rows(records: dict) -> list[dict]:
 def comparison_table(records: dict) -> str:
   """Markdown: our students beside the published numbers, top-1 and drop vs each one's own
   full-precision teacher, one column pair per bit width in COMPARED_BITS."""
-  header = ["method", "network", "protocol", "FP teacher"]
+  header = ["method", "network", "protocol", "schedule", "FP teacher"]
   for w, a in COMPARED_BITS:
     header += [f"W{w}A{a} top-1", f"W{w}A{a} drop"]
   header += ["PTQ start (ft)", "compute", "source"]
-  lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 6)
+  lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|" + "---:|" * (len(header) - 7)
            + "---|---|---|"]
   for row in comparison_rows(records):
-    cells = [row["method"], row["network"], row["protocol"], _points(row["teacher"])]
+    cells = [row["method"], row["network"], row["protocol"], row["schedule"],
+             _points(row["teacher"])]
     for bits in COMPARED_BITS:
       mine = row["bits"] == bits
       cells += [_points(row["top1"]) if mine else "", _points(row["drop"]) if mine else ""]
     cells += [_points(row["ptq_start"]), row["compute"], row["source"]]
     lines.append("| " + " | ".join(cells) + " |")
   for method, tops in PUBLISHED.items():
-    cells = [method, PUBLISHED_NETWORK, "standard", _points(PUBLISHED_TEACHER_TOP1)]
+    cells = [method, PUBLISHED_NETWORK, "standard", "the paper's",
+             _points(PUBLISHED_TEACHER_TOP1)]
     for top1 in tops:
       cells += [_points(top1), _points(None if top1 is None else PUBLISHED_TEACHER_TOP1 - top1)]
     cells += ["", "published", "the paper's table"]

@@ -43,7 +43,11 @@ if [ ! -e "$WORK/pipeline.rc" ]; then
   while [ ! -e "$WORK/pipeline.rc" ] && [ "$(seconds_left)" -gt 0 ]; do sleep 5; done
 fi
 cp "$WORK/pipeline.log" "$OUT/"
-cp "$WORK"/pipeline/reference_*.json "$WORK/pipeline/report.md" "$OUT/" 2>/dev/null
+# The record, and beside it in one archive its report, grid and curve images and the
+# workdir's results.json (a device call returns at most 8 files).
+cp "$WORK"/pipeline/reference_*.json "$OUT/" 2>/dev/null
+(cd "$WORK/pipeline" && tar -czf "$OUT/reference_files.tar.gz" reference_*_report.md \
+  reference_*.png results.json report.md) 2>/dev/null
 
 if [ -e "$WORK/pipeline.rc" ] && [ ! -e "$WORK/profile.rc" ] && [ "$(seconds_left)" -gt 60 ]; then
   timeout "$(seconds_left)" "$PYTHON" benchmarks/profile_steps.py --out "$WORK/profile.json" \

@@ -11,7 +11,8 @@ def record(teacher: float, students: dict, ptq: dict, depth: int = 20) -> dict:
   for name, (w, a, protocol, top1) in students.items():
     results[name] = {"weight_bits": w, "act_bits": a, "protocol": protocol, "top1": top1}
   results.update({name: {"top1": top1} for name, top1 in ptq.items()})
-  return {"results": results, "stage_wall_seconds_total": 12.5, "hardware": "test host"}
+  return {"results": results, "stage_wall_seconds_total": 12.5, "hardware": "test host",
+          "command": "python main.py --config=configs/pipeline.py:budget --workdir=w"}
 
 
 def test_the_table_puts_each_student_in_its_bit_width_with_drop_and_ptq_start(tmp_path):
@@ -22,8 +23,8 @@ def test_the_table_puts_each_student_in_its_bit_width_with_drop_and_ptq_start(tm
                        depth=56)}
   rows = {r["method"]: r for r in report.comparison_rows(records)}
   w4 = rows["DFQF (ours) student_w4a4"]
-  assert (w4["network"], w4["bits"], w4["ptq_start"], w4["source"]) == (
-      "ResNet-20", (4, 4), 0.85, "a.json")
+  assert (w4["network"], w4["schedule"], w4["bits"], w4["ptq_start"], w4["source"]) == (
+      "ResNet-20", "budget", (4, 4), 0.85, "a.json")
   assert w4["drop"] == pytest.approx(0.01)
   w3 = rows["DFQF (ours) student_w3a3_standard"]
   assert w3["drop"] == pytest.approx(0.10) and w3["ptq_start"] is None
@@ -35,13 +36,15 @@ def test_the_table_puts_each_student_in_its_bit_width_with_drop_and_ptq_start(tm
                 "--out", str(out)])
   lines = out.read_text().splitlines()
   ours = next(l for l in lines if "student_w3a3_standard" in l).split(" | ")
-  # columns: method, network, protocol, teacher, W4A4 top-1, W4A4 drop, W3A3 top-1, W3A3 drop
-  assert ours[1:8] == ["ResNet-56", "standard", "90.00", "", "", "80.00", "10.00"]
+  # columns: method, network, protocol, schedule, teacher, W4A4 top-1, W4A4 drop, W3A3 top-1,
+  # W3A3 drop
+  assert ours[1:9] == ["ResNet-56", "standard", "budget", "90.00", "", "", "80.00", "10.00"]
   synq = next(l for l in lines if l.startswith("| SynQ |")).split(" | ")
   # the network and drops the issue cites
-  assert synq[1:8] == ["ResNet-20", "standard", "93.89", "92.76", "1.13", "88.11", "5.78"]
+  assert synq[1:9] == ["ResNet-20", "standard", "the paper's", "93.89", "92.76", "1.13", "88.11",
+                       "5.78"]
   gdfq = next(l for l in lines if l.startswith("| GDFQ |")).split(" | ")
-  assert gdfq[6:8] == ["–", "–"]  # no published W3A3 number
+  assert gdfq[7:9] == ["–", "–"]  # no published W3A3 number
 
 
 def test_a_missing_record_is_one_usage_error_naming_it(tmp_path, capsys):
