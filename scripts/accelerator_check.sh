@@ -7,7 +7,8 @@
 #
 # Needs only the test split and the teacher weights: DFQF_DATA_DIR (default ../shared/data)
 # must hold cifar10_test.npz and resnet20-12fca82f_weights.npz. Wheels in .whl/ (if present)
-# are installed first, for machines without a package index.
+# are installed first, for machines without a package index. DFQF_RECORD_STEM names the record
+# (default reference_<platform>_<device kind>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/accelerator_check.sh OUT_DIR [schedule] [config overrides]}
@@ -18,7 +19,7 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 source scripts/carried_wheels.sh
 DEVICE=$("$PYTHON" -c "import jax; d = jax.devices()[0]; print(d.platform + '_' + d.device_kind.replace(' ', '_').lower())")
-RECORD="$OUT/reference_${DEVICE}.json"
+RECORD="$OUT/${DFQF_RECORD_STEM:-reference_${DEVICE}}.json"
 start=$(date +%s)
 "$PYTHON" main.py --config="configs/pipeline.py:${SCHEDULE}" --workdir="$OUT/run" \
   --config.data.dir="$DATA" --config.teacher_weights="$DATA/resnet20-12fca82f_weights.npz" \

@@ -11,9 +11,13 @@
 #
 #   scripts/accelerator_session.sh OUT [SECONDS] [--config.field=value ...]
 #
-# Environment: DFQF_SCHEDULE (default reference; smoke for a CPU try of the script),
+# Environment: DFQF_PHASES (default "pipeline profile benchmarks": the phases to run, in that
+# order), DFQF_SCHEDULE (default reference; smoke for a CPU try of the script),
 # DFQF_PROFILE_ARGS and DFQF_BENCHMARK_ARGS (extra arguments, appended), DFQF_DATA_DIR and
-# PYTHON as scripts/accelerator_check.sh takes them.
+# DFQF_RECORD_STEM and PYTHON as scripts/accelerator_check.sh takes them. E.g. the four
+# reference students of issue 19, without the profile and benchmarks:
+#   DFQF_PHASES=pipeline scripts/accelerator_session.sh OUT 560 --config.bits=w4a4,w3a3 \
+#     --config.finetune_stage.protocol=dfqf,standard
 #
 # SECONDS (default 560): when this call stops waiting and returns what it has. The config
 # overrides go to the pipeline; by default it evaluates stage 1's FP student every 5 epochs
@@ -29,9 +33,11 @@ export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
 source scripts/carried_wheels.sh
 
+PHASES=" ${DFQF_PHASES:-pipeline profile benchmarks} "
 seconds_left() { echo $(( DEADLINE - $(date +%s) )); }
+wanted() { [[ "$PHASES" == *" $1 "* ]]; }
 
-if [ ! -e "$WORK/pipeline.rc" ]; then
+if wanted pipeline && [ ! -e "$WORK/pipeline.rc" ]; then
   if ! pgrep -f "accelerator_check.sh $WORK/pipeline" > /dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$WORK/pipeline.log" 2>&1
     setsid nohup bash -c "scripts/accelerator_check.sh $WORK/pipeline ${DFQF_SCHEDULE:-reference} \
@@ -42,14 +48,17 @@ if [ ! -e "$WORK/pipeline.rc" ]; then
   fi
   while [ ! -e "$WORK/pipeline.rc" ] && [ "$(seconds_left)" -gt 0 ]; do sleep 5; done
 fi
-cp "$WORK/pipeline.log" "$OUT/"
-# The record, and beside it in one archive its report, grid and curve images and the
-# workdir's results.json (a device call returns at most 8 files).
-cp "$WORK"/pipeline/reference_*.json "$OUT/" 2>/dev/null
-(cd "$WORK/pipeline" && tar -czf "$OUT/reference_files.tar.gz" reference_*_report.md \
-  reference_*.png results.json report.md) 2>/dev/null
+cp "$WORK/pipeline.log" "$OUT/" 2>/dev/null
+# The record, and in one archive everything written beside it (its report, grid and curve
+# images, the workdir's results.json and report.md): a device call returns at most 8 files.
+for file in "$WORK"/pipeline/*.json; do
+  [ "$(basename "$file")" = results.json ] || cp "$file" "$OUT/" 2>/dev/null
+done
+(cd "$WORK/pipeline" 2>/dev/null && tar -czf "$OUT/record_files.tar.gz" --exclude=./run \
+  --exclude=./log.txt .) 2>/dev/null
 
-if [ -e "$WORK/pipeline.rc" ] && [ ! -e "$WORK/profile.rc" ] && [ "$(seconds_left)" -gt 60 ]; then
+if wanted profile && { [ -e "$WORK/pipeline.rc" ] || ! wanted pipeline; } \
+    && [ ! -e "$WORK/profile.rc" ] && [ "$(seconds_left)" -gt 60 ]; then
   timeout "$(seconds_left)" "$PYTHON" benchmarks/profile_steps.py --out "$WORK/profile.json" \
     --trace-dir "$WORK/traces" ${DFQF_PROFILE_ARGS:-} > "$WORK/profile.log" 2>&1
   echo $? > "$WORK/profile.rc"
@@ -57,7 +66,9 @@ if [ -e "$WORK/pipeline.rc" ] && [ ! -e "$WORK/profile.rc" ] && [ "$(seconds_lef
 fi
 cp "$WORK/profile.json" "$OUT/" 2>/dev/null
 
-if [ -e "$WORK/profile.rc" ] && [ ! -e "$WORK/benchmarks.rc" ] && [ "$(seconds_left)" -gt 60 ]; then
+if wanted benchmarks && { [ -e "$WORK/pipeline.rc" ] || ! wanted pipeline; } \
+    && { [ -e "$WORK/profile.rc" ] || ! wanted profile; } \
+    && [ ! -e "$WORK/benchmarks.rc" ] && [ "$(seconds_left)" -gt 60 ]; then
   timeout "$(seconds_left)" "$PYTHON" benchmarks/benchmark.py --impl jax,torch \
     --stages teacher,generator,finetune,evaluate --student-passes 1,2 --warmup 3 --repeats 10 \
     --out "$WORK/benchmarks.jsonl" --tag "issue 14: accelerator session, float32" ${DFQF_BENCHMARK_ARGS:-} \
@@ -65,7 +76,7 @@ if [ -e "$WORK/profile.rc" ] && [ ! -e "$WORK/benchmarks.rc" ] && [ "$(seconds_l
   echo $? > "$WORK/benchmarks.rc"
 fi
 cp "$WORK/benchmarks.jsonl" "$WORK/benchmarks.log" "$OUT/" 2>/dev/null
-for phase in pipeline profile benchmarks; do
+for phase in $PHASES; do
   echo "$phase: $(cat "$WORK/$phase.rc" 2>/dev/null || echo 'not finished')"
 done
 tail -5 "$WORK/pipeline.log"
