@@ -61,34 +61,37 @@ def run(config, workdir: str, evaluate_after: bool = True) -> dict | None:
   batches = calibration_batches(config, teacher_meta, config.calibration_data,
                                 rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
   methods = validation.split_names(config.calibration)
-  summaries = None  # every bit width, protocol and method: from one reading of the tensors
-  shared_seconds = time.time() - started
+  to_build = []
   for w, a in q.parse_bits(config.bits):
     for protocol in validation.split_names(config.protocol):
       for method in methods:
-        spec = q.QuantSpec(w, a, protocol)
         name = model_name("ptq", w, a, method, protocol, config.calibration_data)
         stage_dir = os.path.join(workdir, name)
         checkpoints.check_lineage(stage_dir, name, lineage, config.on_stale_upstream)
         if checkpoints.exists(stage_dir):
           checkpoints.load_product(stage_dir, name)  # readable, and never overwritten
-          continue
-        started = time.time()
-        if summaries is None:
-          summaries = summarize(teacher_vars, teacher_meta, batches, methods)
-          shared_seconds += time.time() - started
-          started = time.time()
-        _, variables = quantize_and_calibrate(teacher_vars, teacher_meta, spec, method,
-                                              summaries)
-        meta = common.classifier_meta(
-            teacher_meta["depth"], teacher_meta["dataset"], teacher_meta["mean"],
-            teacher_meta["std"], spec, model_name=name, weight_bits=w, act_bits=a,
-            protocol=protocol, calibration=method, calibration_data=config.calibration_data,
-            calibration_images=len(batches) * config.calibration_batch_size,
-            total_steps=0, lineage=lineage)
-        mngr = checkpoints.manager(stage_dir)
-        checkpoints.save(mngr, 0, variables, meta, force=True)
-        mngr.wait_until_finished()
-        mngr.close()
-        training.add_wall_time(stage_dir, time.time() - started + shared_seconds)
+        else:
+          to_build.append((w, a, protocol, method, name, stage_dir))
+  if not to_build:
+    return evaluate.run(config, workdir) if evaluate_after else None
+  # every bit width, protocol and method: from one reading of the tensors
+  summaries = summarize(teacher_vars, teacher_meta, batches, methods)
+  # The shared work (loading, calibration images, summaries) is split evenly among the models
+  # it served, so that the stage wall times add up to the stage's.
+  shared_share = (time.time() - started) / len(to_build)
+  for w, a, protocol, method, name, stage_dir in to_build:
+    started = time.time()
+    spec = q.QuantSpec(w, a, protocol)
+    _, variables = quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, summaries)
+    meta = common.classifier_meta(
+        teacher_meta["depth"], teacher_meta["dataset"], teacher_meta["mean"],
+        teacher_meta["std"], spec, model_name=name, weight_bits=w, act_bits=a,
+        protocol=protocol, calibration=method, calibration_data=config.calibration_data,
+        calibration_images=len(batches) * config.calibration_batch_size,
+        total_steps=0, lineage=lineage)
+    mngr = checkpoints.manager(stage_dir)
+    checkpoints.save(mngr, 0, variables, meta, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    training.add_wall_time(stage_dir, time.time() - started + shared_share)
   return evaluate.run(config, workdir) if evaluate_after else None
