@@ -158,6 +158,10 @@ def finetune(config) -> None:
     raise ConfigError("finetune trains one student: give one value each for config.bits "
                       f"({config.bits!r}), config.protocol and config.calibration.")
   one_of(config, "data_source", ("generated", "real"))
+  if config.adversarial_generator and config.data_source == "real":
+    raise ConfigError("config.adversarial_generator=True trains the generator against the "
+                      "student on generated images, but config.data_source='real' fine-tunes "
+                      "on real images; turn one of them off.")
   divisible_batch(config, "batch_size")
   for field in ("steps_per_epoch", "num_epochs", "learning_rate", "clip_learning_rate",
                 "eval_every_epochs"):

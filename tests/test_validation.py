@@ -69,6 +69,10 @@ CASES = {
     "unknown protocol": (PTQ, ["--config.protocol=lsq"], ["config.protocol='lsq'"]),
     "unknown calibration data": (PTQ, ["--config.calibration_data=imagenet"],
                                  ["config.calibration_data='imagenet'"]),
+    "adversarial generator on real images": (
+        "configs/finetune.py:w4a4,smoke",
+        ["--config.adversarial_generator=True", "--config.data_source=real"],
+        ["config.adversarial_generator=True", "config.data_source='real'", "turn one"]),
     "several students in one finetune": ("configs/finetune.py:w4a4,w8a8", [],
                                          ["finetune trains one student"]),
     "pipeline with a bad stage field": ("configs/pipeline.py:smoke",
