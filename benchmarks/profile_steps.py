@@ -46,8 +46,8 @@ def kernel_kind(name: str) -> str:
     return "collective"
   if any(k in lowered for k in ("memcpy", "memset", "copy_")):
     return "copy"
-  if any(k in lowered for k in ("conv", "gemm", "xmma", "cutlass", "cudnn", "dot", "wgmma",
-                                "matmul", "sm90", "sm80")):
+  if any(k in lowered for k in ("convolution", "conv_", "fprop", "dgrad", "wgrad", "gemm",
+                                "xmma", "cutlass", "cudnn", "dot", "matmul", "sm90_", "sm80_")):
     return "convolution_or_matmul"
   if any(k in lowered for k in ("fusion", "reduce", "loop_", "input_", "triton", "scatter",
                                 "transpose", "select", "rng", "sort")):
@@ -56,11 +56,10 @@ def kernel_kind(name: str) -> str:
 
 
 def _load_trace(trace_dir: str) -> list:
-  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
-                           recursive=True))
+  paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
   if not paths:
     raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
-  with gzip.open(paths[-1], "rt") as f:
+  with gzip.open(max(paths, key=os.path.getmtime), "rt") as f:  # the latest trace
     trace = json.load(f)
   return trace["traceEvents"] if isinstance(trace, dict) else trace
 

@@ -10,21 +10,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def git_state() -> tuple[str, bool | None]:
   """(HEAD, whether tracked files differ from it).
 
-  $DFQF_COMMIT, when set, is the commit instead, with the dirty flag None (not known): a copy
-  of the working tree on a remote accelerator may carry a .git that is not the tree's (one
-  such copy reported the previous commit, to which the tree's new files were untracked).
-  Outside git and without it: 'unknown'.
+  $DFQF_COMMIT, when set, names the tree's commit: a copy of the working tree on a remote
+  accelerator may carry no .git, or a .git that is not the tree's (one such copy reported the
+  previous commit, to which the tree's new files were untracked). When git's HEAD is another
+  commit, $DFQF_COMMIT is returned with the dirty flag None (not known). Without either:
+  'unknown'.
   """
-  if os.environ.get("DFQF_COMMIT"):
-    return os.environ["DFQF_COMMIT"], None
+  named = os.environ.get("DFQF_COMMIT", "")
   try:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                           text=True, check=True).stdout.strip()
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                             cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return head, bool(status.strip())
   except (OSError, subprocess.CalledProcessError):
-    return "unknown", None
+    return named or "unknown", None
+  if named and named != head:
+    return named, None
+  return head, bool(status.strip())
 
 
 def cpu_model() -> str:

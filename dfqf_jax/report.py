@@ -219,16 +219,17 @@ def _compute(record: dict, entry: dict) -> str:
 
 
 def schedule_of(record: dict) -> str:
-  """The schedule a run record's command named (configs/<job>.py:<schedule>), else ''."""
-  match = re.search(r"configs/\w+\.py:(\w+)", record.get("command", ""))
+  """The pipeline schedule a run record's command named (configs/pipeline.py:<schedule>),
+  else '' (a stage's own config, or a workdir's results.json)."""
+  match = re.search(r"configs/pipeline\.py:(\w+)", record.get("command", ""))
   return match.group(1) if match else ""
 
 
 def comparison_rows(records: dict) -> list[dict]:
   """One row per fine-tuned student in the records (path -> run record or results.json): its
-  network (ResNet-<depth>), protocol, schedule (the record's), our teacher's top-1, the student's top-1 and drop per
-  bit width, its PTQ starting point (the `ft` clips it was fine-tuned from, when the record
-  has them, unless stale), and the compute. A `stale` student (built from checkpoints its
+  network (ResNet-<depth>), protocol, the record's pipeline schedule, our teacher's top-1,
+  the student's top-1 and drop per bit width, its PTQ starting point (the `ft` clips it was
+  fine-tuned from, when the record has them, unless stale), and the compute. A `stale` student (built from checkpoints its
   workdir no longer held) is left out, with one line on stderr."""
   rows = []
   for path, record in records.items():

@@ -52,11 +52,13 @@ may_measure() {
     && { done_ok pipeline || ! wanted pipeline; }
 }
 
-if wanted pipeline && ! pipeline_running; then
-  if [ "$(cat "$WORK/pipeline.args" 2>/dev/null)" != "$PIPELINE_ARGS" ]; then
-    rm -f "$WORK/pipeline.rc"  # other students or settings: the pipeline builds what is new
-  fi
-  if ! done_ok pipeline; then
+new_args() { [ "$(cat "$WORK/pipeline.args" 2>/dev/null)" != "$PIPELINE_ARGS" ]; }
+if wanted pipeline && pipeline_running && new_args; then
+  echo "accelerator_session: a pipeline with other arguments is still running; this call" \
+    "waits for it and measures nothing. Call again once it has finished." >&2
+  PHASES=" pipeline "
+elif wanted pipeline && ! pipeline_running; then
+  if new_args || ! done_ok pipeline; then  # other students or settings: it builds what is new
     rm -f "$WORK/pipeline.rc"
     echo "$PIPELINE_ARGS" > "$WORK/pipeline.args"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$WORK/pipeline.log" 2>&1
@@ -79,6 +81,7 @@ done
   --exclude=./log.txt .) 2>/dev/null
 
 if may_measure profile; then
+  rm -rf "$WORK/traces"
   timeout "$(seconds_left)" "$PYTHON" benchmarks/profile_steps.py --out "$WORK/profile.json" \
     --trace-dir "$WORK/traces" ${DFQF_PROFILE_ARGS:-} > "$WORK/profile.log" 2>&1
   echo $? > "$WORK/profile.rc"

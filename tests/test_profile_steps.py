@@ -31,7 +31,7 @@ GPU_TRACE = [
     kernel("loop_add_fusion_3", 50, 20),
     kernel("Memcpy DtoD", 100, 10),
     kernel("sm90_xmma_fprop_implicit_gemm_tf32f32", 200, 60),
-    kernel("input_reduce_fusion_7", 260, 30),
+    kernel("loop_convert_fusion_7", 260, 30),
     # the same ops again on a derived line, and host work: neither is device time
     kernel("convolution.1", 0, 60, tid=15), kernel("PjitFunction(step)", 0, 500, 701, 1),
 ]

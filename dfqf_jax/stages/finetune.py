@@ -150,7 +150,7 @@ def run(config, workdir: str) -> None:
   common.check_teacher_depth(config, teacher_meta)
   generator = None
   lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
-  if "generated" in (config.data_source, config.calibration_data) or config.adversarial_generator:
+  if "generated" in (config.data_source, config.calibration_data):
     *generator, g_meta = stage1.load_generator(workdir, config.generator_dir)
     lineage["generator"] = g_meta[checkpoints.ORIGIN]
     if config.adversarial_generator:
@@ -187,8 +187,8 @@ def run(config, workdir: str) -> None:
   meta = {**meta, "classifiers": {name: meta}}
 
   state, step_fn = create_state_and_step(
-      config, teacher, generator if config.data_source == "generated" or
-      config.adversarial_generator else None, (student, variables), mesh, (mean, std))
+      config, teacher, generator if config.data_source == "generated" else None,
+      (student, variables), mesh, (mean, std))
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
   state, start = training.resume(ckpt, stage_dir, state, meta, name)
   teacher_vars = parallel.replicate(mesh, teacher_vars)

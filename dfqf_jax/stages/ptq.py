@@ -50,17 +50,9 @@ def quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, summaries):
   return model, calibration.calibrate(variables, spec, method, summaries)
 
 
-def run(config, workdir: str, evaluate_after: bool = True) -> dict | None:
-  _, teacher_vars, teacher_meta = common.load_teacher(workdir, config.teacher_dir)
-  common.check_teacher_depth(config, teacher_meta)
-  started = time.time()
-  lineage, generator = {"teacher": teacher_meta[checkpoints.ORIGIN]}, None
-  if config.calibration_data == "generated":
-    *generator, g_meta = stage1.load_generator(workdir, config.generator_dir)
-    lineage["generator"] = g_meta[checkpoints.ORIGIN]
-  batches = calibration_batches(config, teacher_meta, config.calibration_data,
-                                rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
-  methods = validation.split_names(config.calibration)
+def models_to_build(config, workdir: str, lineage: dict, methods: list[str]) -> list[tuple]:
+  """(w, a, protocol, method, name, folder) of each requested model the workdir lacks; the
+  ones it holds are checked readable (never overwritten), every one against `lineage`."""
   to_build = []
   for w, a in q.parse_bits(config.bits):
     for protocol in validation.split_names(config.protocol):
@@ -69,29 +61,43 @@ def run(config, workdir: str, evaluate_after: bool = True) -> dict | None:
         stage_dir = os.path.join(workdir, name)
         checkpoints.check_lineage(stage_dir, name, lineage, config.on_stale_upstream)
         if checkpoints.exists(stage_dir):
-          checkpoints.load_product(stage_dir, name)  # readable, and never overwritten
+          checkpoints.load_product(stage_dir, name)
         else:
           to_build.append((w, a, protocol, method, name, stage_dir))
-  if not to_build:
-    return evaluate.run(config, workdir) if evaluate_after else None
-  # every bit width, protocol and method: from one reading of the tensors
-  summaries = summarize(teacher_vars, teacher_meta, batches, methods)
-  # The shared work (loading, calibration images, summaries) is split evenly among the models
-  # it served, so that the stage wall times add up to the stage's.
-  shared_share = (time.time() - started) / len(to_build)
-  for w, a, protocol, method, name, stage_dir in to_build:
-    started = time.time()
-    spec = q.QuantSpec(w, a, protocol)
-    _, variables = quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, summaries)
-    meta = common.classifier_meta(
-        teacher_meta["depth"], teacher_meta["dataset"], teacher_meta["mean"],
-        teacher_meta["std"], spec, model_name=name, weight_bits=w, act_bits=a,
-        protocol=protocol, calibration=method, calibration_data=config.calibration_data,
-        calibration_images=len(batches) * config.calibration_batch_size,
-        total_steps=0, lineage=lineage)
-    mngr = checkpoints.manager(stage_dir)
-    checkpoints.save(mngr, 0, variables, meta, force=True)
-    mngr.wait_until_finished()
-    mngr.close()
-    training.add_wall_time(stage_dir, time.time() - started + shared_share)
+  return to_build
+
+
+def run(config, workdir: str, evaluate_after: bool = True) -> dict | None:
+  started = time.time()
+  _, teacher_vars, teacher_meta = common.load_teacher(workdir, config.teacher_dir)
+  common.check_teacher_depth(config, teacher_meta)
+  lineage, generator = {"teacher": teacher_meta[checkpoints.ORIGIN]}, None
+  if config.calibration_data == "generated":
+    *generator, g_meta = stage1.load_generator(workdir, config.generator_dir)
+    lineage["generator"] = g_meta[checkpoints.ORIGIN]
+  methods = validation.split_names(config.calibration)
+  to_build = models_to_build(config, workdir, lineage, methods)
+  if to_build:
+    batches = calibration_batches(config, teacher_meta, config.calibration_data,
+                                  rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
+    # every bit width, protocol and method: from one reading of the tensors
+    summaries = summarize(teacher_vars, teacher_meta, batches, methods)
+    # The work the models share (loading, the calibration images, the summaries) is split
+    # evenly among them, so that their wall times add up to this invocation's.
+    shared_share = (time.time() - started) / len(to_build)
+    for w, a, protocol, method, name, stage_dir in to_build:
+      started = time.time()
+      spec = q.QuantSpec(w, a, protocol)
+      _, variables = quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, summaries)
+      meta = common.classifier_meta(
+          teacher_meta["depth"], teacher_meta["dataset"], teacher_meta["mean"],
+          teacher_meta["std"], spec, model_name=name, weight_bits=w, act_bits=a,
+          protocol=protocol, calibration=method, calibration_data=config.calibration_data,
+          calibration_images=len(batches) * config.calibration_batch_size,
+          total_steps=0, lineage=lineage)
+      mngr = checkpoints.manager(stage_dir)
+      checkpoints.save(mngr, 0, variables, meta, force=True)
+      mngr.wait_until_finished()
+      mngr.close()
+      training.add_wall_time(stage_dir, time.time() - started + shared_share)
   return evaluate.run(config, workdir) if evaluate_after else None
