@@ -171,12 +171,7 @@ def jax_measurement(stage, batch, passes, args) -> Measurement:
   start = time.perf_counter()
   bench.fn.lower(*bench.args).compile()  # jit's cache keeps it: the first call reuses it
   compile_s = time.perf_counter() - start
-  current = list(bench.args)
-
-  def step():
-    out = jax.block_until_ready(bench.fn(*current))
-    if bench.carries_state:
-      current[0] = out[0]
+  step = bench.run  # one step, waited for
 
   def fields():
     import flax

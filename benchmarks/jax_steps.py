@@ -38,6 +38,15 @@ class Step:
   args: tuple
   carries_state: bool
 
+  def run(self, count: int = 1) -> None:
+    """`count` steps dispatched back to back, then waited for once."""
+    out = None
+    for _ in range(count):
+      out = self.fn(*self.args)
+      if self.carries_state:
+        self.args = (out[0],) + self.args[1:]
+    jax.block_until_ready(out)
+
 
 def _random_images(batch: int, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)

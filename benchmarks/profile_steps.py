@@ -126,17 +126,6 @@ def summarize_kernels(kernels: list, steps: int) -> dict:
   }
 
 
-def _run(step: jax_steps.Step, count: int):
-  args = step.args
-  out = None
-  for _ in range(count):
-    out = step.fn(*args)
-    if step.carries_state:
-      args = (out[0],) + args[1:]
-  jax.block_until_ready(out)
-  step.args = args
-
-
 def profile_stage(stage: str, steps: int, trace_dir: str, warmup: int = 5) -> dict:
   step = jax_steps.build(stage, BATCHES[stage], "float32", student_passes=1)
   started = time.perf_counter()
@@ -144,13 +133,13 @@ def profile_stage(stage: str, steps: int, trace_dir: str, warmup: int = 5) -> di
   compile_s = time.perf_counter() - started
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  _run(step, warmup)
+  step.run(warmup)
   started = time.perf_counter()
-  _run(step, steps)
+  step.run(steps)
   wall_s = (time.perf_counter() - started) / steps
   stage_trace = os.path.join(trace_dir, stage)
   with jax.profiler.trace(stage_trace, create_perfetto_trace=True):
-    _run(step, steps)
+    step.run(steps)
   kernels, lines = device_kernels(_load_trace(stage_trace))
   flops, bytes_accessed = cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
   return {
