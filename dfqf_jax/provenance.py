@@ -1,5 +1,7 @@
 """Where a result came from: the commit and the host CPU. No JAX import, so that the
 PyTorch benchmark processes can use it too."""
+import datetime
+import json
 import os
 import platform
 import subprocess
@@ -38,3 +40,16 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def append_row(path: str, row: dict, tag: str) -> dict:
+  """Prints `row` with where it came from (commit, CPU, tag, date) and appends it to the
+  JSON-lines file `path`; returns it."""
+  commit, dirty = git_state()
+  row = {**row, "commit": commit, "dirty": dirty, "cpu_model": cpu_model(),
+         "cpu_count": os.cpu_count(), "tag": tag,
+         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  print(json.dumps(row))
+  with open(path, "a") as f:
+    f.write(json.dumps(row) + "\n")
+  return row

@@ -15,3 +15,13 @@ VALIDATION_SPLIT = 7  # NumPy: which training images are held out (data.train_va
 
 def key(seed: int, stream: int) -> jax.Array:
   return jax.random.key(seed + stream)
+
+
+@jax.jit
+def step_key(base: jax.Array, step) -> jax.Array:
+  """fold_in(base, step): the key of step `step` of a stream, as one compiled dispatch.
+
+  The training loops derive a key on the host every step; jax.random.fold_in called outside
+  jit runs op by op, about 15x the host time (163 vs 11 us per step on this project's CPU),
+  which a fast accelerator step then waits for."""
+  return jax.random.fold_in(base, step)

@@ -6,7 +6,15 @@
 #   profile     once no pipeline runs, on the otherwise idle device: the step profile
 #               (benchmarks/profile_steps.py);
 #   benchmarks  JAX and PyTorch side by side, float32 (benchmarks/benchmark.py);
-#   bfloat16    the same for stage 1 and fine-tuning with --dtype bfloat16 (not by default).
+#   bfloat16    the same for stage 1 and fine-tuning with --dtype bfloat16 (not by default);
+#   flags       JAX's stage-1 and fine-tuning steps again under each XLA_FLAGS set of
+#               DFQF_XLA_FLAG_SETS (';'-separated, an empty set is XLA's default; default:
+#               XLA's default, command buffers (CUDA graphs) off, and command buffers that
+#               also take in the cuDNN convolutions), one run_id, each row tagged with its
+#               set (not by default). The fine-tuning step is host-paced on an H200 (35% of
+#               its trace window idle, 4 us kernels): this measures whether XLA's CUDA
+#               graphs can hide the launches; then benchmarks/loop_overhead.py (the host's
+#               time per step of the training loop).
 # A phase that exits 0 is marked done in WORK (default /tmp/dfqf_accelerator) and skipped by
 # the next call on the same machine; one that failed or was cut runs again (the pipeline
 # resumes from its checkpoints). The pipeline also runs again when its arguments change: it
@@ -22,7 +30,7 @@
 #
 # Environment: DFQF_PHASES (default "pipeline profile benchmarks"; in that order),
 # DFQF_SCHEDULE (default reference; smoke for a CPU try of the script), DFQF_PROFILE_ARGS and
-# DFQF_BENCHMARK_ARGS (extra arguments, appended), DFQF_DATA_DIR, DFQF_RECORD_STEM and PYTHON
+# DFQF_BENCHMARK_ARGS (extra arguments, appended; also to the flags phase), DFQF_XLA_FLAG_SETS, DFQF_DATA_DIR, DFQF_RECORD_STEM and PYTHON
 # as scripts/accelerator_check.sh takes them. E.g. the four reference students of issue 19:
 #   DFQF_PHASES=pipeline scripts/accelerator_session.sh OUT 560 --config.bits=w4a4,w3a3 \
 #     --config.finetune_stage.protocol=dfqf,standard
@@ -101,7 +109,23 @@ for dtype in float32 bfloat16; do
     echo $? > "$WORK/$phase.rc"
   fi
 done
-cp "$WORK/benchmarks.jsonl" "$WORK/benchmarks.log" "$OUT/" 2>/dev/null
+COMMAND_BUFFERS_WITH_CONVOLUTIONS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,\
+CUSTOM_CALL,CUDNN,CONVOLUTION --xla_gpu_graph_min_graph_size=1"
+if may_measure flags; then
+  IFS=';' read -ra flag_sets <<< \
+    "${DFQF_XLA_FLAG_SETS-;--xla_gpu_enable_command_buffer=;$COMMAND_BUFFERS_WITH_CONVOLUTIONS}"
+  run_id=$(date +%s | sha1sum | cut -c1-12) status=0
+  for flags in "${flag_sets[@]}"; do
+    XLA_FLAGS="$flags" timeout "$(seconds_left)" "$PYTHON" benchmarks/benchmark.py --impl jax \
+      --stages generator,finetune --warmup 2 --repeats 5 --run-id "$run_id" \
+      --out "$WORK/benchmarks.jsonl" --tag "accelerator session, XLA_FLAGS: ${flags:-default}" \
+      ${DFQF_BENCHMARK_ARGS:-} >> "$WORK/benchmarks.log" 2>&1 || status=$?
+  done
+  timeout "$(seconds_left)" "$PYTHON" benchmarks/loop_overhead.py --out "$WORK/loop_overhead.jsonl" \
+    --tag "accelerator session" >> "$WORK/benchmarks.log" 2>&1 || status=$?
+  echo $status > "$WORK/flags.rc"
+fi
+cp "$WORK/benchmarks.jsonl" "$WORK/benchmarks.log" "$WORK/loop_overhead.jsonl" "$OUT/" 2>/dev/null
 for phase in $PHASES; do
   echo "$phase: $(cat "$WORK/$phase.rc" 2>/dev/null || echo 'not finished')"
 done

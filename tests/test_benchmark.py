@@ -49,3 +49,15 @@ def test_every_jax_step_builds_and_traces():
     step = jax_steps.build(stage, 8, "float32", 1)
     shapes = jax.tree.leaves(jax.eval_shape(step.fn, *step.args))
     assert shapes and all(s.size >= 1 for s in shapes), stage
+
+
+def test_loop_overhead_times_each_key_derivation(tmp_path):
+  """benchmarks/loop_overhead.py: one row, a positive host time per step for each way of
+  deriving a step's key (in-process: the suite's CPU devices; speed is not asserted)."""
+  import loop_overhead
+  out = tmp_path / "loop.jsonl"
+  loop_overhead.main(["--steps", "20", "--tag", "test", "--out", str(out)])
+  (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+  assert set(row["us_per_step"]) == set(loop_overhead.KEYS)
+  assert all(us > 0 for us in row["us_per_step"].values())
+  assert (row["steps"], row["backend"], row["tag"]) == (20, "cpu", "test")

@@ -199,7 +199,7 @@ def run(config, workdir: str) -> None:
     if config.data_source == "real":
       batch = data.train_batch(train_split, config.batch_size, config.seed, step, rows)
       return step_fn(state, parallel.global_batch(mesh, batch)["images"], teacher_vars)
-    return step_fn(state, jax.random.fold_in(base_key, step), teacher_vars)
+    return step_fn(state, rng.step_key(base_key, step), teacher_vars)
 
   evaluate = common.top1_evaluator(
       student, lambda state: common.variables_of(state.student),

@@ -258,7 +258,7 @@ def run(config, workdir: str) -> None:
   base_key = rng.key(config.seed, rng.STAGE1_LATENTS)
 
   def do_step(state, step):
-    return step_fn(state, jax.random.fold_in(base_key, step), teacher_vars)
+    return step_fn(state, rng.step_key(base_key, step), teacher_vars)
 
   generator = make_generator(config)  # evaluation and grids in float32
   student_top1 = common.top1_evaluator(
