@@ -4,6 +4,7 @@ Each stream has a fixed offset: changing one changes every run's numbers (and no
 resumes old checkpoints exactly), so they are written down once, here.
 """
 import jax
+import numpy as np
 
 INIT = 0  # initial weights (teacher, generator, stage-1 student)
 STAGE1_LATENTS = 1  # z of stage-1 iteration i: fold_in(key, i)
@@ -17,11 +18,15 @@ def key(seed: int, stream: int) -> jax.Array:
   return jax.random.key(seed + stream)
 
 
-@jax.jit
-def step_key(base: jax.Array, step) -> jax.Array:
+def step_key(base: jax.Array, step: int) -> jax.Array:
   """fold_in(base, step): the key of step `step` of a stream, as one compiled dispatch.
 
   The training loops derive a key on the host every step; jax.random.fold_in called outside
-  jit runs op by op, about 15x the host time (163 vs 11 us per step on this project's CPU),
-  which a fast accelerator step then waits for."""
-  return jax.random.fold_in(base, step)
+  jit runs op by op, a few times the host time of the whole rest of the loop
+  (docs/results/loop_overhead.jsonl), which a fast accelerator step then waits for. The step
+  goes in as uint32, the type fold_in hashes, so every step in fold_in's range gives
+  fold_in's key (and one compiled program serves them all)."""
+  return _fold_in(base, np.uint32(step))
+
+
+_fold_in = jax.jit(jax.random.fold_in)

@@ -79,9 +79,9 @@ fi
 if wanted pipeline; then
   while pipeline_running && [ "$(seconds_left)" -gt 0 ]; do sleep 5; done
 fi
-cp "$WORK/pipeline.log" "$OUT/" 2>/dev/null
 # The record, and in one archive everything written beside it (its report, grid and curve
-# images, the workdir's results.json and report.md): a device call returns at most 8 files.
+# images, the workdir's results.json and report.md): a device call returns at most 8 files
+# (here at most 7: the logs travel in one archive at the end).
 for file in "$WORK"/pipeline/*.json; do
   [ "$(basename "$file")" = results.json ] || cp "$file" "$OUT/" 2>/dev/null
 done
@@ -93,7 +93,7 @@ if may_measure profile; then
   timeout "$(seconds_left)" "$PYTHON" benchmarks/profile_steps.py --out "$WORK/profile.json" \
     --trace-dir "$WORK/traces" ${DFQF_PROFILE_ARGS:-} > "$WORK/profile.log" 2>&1
   echo $? > "$WORK/profile.rc"
-  tar -czf "$OUT/profile_traces.tar.gz" -C "$WORK" traces profile.log 2>/dev/null
+  tar -czf "$OUT/profile_traces.tar.gz" -C "$WORK" traces 2>/dev/null
 fi
 cp "$WORK/profile.json" "$OUT/" 2>/dev/null
 
@@ -114,18 +114,27 @@ CUSTOM_CALL,CUDNN,CONVOLUTION --xla_gpu_graph_min_graph_size=1"
 if may_measure flags; then
   IFS=';' read -ra flag_sets <<< \
     "${DFQF_XLA_FLAG_SETS-;--xla_gpu_enable_command_buffer=;$COMMAND_BUFFERS_WITH_CONVOLUTIONS}"
+  [ ${#flag_sets[@]} -gt 0 ] || flag_sets=("")  # DFQF_XLA_FLAG_SETS="": XLA's default alone
   run_id=$(date +%s | sha1sum | cut -c1-12) status=0
   for flags in "${flag_sets[@]}"; do
+    [ "$(seconds_left)" -gt 0 ] || { status=124; break; }
     XLA_FLAGS="$flags" timeout "$(seconds_left)" "$PYTHON" benchmarks/benchmark.py --impl jax \
       --stages generator,finetune --warmup 2 --repeats 5 --run-id "$run_id" \
       --out "$WORK/benchmarks.jsonl" --tag "accelerator session, XLA_FLAGS: ${flags:-default}" \
       ${DFQF_BENCHMARK_ARGS:-} >> "$WORK/benchmarks.log" 2>&1 || status=$?
   done
-  timeout "$(seconds_left)" "$PYTHON" benchmarks/loop_overhead.py --out "$WORK/loop_overhead.jsonl" \
-    --tag "accelerator session" >> "$WORK/benchmarks.log" 2>&1 || status=$?
+  if [ "$(seconds_left)" -gt 0 ]; then
+    timeout "$(seconds_left)" "$PYTHON" benchmarks/loop_overhead.py \
+      --out "$WORK/loop_overhead.jsonl" --tag "accelerator session" >> "$WORK/benchmarks.log" \
+      2>&1 || status=$?
+  else
+    status=124
+  fi
   echo $status > "$WORK/flags.rc"
 fi
-cp "$WORK/benchmarks.jsonl" "$WORK/benchmarks.log" "$WORK/loop_overhead.jsonl" "$OUT/" 2>/dev/null
+cp "$WORK/benchmarks.jsonl" "$WORK/loop_overhead.jsonl" "$OUT/" 2>/dev/null
+logs=$(cd "$WORK" && ls pipeline.log profile.log benchmarks.log 2>/dev/null)
+[ -z "$logs" ] || tar -czf "$OUT/logs.tar.gz" -C "$WORK" $logs
 for phase in $PHASES; do
   echo "$phase: $(cat "$WORK/$phase.rc" 2>/dev/null || echo 'not finished')"
 done
