@@ -1,5 +1,6 @@
 """benchmarks/benchmark.py writes complete rows (its JAX path; speed is never asserted)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -52,12 +53,13 @@ def test_every_jax_step_builds_and_traces():
 
 
 def test_loop_overhead_times_each_key_derivation(tmp_path):
-  """benchmarks/loop_overhead.py: one row, a positive host time per step for each way of
-  deriving a step's key (in-process: the suite's CPU devices; speed is not asserted)."""
+  """benchmarks/loop_overhead.py: one row, a host time per step for each way of
+  deriving a step's key (in-process: the suite's CPU devices; speed is not asserted: over 20
+  steps the difference of two timings can come out negative)."""
   import loop_overhead
   out = tmp_path / "loop.jsonl"
   loop_overhead.main(["--steps", "20", "--tag", "test", "--out", str(out)])
   (row,) = [json.loads(line) for line in out.read_text().splitlines()]
   assert set(row["us_per_step"]) == set(loop_overhead.KEYS)
-  assert all(us > 0 for us in row["us_per_step"].values())
+  assert all(math.isfinite(us) for us in row["us_per_step"].values())
   assert (row["steps"], row["backend"], row["tag"]) == (20, "cpu", "test")
