@@ -30,7 +30,8 @@
 #
 # Environment: DFQF_PHASES (default "pipeline profile benchmarks"; in that order),
 # DFQF_SCHEDULE (default reference; smoke for a CPU try of the script), DFQF_PROFILE_ARGS and
-# DFQF_BENCHMARK_ARGS (extra arguments, appended; also to the flags phase), DFQF_XLA_FLAG_SETS, DFQF_DATA_DIR, DFQF_RECORD_STEM and PYTHON
+# DFQF_BENCHMARK_ARGS (extra arguments, appended; also to the flags phase), DFQF_XLA_FLAG_SETS,
+# DFQF_DATA_DIR, DFQF_RECORD_STEM and PYTHON
 # as scripts/accelerator_check.sh takes them. E.g. the four reference students of issue 19:
 #   DFQF_PHASES=pipeline scripts/accelerator_session.sh OUT 560 --config.bits=w4a4,w3a3 \
 #     --config.finetune_stage.protocol=dfqf,standard
