@@ -220,9 +220,14 @@ def _compute(record: dict, entry: dict) -> str:
 
 def schedule_of(record: dict) -> str:
   """The pipeline schedule a run record's command named (configs/pipeline.py:<schedule>),
-  else '' (a stage's own config, or a workdir's results.json)."""
-  match = re.search(r"configs/pipeline\.py:(\w+)", record.get("command", ""))
-  return match.group(1) if match else ""
+  with the compute dtype when the command set one ('reference, bfloat16'), else '' (a
+  stage's own config, or a workdir's results.json)."""
+  command = record.get("command", "")
+  match = re.search(r"configs/pipeline\.py:(\w+)", command)
+  if not match:
+    return ""
+  dtype = re.search(r"--config\.compute_dtype=(\w+)", command)
+  return match.group(1) + (f", {dtype.group(1)}" if dtype else "")
 
 
 def comparison_rows(records: dict) -> list[dict]:

@@ -18,11 +18,15 @@ DATA=${DFQF_DATA_DIR:-../shared/data}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 source scripts/carried_wheels.sh
-DEVICE=$("$PYTHON" -c "import jax; d = jax.devices()[0]; print(d.platform + '_' + d.device_kind.replace(' ', '_').lower())")
-RECORD="$OUT/${DFQF_RECORD_STEM:-reference_${DEVICE}}.json"
+if [ -n "${DFQF_RECORD_STEM:-}" ]; then
+  RECORD="$OUT/$DFQF_RECORD_STEM.json"  # (naming the device would start the backend once more)
+else
+  DEVICE=$("$PYTHON" -c "import jax; d = jax.devices()[0]; print(d.platform + '_' + d.device_kind.replace(' ', '_').lower())")
+  RECORD="$OUT/reference_${DEVICE}.json"
+fi
 start=$(date +%s)
 "$PYTHON" main.py --config="configs/pipeline.py:${SCHEDULE}" --workdir="$OUT/run" \
   --config.data.dir="$DATA" --config.teacher_weights="$DATA/resnet20-12fca82f_weights.npz" \
   --config.record_to="$RECORD" "$@" 2>&1 | tee "$OUT/log.txt"
 cp "$OUT/run/results.json" "$OUT/run/report.md" "$OUT/"
-echo "accelerator_check: $SCHEDULE on $DEVICE took $(( $(date +%s) - start )) s; record: $RECORD"
+echo "accelerator_check: $SCHEDULE took $(( $(date +%s) - start )) s; record: $RECORD"

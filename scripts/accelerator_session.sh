@@ -17,16 +17,20 @@
 #               time per step of the training loop).
 # A phase that exits 0 is marked done in WORK (default /tmp/dfqf_accelerator) and skipped by
 # the next call on the same machine; one that failed or was cut runs again (the pipeline
-# resumes from its checkpoints). The pipeline also runs again when its arguments change: it
+# resumes from its checkpoints; the flags phase goes on with the sets it has not measured).
+# A measuring phase starts only with the seconds it needs left (NEEDS below). The pipeline also runs again when its arguments change: it
 # skips the stages it already finished (e.g. stage 1) and builds what is new.
 #
 #   scripts/accelerator_session.sh OUT [SECONDS] [--config.field=value ...]
 #
-# SECONDS (default 560): when this call stops waiting and returns what it has. The config
-# overrides go to the pipeline; by default it evaluates stage 1's FP student every 5 epochs
-# instead of every epoch (monitoring only), checkpoints stage 1 every 2,400 iterations, and
-# builds the W4A4 PTQ table only (both protocols, every calibration rule) plus the PTQ starts
-# of the students asked for.
+# SECONDS (default 560): when this call stops waiting and returns what it has. Size it (and
+# the device call's timeout_s, a little above it) from the device time the session has left:
+# the script cannot know the tool's limit, though what it has made is copied to OUT every
+# minute and after every phase. The config overrides go to the pipeline; by default it
+# evaluates stage 1's FP student and the fine-tuned students every 5 epochs instead of every
+# epoch (monitoring only), checkpoints stage 1 every 2,400 iterations and the students every
+# 5 epochs, and builds the W4A4 PTQ table only (both protocols, every calibration rule) plus
+# the PTQ starts of the students asked for.
 #
 # Environment: DFQF_PHASES (default "pipeline profile benchmarks"; in that order),
 # DFQF_SCHEDULE (default reference; smoke for a CPU try of the script), DFQF_PROFILE_ARGS and
@@ -50,15 +54,36 @@ source scripts/carried_wheels.sh
 PHASES=" ${DFQF_PHASES:-pipeline profile benchmarks} "
 PIPELINE_ARGS=$(printf ' %q' "${DFQF_SCHEDULE:-reference}" \
   --config.generator_stage.eval_every_epochs=5 \
-  --config.generator_stage.checkpoint_every_steps=2400 --config.ptq_stage.bits=w4a4 "$@")
+  --config.generator_stage.checkpoint_every_steps=2400 \
+  --config.finetune_stage.eval_every_epochs=5 \
+  --config.finetune_stage.checkpoint_every_steps=1955 --config.ptq_stage.bits=w4a4 "$@")
 seconds_left() { echo $(( DEADLINE - $(date +%s) )); }
 wanted() { [[ "$PHASES" == *" $1 "* ]]; }
 done_ok() { [ "$(cat "$WORK/$1.rc" 2>/dev/null)" = 0 ]; }
 pipeline_running() { pgrep -f "accelerator_check.sh $WORK/pipeline" > /dev/null; }
-# A measuring phase runs once the pipeline (when asked for) is done and none runs any more.
+# A measuring phase runs once the pipeline (when asked for) is done and none runs any more,
+# and only with the seconds it needs left (a phase cut short is measured again next call).
+declare -A NEEDS=([profile]=90 [benchmarks]=240 [bfloat16]=150 [flags]=90)
 may_measure() {
-  wanted "$1" && ! done_ok "$1" && ! pipeline_running && [ "$(seconds_left)" -gt 60 ] \
+  wanted "$1" && ! done_ok "$1" && ! pipeline_running && [ "$(seconds_left)" -gt "${NEEDS[$1]}" ] \
     && { done_ok pipeline || ! wanted pipeline; }
+}
+
+# What has been made so far goes to OUT, during the wait too: a call the device tool cuts off
+# at its own limit still returns it. At most 7 files (a call returns at most 8): the record(s),
+# in one archive everything written beside them (report, grid and curve images, the workdir's
+# results.json and report.md), the profile and its traces, the benchmark rows, the logs.
+collect() {
+  for file in "$WORK"/pipeline/*.json; do
+    [ "$(basename "$file")" = results.json ] || cp "$file" "$OUT/" 2>/dev/null
+  done
+  (cd "$WORK/pipeline" 2>/dev/null && tar -czf "$OUT/record_files.tar.gz" --exclude=./run \
+    --exclude=./log.txt .) 2>/dev/null
+  cp "$WORK/profile.json" "$WORK/benchmarks.jsonl" "$WORK/loop_overhead.jsonl" "$OUT/" 2>/dev/null
+  [ -d "$WORK/traces" ] && tar -czf "$OUT/profile_traces.tar.gz" -C "$WORK" traces 2>/dev/null
+  local logs
+  logs=$(cd "$WORK" && ls pipeline.log profile.log benchmarks.log 2>/dev/null)
+  [ -z "$logs" ] || tar -czf "$OUT/logs.tar.gz" -C "$WORK" $logs
 }
 
 new_args() { [ "$(cat "$WORK/pipeline.args" 2>/dev/null)" != "$PIPELINE_ARGS" ]; }
@@ -78,25 +103,22 @@ elif wanted pipeline && ! pipeline_running; then
   fi
 fi
 if wanted pipeline; then
-  while pipeline_running && [ "$(seconds_left)" -gt 0 ]; do sleep 5; done
+  waited=0
+  while pipeline_running && [ "$(seconds_left)" -gt 0 ]; do
+    sleep 5
+    waited=$(( waited + 5 ))
+    (( waited % 60 )) || collect
+  done
 fi
-# The record, and in one archive everything written beside it (its report, grid and curve
-# images, the workdir's results.json and report.md): a device call returns at most 8 files
-# (here at most 7: the logs travel in one archive at the end).
-for file in "$WORK"/pipeline/*.json; do
-  [ "$(basename "$file")" = results.json ] || cp "$file" "$OUT/" 2>/dev/null
-done
-(cd "$WORK/pipeline" 2>/dev/null && tar -czf "$OUT/record_files.tar.gz" --exclude=./run \
-  --exclude=./log.txt .) 2>/dev/null
+collect
 
 if may_measure profile; then
   rm -rf "$WORK/traces"
   timeout "$(seconds_left)" "$PYTHON" benchmarks/profile_steps.py --out "$WORK/profile.json" \
     --trace-dir "$WORK/traces" ${DFQF_PROFILE_ARGS:-} > "$WORK/profile.log" 2>&1
   echo $? > "$WORK/profile.rc"
-  tar -czf "$OUT/profile_traces.tar.gz" -C "$WORK" traces 2>/dev/null
+  collect
 fi
-cp "$WORK/profile.json" "$OUT/" 2>/dev/null
 
 for dtype in float32 bfloat16; do
   phase=$([ $dtype = float32 ] && echo benchmarks || echo bfloat16)
@@ -108,34 +130,39 @@ for dtype in float32 bfloat16; do
       --out "$WORK/benchmarks.jsonl" --tag "accelerator session, $dtype" \
       ${DFQF_BENCHMARK_ARGS:-} >> "$WORK/benchmarks.log" 2>&1
     echo $? > "$WORK/$phase.rc"
+    collect
   fi
 done
+
+# Each flag set measured is marked in WORK/flags.done: a call cut short goes on with the rest.
 COMMAND_BUFFERS_WITH_CONVOLUTIONS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,\
 CUSTOM_CALL,CUDNN,CONVOLUTION --xla_gpu_graph_min_graph_size=1"
 if may_measure flags; then
   IFS=';' read -ra flag_sets <<< \
     "${DFQF_XLA_FLAG_SETS-;--xla_gpu_enable_command_buffer=;$COMMAND_BUFFERS_WITH_CONVOLUTIONS}"
   [ ${#flag_sets[@]} -gt 0 ] || flag_sets=("")  # DFQF_XLA_FLAG_SETS="": XLA's default alone
-  run_id=$(date +%s | sha1sum | cut -c1-12) status=0
-  for flags in "${flag_sets[@]}"; do
-    [ "$(seconds_left)" -gt 0 ] || { status=124; break; }
-    XLA_FLAGS="$flags" timeout "$(seconds_left)" "$PYTHON" benchmarks/benchmark.py --impl jax \
-      --stages generator,finetune --warmup 2 --repeats 5 --run-id "$run_id" \
-      --out "$WORK/benchmarks.jsonl" --tag "accelerator session, XLA_FLAGS: ${flags:-default}" \
-      ${DFQF_BENCHMARK_ARGS:-} >> "$WORK/benchmarks.log" 2>&1 || status=$?
+  [ -f "$WORK/flags.run_id" ] || date +%s | sha1sum | cut -c1-12 > "$WORK/flags.run_id"
+  status=0
+  for flags in "${flag_sets[@]}" "loop overhead"; do
+    grep -qxF -- "$flags" "$WORK/flags.done" 2>/dev/null && continue
+    [ "$(seconds_left)" -gt 60 ] || { status=124; break; }
+    if [ "$flags" = "loop overhead" ]; then  # the training loop's host time per step
+      timeout "$(seconds_left)" "$PYTHON" benchmarks/loop_overhead.py \
+        --out "$WORK/loop_overhead.jsonl" --tag "accelerator session" \
+        >> "$WORK/benchmarks.log" 2>&1
+    else
+      XLA_FLAGS="$flags" timeout "$(seconds_left)" "$PYTHON" benchmarks/benchmark.py \
+        --impl jax --stages generator,finetune --warmup 2 --repeats 5 \
+        --run-id "$(cat "$WORK/flags.run_id")" --out "$WORK/benchmarks.jsonl" \
+        --tag "accelerator session, XLA_FLAGS: ${flags:-default}" ${DFQF_BENCHMARK_ARGS:-} \
+        >> "$WORK/benchmarks.log" 2>&1
+    fi
+    rc=$?
+    if [ $rc = 0 ]; then echo "$flags" >> "$WORK/flags.done"; else status=$rc; fi
   done
-  if [ "$(seconds_left)" -gt 0 ]; then
-    timeout "$(seconds_left)" "$PYTHON" benchmarks/loop_overhead.py \
-      --out "$WORK/loop_overhead.jsonl" --tag "accelerator session" >> "$WORK/benchmarks.log" \
-      2>&1 || status=$?
-  else
-    status=124
-  fi
   echo $status > "$WORK/flags.rc"
+  collect
 fi
-cp "$WORK/benchmarks.jsonl" "$WORK/loop_overhead.jsonl" "$OUT/" 2>/dev/null
-logs=$(cd "$WORK" && ls pipeline.log profile.log benchmarks.log 2>/dev/null)
-[ -z "$logs" ] || tar -czf "$OUT/logs.tar.gz" -C "$WORK" $logs
 for phase in $PHASES; do
   echo "$phase: $(cat "$WORK/$phase.rc" 2>/dev/null || echo 'not finished')"
 done

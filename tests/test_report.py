@@ -47,6 +47,16 @@ def test_the_table_puts_each_student_in_its_bit_width_with_drop_and_ptq_start(tm
   assert gdfq[7:9] == ["–", "–"]  # no published W3A3 number
 
 
+@pytest.mark.parametrize("command, schedule", [
+    ("main.py --config=configs/pipeline.py:reference --workdir=w", "reference"),
+    ("main.py --config=configs/pipeline.py:reference --config.compute_dtype=bfloat16",
+     "reference, bfloat16"),
+    ("main.py --config=configs/finetune.py:w4a4 --workdir=w", "")])
+def test_the_schedule_column_names_the_pipeline_schedule_and_a_set_compute_dtype(command,
+                                                                                schedule):
+  assert report.schedule_of({"command": command}) == schedule
+
+
 def test_a_missing_record_is_one_usage_error_naming_it(tmp_path, capsys):
   missing = str(tmp_path / "nope.json")
   with pytest.raises(SystemExit) as exit_:
