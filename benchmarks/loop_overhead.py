@@ -64,5 +64,6 @@ def main(argv=None):
       "us_per_step": {name: round(host_us_per_step(fn, args.steps), 1)
                       for name, fn in KEYS.items()}}, args.tag)
 
+
 if __name__ == "__main__":
   main()
