@@ -1,6 +1,7 @@
 """Architectures, the PyTorch weight import and the published teacher accuracy."""
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 from conftest import PUBLISHED_TOP1
 from dfqf_jax import convert, data, parallel
-from dfqf_jax.models.generator import Generator
+from dfqf_jax.models.generator import Generator, UpsampleConv
 from dfqf_jax.models.resnet import CifarResNet
 from dfqf_jax.stages import common
 
@@ -42,6 +43,38 @@ def test_generator_shapes_and_reference_quirks():
   assert 0.9 < scales.mean() < 1.1 and 0.005 < scales.std() < 0.04  # N(1, 0.02)
   kernel = np.asarray(variables["params"]["conv2"]["kernel"])
   assert 0.015 < kernel.std() < 0.025  # N(0, 0.02)
+
+
+class _Layer(nn.Module):
+  """The generator's layer as the reference code writes it (upsample, then convolve) or
+  fused (UpsampleConv), under the same name."""
+  fused: bool
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.normal(1.0)
+    if self.fused:
+      return UpsampleConv(4, init, init, name="conv")(x)
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return nn.Conv(4, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, bias_init=init,
+                   name="conv")(x)
+
+
+def test_upsample_conv_is_upsampling_then_a_3x3_convolution():
+  reference, fused = _Layer(fused=False), _Layer(fused=True)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 6))  # odd sides: every border case
+  variables = reference.init(jax.random.key(1), x)
+  # Same parameter names, shapes and initial values: checkpoints are unchanged.
+  jax.tree.map(np.testing.assert_array_equal, variables, fused.init(jax.random.key(1), x))
+  y = fused.apply(variables, x)
+  assert y.shape == (2, 10, 6, 4)
+  np.testing.assert_allclose(y, reference.apply(variables, x), rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(jax.random.key(2), y.shape)
+  loss = lambda module: lambda v, x: jnp.vdot(module.apply(v, x), cotangent)
+  grads = jax.grad(loss(fused), argnums=(0, 1))(variables, x)
+  expected = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4),
+               grads, expected)
 
 
 def test_weight_import_rejects_another_depth(shared_data):

@@ -98,12 +98,21 @@ def run_generator_steps(devices, num_steps=2, batch_size=16, single_pass=True):
 
 
 def test_generator_steps_match_on_1_and_8_devices():
+  """One stage-1 iteration: its losses and both networks' updates.
+
+  Only one: the freshly initialized student's gradient is ill-conditioned (its first
+  layer's weight gradient on 1 vs 8 devices differed by 2e-6 relative for one batch of
+  generated images, and by 4e-3 for the average of that batch with one within 1e-6 of it),
+  so the second iteration's losses differed across device counts by up to 7e-4 over five
+  latent seeds (up to 1.6e-4 before the generator's upsampling convolutions were fused). The
+  first iteration's agree to 1e-6.
+  """
   start, _ = run_generator_steps(ONE, num_steps=0)
-  one, h1 = run_generator_steps(ONE)
-  eight, h8 = run_generator_steps(ALL)
+  one, h1 = run_generator_steps(ONE, num_steps=1)
+  eight, h8 = run_generator_steps(ALL, num_steps=1)
   for a, b in zip(h1, h8):
     for key in stage1.LOSS_KEYS:
-      np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=key)
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
   assert_same_update(one.generator, eight.generator, start.generator)
   assert_same_update(one.student, eight.student, start.student)
 
