@@ -26,6 +26,11 @@ def git_commit() -> str:
   return commit + ("+dirty" if dirty else "")
 
 
+# Read when the process starts (main.py imports this module first): a run of hours can see
+# HEAD move on, and its record must name the code it imported, not the checkout's later state.
+COMMIT_AT_START = git_commit()
+
+
 def curves(workdir: str) -> dict:
   """stage -> metric -> [[step, value], ...] from each stage's metrics.jsonl."""
   result = {}
@@ -43,7 +48,7 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
   record = {
       "command": " ".join([f"{k}={os.environ[k]}" for k in ("XLA_FLAGS", "JAX_PLATFORMS")
                            if os.environ.get(k)] + ["python"] + sys.argv),
-      "commit": git_commit(),
+      "commit": COMMIT_AT_START,
       "hardware": hardware(),
       "wall_seconds": round(wall_seconds, 1),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

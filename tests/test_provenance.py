@@ -21,3 +21,13 @@ def test_dfqf_commit_wins_over_another_head_and_agrees_with_its_own(monkeypatch)
   if head is not None:
     monkeypatch.setenv("DFQF_COMMIT", head)
     assert provenance.git_state() == (head, dirty)
+
+
+def test_a_record_names_the_commit_its_process_started_with(monkeypatch, tmp_path):
+  """A run of hours can see HEAD move on (a checkout updated under it): its record names the
+  code the process imported."""
+  from dfqf_jax import report
+  monkeypatch.setattr(provenance, "git_state", lambda: ("b" * 40, False))
+  assert report.git_commit() == "b" * 40
+  record = report.record_run(str(tmp_path / "record.json"), str(tmp_path), {}, 1.0)
+  assert record["commit"] == report.COMMIT_AT_START != "b" * 40
