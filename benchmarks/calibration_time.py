@@ -34,7 +34,8 @@ def parse_args(argv=None):
   p.add_argument("--data-dir", default=os.path.join(HERE, "..", "shared", "data"))
   p.add_argument("--repo", default=HERE, help="checkout whose dfqf_jax is timed")
   p.add_argument("--tag", default="")
-  p.add_argument("--out", default=os.path.join(HERE, "experiments", "benchmarks", "calibration_time.jsonl"))
+  p.add_argument("--out",
+                 default=os.path.join(HERE, "experiments", "benchmarks", "calibration_time.jsonl"))
   return p.parse_args(argv)
 
 

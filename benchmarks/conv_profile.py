@@ -99,7 +99,8 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--impl", default="jax,torch")
-  p.add_argument("--out", default=os.path.join(REPO, "experiments", "benchmarks", "conv_profile.jsonl"))
+  p.add_argument("--out",
+                 default=os.path.join(REPO, "experiments", "benchmarks", "conv_profile.jsonl"))
   args = p.parse_args(argv)
   commit, dirty = git_state()
   date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

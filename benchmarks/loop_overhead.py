@@ -31,7 +31,8 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--steps", type=int, default=3000)
   p.add_argument("--tag", default="")
-  p.add_argument("--out", default=os.path.join(HERE, "experiments", "benchmarks", "loop_overhead.jsonl"))
+  p.add_argument("--out",
+                 default=os.path.join(HERE, "experiments", "benchmarks", "loop_overhead.jsonl"))
   return p.parse_args(argv)
 
 

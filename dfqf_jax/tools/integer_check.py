@@ -2,7 +2,8 @@
 (dfqf_jax.integer, read back from its export folder) against the fake-quantized model.
 
   python -m dfqf_jax.tools.integer_check [--students w8a8,w4a4,w3a3] [--protocols dfqf,standard]
-      [--workdir DIR] [--names student_w4a4,...] [--out experiments/integer_check/integer_check_cpu.json]
+      [--workdir DIR] [--names student_w4a4,...]
+      [--out experiments/integer_check/integer_check_cpu.json]
 
 Without --names, each student is built in-process: the imported teacher
 (--weights, default ../shared/data/resnet20-12fca82f_weights.npz) quantized with `ft`
@@ -14,7 +15,8 @@ the largest logit difference in units of the output's quantization step (end to 
 with each layer fed the fake-quant model's own input: the layer-local code mismatches,
 float32 rounding ties), the jax.export artifact's agreement on 1,000 images, and the sizes
 on disk. --logits-dir keeps the integer model's test logits, which
-dfqf_jax/tools/run_exported.py --expected-dir compares with the artifact's in a process without dfqf_jax. Writes a JSON record (command, commit, hardware, wall time, results); exits 1 if a
+dfqf_jax/tools/run_exported.py --expected-dir compares with the artifact's in a process without
+dfqf_jax. Writes a JSON record (command, commit, hardware, wall time, results); exits 1 if a
 check fails.
 """
 import argparse

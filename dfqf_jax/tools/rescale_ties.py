@@ -9,7 +9,8 @@ every layer differs where float32 rounds a near-tie the other way.
   python -m dfqf_jax.tools.rescale_ties --workdir DIR --name student_w4a4 \
       --integer-logits DIR/integer_logits/student_w4a4.npy [--out RECORD.json]
 
-The integer logits come from `python -m dfqf_jax.tools.integer_check --logits-dir` (all test images).
+The integer logits come from `python -m dfqf_jax.tools.integer_check --logits-dir` (all test
+images).
 """
 import argparse
 import json
