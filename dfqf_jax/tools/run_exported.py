@@ -10,9 +10,9 @@ Each artifact takes uint8 NHWC images and returns logits; it is named after its 
 compares the logits with <name>.npy there, those dfqf_jax's integer forward pass computed for
 the same images (python -m dfqf_jax.tools.integer_check --logits-dir): agreement of the
 predicted classes and the largest logit difference. --logits-dir saves this process's logits
-as <name>.npy; --out writes a JSON record. It never imports dfqf_jax (checked before anything is written), so
-it is run as a file (`python -m` would import the package first); copied next to an artifact
-it needs only JAX and NumPy.
+as <name>.npy; --out writes a JSON record. It never imports dfqf_jax (checked before anything
+is written), so it is run as a file (`python -m` would import the package first); copied next
+to an artifact it needs only JAX and NumPy.
 """
 import argparse
 import datetime
