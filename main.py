@@ -16,15 +16,21 @@ from dfqf_jax.errors import UserError
 from dfqf_jax.stages import (evaluate, export, finetune, generator, import_teacher, pipeline,
                              ptq, teacher)
 
+def ptq_and_evaluate(config, workdir_path: str) -> dict:
+  """The PTQ job: its models, then the workdir's evaluation (results.json and the table)."""
+  ptq.run(config, workdir_path)
+  return evaluate.run(config, workdir_path)
+
+
 STAGES = {
     "teacher": (teacher.run, validation.teacher),
     "import_teacher": (import_teacher.run, validation.import_teacher),
     "generator": (generator.run, validation.generator),
-    "ptq": (ptq.run, validation.ptq),
+    "ptq": (ptq_and_evaluate, validation.ptq),
     "finetune": (finetune.run, validation.finetune),
     "evaluate": (evaluate.run, validation.evaluate),
     "pipeline": (pipeline.run, pipeline.validate),
-    "export": (export.run, export.validate),
+    "export": (export.run, validation.export),
 }
 
 FLAGS = flags.FLAGS

@@ -19,11 +19,11 @@ from configs import evaluate as evaluate_config
 from configs import finetune as finetune_config
 from configs import generator as generator_config
 from configs import teacher as teacher_config
-from dfqf_jax import data, parallel, rng
+from dfqf_jax import calibration, classifiers, data, parallel, rng
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import sample_latent
 from dfqf_jax.models.resnet import CifarResNet
-from dfqf_jax.stages import common, finetune, ptq
+from dfqf_jax.stages import finetune, ptq
 from dfqf_jax.stages import generator as stage1
 from dfqf_jax.stages import teacher as stage0
 
@@ -62,8 +62,9 @@ def _classifier(config, dtype, **kwargs) -> CifarResNet:
 def _random_variables(model, mesh, seed: int = 0) -> dict:
   """params and batch_stats only, as a loaded checkpoint has them (init also fills the
   `bn_input_stats` collection, which would then collect twice)."""
-  init = jax.jit(lambda key: common.variables_of(model.init(key, jnp.zeros((1, 32, 32, 3)))),
-                 out_shardings=parallel.replicated(mesh))
+  init = jax.jit(
+      lambda key: classifiers.variables_of(model.init(key, jnp.zeros((1, 32, 32, 3)))),
+      out_shardings=parallel.replicated(mesh))
   return init(jax.random.key(seed))
 
 
@@ -103,7 +104,8 @@ def _calibrated_student(config, teacher_vars, generator, g_vars):
   teacher_vars = jax.device_get(teacher_vars)
   z = sample_latent(rng.key(config.seed, rng.CALIBRATION_LATENTS), CALIBRATION_BATCH, generator.latent_dim)
   images = generator.apply(g_vars, z, train=True, mutable=["batch_stats"])[0]
-  summaries = ptq.summarize(teacher_vars, teacher_meta, [images], [config.calibration])
+  summaries = calibration.summarize(teacher_vars, teacher_meta["depth"],
+                                    teacher_meta["num_classes"], [images], [config.calibration])
   return ptq.quantize_and_calibrate(teacher_vars, teacher_meta, spec, config.calibration,
                                     summaries)
 
@@ -115,7 +117,7 @@ def finetune_step(batch: int, dtype, mesh) -> Step:
   teacher = _classifier(config, jnp.float32)
   generator = stage1.make_generator(generator_config.get_config())
   teacher_vars = _random_variables(teacher, mesh)
-  g_vars = common.variables_of(
+  g_vars = classifiers.variables_of(
       generator.init(jax.random.key(1), jnp.zeros((2, generator.latent_dim))))
   student = _calibrated_student(config, teacher_vars, generator, g_vars)
   state, step = finetune.create_state_and_step(config, teacher, (generator, g_vars), student,
@@ -124,7 +126,7 @@ def finetune_step(batch: int, dtype, mesh) -> Step:
 
 
 def evaluate_step(batch: int, dtype, mesh) -> Step:
-  """stages/common.py `count_correct`: one evaluation batch of `top1()`."""
+  """stages/classifiers.py `count_correct`: one evaluation batch of `top1()`."""
   config = evaluate_config.get_config()
   model = _classifier(config, dtype)
   variables = _random_variables(model, mesh)
@@ -132,7 +134,7 @@ def evaluate_step(batch: int, dtype, mesh) -> Step:
   inputs = _random_images(batch)
   inputs["valid"] = np.ones(batch, bool)
   inputs = parallel.global_batch(mesh, {k: v[rows] for k, v in inputs.items()})
-  return Step(common.count_correct,
+  return Step(classifiers.count_correct,
               (model, variables, inputs["images"], inputs["labels"], inputs["valid"],
                tuple(config.data.mean), tuple(config.data.std)), False)
 

@@ -36,6 +36,11 @@ class StoppedBySignal(Exception):
     self.name, self.step = name, step
 
 
+def compute_dtype(config) -> jnp.dtype:
+  """The training steps' compute dtype (config.compute_dtype); parameters stay float32."""
+  return jnp.dtype(config.compute_dtype)
+
+
 def sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 5e-4):
   """PyTorch SGD: coupled L2 (added to the gradient before momentum), v = m v + g, p -= lr v."""
   return optax.chain(optax.add_decayed_weights(weight_decay),

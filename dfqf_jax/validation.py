@@ -3,7 +3,7 @@ import os
 
 import jax
 
-from dfqf_jax import data, quant, storage
+from dfqf_jax import data, integer, quant, storage
 from dfqf_jax.errors import UserError
 from dfqf_jax.models.resnet import DEPTHS
 
@@ -119,12 +119,18 @@ def generator(config) -> None:
     _fail("teacher_dir", config.teacher_dir, "a folder holding a teacher checkpoint")
 
 
-def _quantization(config) -> None:
+def bit_pairs(config, field: str = "bits") -> list[tuple[int, int]]:
+  """The (weight, activation) bit widths config.<field> names, or one ConfigError: the one
+  reading of a bit-width field, for the checks here and for the stages."""
+  value = field_value(config, field)
   try:
-    pairs = quant.parse_bits(config.bits)
+    return quant.parse_bits(value)
   except ValueError as e:
-    raise ConfigError(f"config.bits={config.bits!r} is invalid: {e}") from None
-  for w, a in pairs:
+    raise ConfigError(f"config.{field}={value!r} is invalid: {e}") from None
+
+
+def _quantization(config) -> None:
+  for w, a in bit_pairs(config):
     for value in (w, a):
       if value not in quant.VALID_BITS:
         _fail("bits", config.bits, f"w<W>a<A> with W, A in {list(quant.VALID_BITS)}")
@@ -153,8 +159,8 @@ def ptq(config) -> None:
 def finetune(config) -> None:
   common(config, splits=("train", "test") if _needs_train_split(config) else ("test",))
   _quantization(config)
-  if len(config.bits.split(",")) != 1 or len(config.protocol.split(",")) != 1 or len(
-      config.calibration.split(",")) != 1:
+  if len(bit_pairs(config)) != 1 or len(split_names(config.protocol)) != 1 or len(
+      split_names(config.calibration)) != 1:
     raise ConfigError("finetune trains one student: give one value each for config.bits "
                       f"({config.bits!r}), config.protocol and config.calibration.")
   one_of(config, "data_source", ("generated", "real"))
@@ -171,3 +177,29 @@ def finetune(config) -> None:
       positive(config, field)
   for field in ("momentum", "weight_decay"):
     positive(config, field, allow_zero=True)
+
+
+def export(config) -> None:
+  common(config, splits=())
+  student = config.student
+  if not isinstance(student, str) or not student or student.startswith(".") or (
+      os.sep in student) or student == integer.EXPORT_DIR:
+    raise ConfigError(
+        f"config.student={student!r} is invalid; allowed: the name of a quantized model's "
+        "folder in --workdir, e.g. student_w4a4 or ptq_w4a4_ft_dfqf.")
+  if config.bits:
+    pairs = bit_pairs(config)
+    if len(pairs) != 1 or any(b not in quant.VALID_BITS[:-1] for b in pairs[0]):
+      _fail("bits", config.bits, "'' (the checkpoint's) or one w<W>a<A> with W, A in "
+            f"{list(quant.VALID_BITS[:-1])}")
+
+
+def pipeline(config, stage_checks) -> None:
+  """The pipeline's own fields, then each stage's config as the pipeline splits it:
+  `stage_checks` = (check, stage config) pairs."""
+  common(config, splits=("test",))  # each stage checks the splits it reads
+  if not split_names(config.bits):
+    raise ConfigError(f"config.bits={config.bits!r} names no student to fine-tune; "
+                      "give one or more of w<W>a<A>, e.g. --config.bits=w4a4.")
+  for check, sub in stage_checks:
+    check(sub)

@@ -11,12 +11,11 @@ import configs.finetune
 import configs.generator
 from cli import run_in_process
 from conftest import copy_workdir
-from dfqf_jax import calibration, checkpoints, parallel
+from dfqf_jax import calibration, checkpoints, image_sources, parallel
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
 from dfqf_jax.stages import finetune
-from dfqf_jax.stages import generator as stage1
 from dfqf_jax.validation import ConfigError
 
 
@@ -46,7 +45,7 @@ TRAINED_WITH = {"lambda_is": 40.0, "lambda_bn": 10.0, "lambda_adv": 5.0,
 def test_the_adversarial_generator_keeps_the_loss_weights_it_was_trained_with(generator_workdir):
   """Unset, fine-tuning's loss weights are the generator's own (recorded in its checkpoint);
   a value in the config overrides them."""
-  _, _, g_meta = stage1.load_generator(str(generator_workdir))
+  _, _, g_meta = image_sources.load_generator(str(generator_workdir))
   smoke = configs.generator.get_config("smoke")
   assert g_meta["loss_weights"] == {"lambda_is": smoke.lambda_is, "lambda_bn": smoke.lambda_bn,
                                     "lambda_adv": smoke.lambda_adv,

@@ -9,7 +9,7 @@ from cli import run_in_process
 from conftest import copy_workdir
 
 from dfqf_jax import losses as L
-from dfqf_jax import training
+from dfqf_jax import dfkd, training
 from dfqf_jax.models.generator import Generator, sample_latent
 from dfqf_jax.models.resnet import CifarResNet
 from dfqf_jax.stages import generator as stage1
@@ -21,11 +21,11 @@ def test_one_iteration_moves_generator_up_and_student_down_the_adversarial_loss(
   teacher_vars = {"params": t_init["params"], "batch_stats": t_init["batch_stats"]}
   g_tx, s_tx = optax.sgd(1e-3), training.sgd(1e-2, momentum=0.0, weight_decay=0.0)
   # Tiny IS and BN weights: the generator's step is driven by the adversarial term alone.
-  hp = stage1.Hyper(32, 16, lambda_is=1e-9, lambda_bn=1e-9, lambda_adv=5.0)
-  state = stage1.initial_state(stage1.Models(generator, teacher, student), g_tx, s_tx, hp,
+  hp = dfkd.Hyper(32, 16, lambda_is=1e-9, lambda_bn=1e-9, lambda_adv=5.0)
+  state = stage1.initial_state(dfkd.Models(generator, teacher, student), g_tx, s_tx, hp,
                                jax.random.key(0))
   key = jax.random.key(7)
-  new, _ = jax.jit(stage1.train_step)(state, key, teacher_vars)
+  new, _ = jax.jit(dfkd.train_step)(state, key, teacher_vars)
 
   def adversarial_kl(g_vars, s_params):
     x = generator.apply(g_vars, sample_latent(key, 32, 16), mutable=["batch_stats"])[0]

@@ -16,9 +16,9 @@ import pytest
 
 from cli import run_main
 from conftest import TEACHER_WEIGHTS, write_small_split
-from dfqf_jax import calibration, checkpoints, convert, data, integer
+from dfqf_jax import calibration, checkpoints, classifiers, convert, data, integer, validation
 from dfqf_jax import quant as q
-from dfqf_jax.stages import common, evaluate, export
+from dfqf_jax.stages import evaluate, export
 
 NUM_IMAGES = 8  # test images compared per student (W8A8, W4A4, W3A3 x both protocols)
 
@@ -182,17 +182,17 @@ def exported(setup, tmp_path_factory):
   import configs.export
   workdir = tmp_path_factory.mktemp("integer")
   teacher = setup[0]
-  save_checkpoint(workdir, "teacher", teacher, common.classifier_meta(
+  save_checkpoint(workdir, "teacher", teacher, classifiers.classifier_meta(
       20, "cifar10", data.IMAGENET_MEAN, data.IMAGENET_STD, model_name="teacher",
       total_steps=0))
   sizes = {}
   for name, bits, protocol in [("student_w4a4", 4, "dfqf"), ("student_w8a8", 8, "standard")]:
     spec, _, variables = student(setup, bits, protocol)
-    save_checkpoint(workdir, name, variables, common.classifier_meta(
+    save_checkpoint(workdir, name, variables, classifiers.classifier_meta(
         20, "cifar10", data.IMAGENET_MEAN, data.IMAGENET_STD, spec, model_name=name,
         weight_bits=bits, act_bits=bits, protocol=protocol, total_steps=0))
     config = configs.export.get_config(name)
-    export.validate(config)
+    validation.export(config)
     sizes[name] = export.run(config, str(workdir))
   return workdir, sizes
 

@@ -8,10 +8,9 @@ import pytest
 
 from cli import run_in_process
 from conftest import PUBLISHED_TOP1, TEACHER_WEIGHTS, copy_workdir
-from dfqf_jax import checkpoints, convert, data, parallel
+from dfqf_jax import checkpoints, classifiers, convert, data, parallel
 from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
-from dfqf_jax.stages import common
 
 
 def test_bfloat16_models_keep_float32_parameters_and_outputs():
@@ -28,8 +27,8 @@ def test_bfloat16_compute_keeps_the_imported_teacher_accuracy(shared_data):
   test_models.py's (the published 91.73%, pinned there); only bfloat16 is evaluated here."""
   variables = convert.torch_resnet_to_flax(convert.load_state_dict_npz(TEACHER_WEIGHTS), 20, 10)
   test = data.load_split("cifar10", "test", shared_data)
-  top1 = common.top1(CifarResNet(20, dtype=jnp.bfloat16), variables, test, data.IMAGENET_MEAN,
-                     data.IMAGENET_STD, parallel.make_mesh())
+  top1 = classifiers.top1(CifarResNet(20, dtype=jnp.bfloat16), variables, test, data.IMAGENET_MEAN,
+                          data.IMAGENET_STD, parallel.make_mesh())
   assert top1 == pytest.approx(PUBLISHED_TOP1, abs=0.003)
 
 

@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 
 from conftest import PUBLISHED_TOP1
-from dfqf_jax import convert, data, parallel
+from dfqf_jax import classifiers, convert, data, parallel
 from dfqf_jax.models.generator import Generator, UpsampleConv
 from dfqf_jax.models.resnet import CifarResNet
-from dfqf_jax.stages import common
 
 
 @pytest.mark.parametrize("depth, expected", [(20, 269_722), (32, 464_154), (56, 853_018)])
 def test_resnet_parameter_counts(depth, expected):
   variables = jax.eval_shape(lambda: CifarResNet(depth).init(jax.random.key(0),
                                                              jnp.zeros((1, 32, 32, 3))))
-  assert common.num_params(variables["params"]) == expected
+  assert classifiers.num_params(variables["params"]) == expected
 
 
 def test_option_a_shortcut_pads_channels_on_both_sides():
@@ -91,8 +90,8 @@ def test_imported_teacher_scores_published_accuracy(shared_data):
                                                         "resnet20-12fca82f_weights.npz"))
   variables = convert.torch_resnet_to_flax(state_dict, 20, 10)
   test = data.load_split("cifar10", "test", shared_data)
-  top1 = common.top1(CifarResNet(20), variables, test, data.IMAGENET_MEAN, data.IMAGENET_STD,
-                     parallel.make_mesh())
+  top1 = classifiers.top1(CifarResNet(20), variables, test, data.IMAGENET_MEAN, data.IMAGENET_STD,
+                          parallel.make_mesh())
   assert top1 == pytest.approx(PUBLISHED_TOP1, abs=1e-9)
 
 
@@ -106,6 +105,6 @@ def test_imported_resnet56_classifies_like_its_published_accuracy(shared_data):
   test = data.load_split("cifar10", "test", shared_data)
   every_20th = data.Split(test.images[::20], test.labels[::20])
   assert set(every_20th.labels.tolist()) == set(range(10))
-  top1 = common.top1(CifarResNet(56), variables, every_20th, data.IMAGENET_MEAN,
-                     data.IMAGENET_STD, parallel.make_mesh())
+  top1 = classifiers.top1(CifarResNet(56), variables, every_20th, data.IMAGENET_MEAN,
+                          data.IMAGENET_STD, parallel.make_mesh())
   assert top1 > 0.89  # 500 images: 93.39% +- 1.1 points (one standard error)

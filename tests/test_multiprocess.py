@@ -16,10 +16,10 @@ from conftest import copy_workdir
 from configs import finetune
 from configs import generator as generator_config
 from configs import teacher as teacher_config
-from dfqf_jax import checkpoints, parallel, rng, training
+from dfqf_jax import calibration, checkpoints, classifiers, image_sources, parallel, rng, training
 from dfqf_jax import quant as q
 from dfqf_jax.models.resnet import CifarResNet
-from dfqf_jax.stages import common, ptq
+from dfqf_jax.stages import ptq
 from dfqf_jax.stages import generator as stage1
 from dfqf_jax.stages import teacher as stage0
 from test_parallel import assert_same_update
@@ -68,11 +68,13 @@ def initial_state(stage: str, inputs=None) -> dict:
   fine-tuning, the student calibrated from the teacher and generator in `inputs`."""
   if stage == "student_w4a4":
     config = finetune_config()
-    _, teacher_vars, teacher_meta = common.load_teacher(str(inputs))
-    generator = stage1.load_generator(str(inputs))[:2]
-    batches = ptq.calibration_batches(config, teacher_meta, "generated",
-                                      rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
-    summaries = ptq.summarize(teacher_vars, teacher_meta, batches, [config.calibration])
+    _, teacher_vars, teacher_meta = classifiers.load_teacher(str(inputs))
+    generator = image_sources.load_generator(str(inputs))[:2]
+    batches = image_sources.calibration_batches(config, teacher_meta, "generated",
+                                                rng.key(config.seed, rng.CALIBRATION_LATENTS),
+                                                generator)
+    summaries = calibration.summarize(teacher_vars, teacher_meta["depth"],
+                                      teacher_meta["num_classes"], batches, [config.calibration])
     _, student = ptq.quantize_and_calibrate(teacher_vars, teacher_meta, q.QuantSpec(4, 4, "dfqf"),
                                             config.calibration, summaries)
     return {"student": student}

@@ -7,12 +7,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from cli import REPO
 from configs import finetune as finetune_config
 from configs import teacher as teacher_config
-from dfqf_jax import data, parallel, training
+from dfqf_jax import data, dfkd, parallel, training
 from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
 from dfqf_jax.stages import generator as stage1
@@ -88,12 +89,12 @@ def run_generator_steps(devices, num_steps=2, batch_size=16, single_pass=True):
   generator, student = Generator(latent_dim=24), CifarResNet(20)
   # SGD for G: Adam turns round-off in near-zero gradients into full-size steps, which
   # would hide what is compared here (the losses below are compared under Adam's inputs).
-  g_tx, s_tx = stage1.optax.sgd(0.01), training.sgd(0.1)
-  hp = stage1.Hyper(batch_size, 24, 40.0, 0.1, 5.0, single_pass)
-  models = stage1.Models(generator, teacher, student)
+  g_tx, s_tx = optax.sgd(0.01), training.sgd(0.1)
+  hp = dfkd.Hyper(batch_size, 24, 40.0, 0.1, 5.0, single_pass)
+  models = dfkd.Models(generator, teacher, student)
   state = jax.jit(lambda k: stage1.initial_state(models, g_tx, s_tx, hp, k),
                   out_shardings=parallel.replicated(mesh))(jax.random.key(0))
-  step = jax.jit(functools.partial(stage1.train_step, mesh=mesh))
+  step = jax.jit(functools.partial(dfkd.train_step, mesh=mesh))
   return run_steps(step, state, teacher_vars, num_steps, first_key=10)
 
 
@@ -188,7 +189,7 @@ def test_top1_over_8_devices_counts_each_image_once(batch_size):
   copies of the last image, masked), or as one batch of 16 (a split smaller than the batch
   size): 8 of the 13 labels are the model's own predictions, the last image's among them,
   so a padding copy counted, or an image dropped, changes the result."""
-  from dfqf_jax.stages import common
+  from dfqf_jax import classifiers
   model = CifarResNet(20)
   variables = initial_variables(model, 0, jnp.zeros((1, 32, 32, 3)))
   images = np.random.default_rng(0).integers(0, 256, (13, 32, 32, 3), dtype=np.uint8)
@@ -197,5 +198,5 @@ def test_top1_over_8_devices_counts_each_image_once(batch_size):
   labels = np.array(np.argmax(logits, -1), np.int32)
   labels[:5] = (labels[:5] + 1) % 10
   split = data.Split(images, labels)
-  got = common.top1(model, variables, split, mean, std, parallel.make_mesh(ALL), batch_size)
+  got = classifiers.top1(model, variables, split, mean, std, parallel.make_mesh(ALL), batch_size)
   assert got == 8 / 13

@@ -14,7 +14,7 @@ def test_the_shared_calibration_work_is_counted_once_across_the_models(tmp_path,
   config = configs.ptq.get_config("w4a4,smoke")
   config.protocol = "dfqf,standard"  # 2 rules x 2 protocols: 4 models from one summary
   started = time.time()
-  ptq.run(config, str(workdir), evaluate_after=False)
+  ptq.run(config, str(workdir))
   elapsed = time.time() - started
   built = [f for f in os.listdir(workdir) if f.startswith("ptq_")]
   assert len(built) == 4
@@ -29,7 +29,7 @@ def test_the_shared_calibration_work_is_counted_once_across_the_models(tmp_path,
   # A rerun that asks for two more models shares its work between those two only.
   config.calibration = "max,ft,mse"
   started = time.time()
-  ptq.run(config, str(workdir), evaluate_after=False)
+  ptq.run(config, str(workdir))
   elapsed = time.time() - started
   new = ["ptq_w4a4_mse_dfqf", "ptq_w4a4_mse_standard"]
   assert sorted(f for f in os.listdir(workdir) if f.startswith("ptq_")) == sorted(built + new)

@@ -14,8 +14,9 @@ from dfqf_jax.integer.artifact import (deserialize, exported_function, serialize
                                        unpack_in_graph)
 from dfqf_jax.integer.diagnostics import (compare_layers, fake_quant_tensors, layer_by_layer,
                                           output_unit)
-from dfqf_jax.integer.format import (FORMAT, GRAPH_FILE, PACK_BITS, STABLEHLO_FILE, VERSION,
-                                     WEIGHTS_FILE, load, pack, save, stored_arrays, unpack)
+from dfqf_jax.integer.format import (EXPORT_DIR, FORMAT, GRAPH_FILE, IDENTITY, PACK_BITS,
+                                     STABLEHLO_FILE, VERSION, WEIGHTS_FILE, export_bytes, load,
+                                     pack, save, stored_arrays, unpack)
 from dfqf_jax.integer.forward import (DIMS, IntegerResNet, apply_layer, forward,
                                       integer_conv, option_a_shortcut)
 from dfqf_jax.integer.graph import (BN_EPSILON, POOL_POSITIONS, act_step, build,

@@ -34,6 +34,10 @@ VERSION = 2  # 2: float64 folded BN and rescale constants, exact requantization
 GRAPH_FILE = "model.json"
 WEIGHTS_FILE = "weights.npz"
 STABLEHLO_FILE = "model.stablehlo"
+EXPORT_DIR = "export"  # a workdir's exports: DIR/export/<model name>/
+# The graph fields that say which model an export holds (an export of another one is never
+# overwritten by the export stage).
+IDENTITY = ("protocol", "weight_bits", "act_bits", "edge_weight_bits", "depth", "num_classes")
 PACK_BITS = 4  # codes of this many bits or fewer are stored two per byte
 
 
@@ -70,6 +74,11 @@ def stored_arrays(graph: dict, arrays: dict) -> dict:
   return {k: pack(v, _layer(graph, k.rsplit(".", 1)[0])["weight_bits"], signed)
           if k.endswith(".codes") else np.asarray(v) for k, v in arrays.items()
           if not is_table(k)}
+
+
+def export_bytes(folder: str) -> int:
+  """The size of an export's weights and graph, the files a deployment needs."""
+  return sum(storage.getsize(os.path.join(folder, name)) for name in (WEIGHTS_FILE, GRAPH_FILE))
 
 
 def save(folder: str, graph: dict, arrays: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Evaluation: top-1 on the test split of every classifier checkpoint found in DIR.
+"""Evaluation: top-1 on the test split of every classifier checkpoint found in DIR, and of
+every integer export in DIR/export.
 
 Every stage's checkpoint meta names the classifiers it holds (`classifiers`: name ->
 description + path inside the state); this stage rebuilds each one and writes
@@ -7,10 +8,10 @@ DIR/results.json, one entry per model, merged with what is already there.
 import json
 import os
 
-from dfqf_jax import checkpoints, data, parallel, storage, training
-from dfqf_jax.stages import common, export
+from dfqf_jax import checkpoints, classifiers, data, integer, parallel, storage, training
 
 RESULTS_FILE = "results.json"
+EXPORT_PREFIX = "export_"  # results.json's name of DIR/export/<name>: export_<name>
 
 
 def checkpoint_dirs(workdir: str) -> list[str]:
@@ -47,20 +48,55 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
             for n, r in cached.items()}
   state, meta, step = checkpoints.load_product(directory, os.path.basename(directory))
   results = {}
-  for name, entry in common.classifiers_in(meta).items():
+  for name, entry in classifiers.classifiers_in(meta).items():
     split, split_fingerprint = splits[entry["dataset"]]
-    model = common.classifier_from_meta(entry)
-    variables = common.variables_of(state, entry.get("path", ()))
-    top1 = common.top1(model, variables, split, entry["mean"], entry["std"], mesh)
+    model = classifiers.classifier_from_meta(entry)
+    variables = classifiers.variables_of(state, entry.get("path", ()))
+    top1 = classifiers.top1(model, variables, split, entry["mean"], entry["std"], mesh)
     described = {k: v for k, v in entry.items()
                  if k not in ("path", "mean", "std", "arch", checkpoints.ORIGIN)}
-    results[name] = {"top1": top1, "num_params": common.num_params(variables["params"]),
+    results[name] = {"top1": top1, "num_params": classifiers.num_params(variables["params"]),
                      "checkpoint": checkpoint, "checkpoint_mtime": written, "step": step,
                      "stage_wall_seconds": training.read_wall_time(directory),
                      "test_data": split_fingerprint, **described,
                      "lineage": meta.get("lineage", {}),
                      checkpoints.ORIGIN: meta[checkpoints.ORIGIN],  # as lineages name it
                      "finished": meta[checkpoints.ORIGIN]["finished"]}
+  return results
+
+
+def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
+  """`export_<name>` -> result entry for every DIR/export/<name>/: top-1 on the test split
+  of the integer model read back from the folder (dfqf_jax.integer). `splits`: dataset ->
+  (test split, its fingerprint), as TestSplits gives. An entry of `known` is reused
+  if it was computed from this very folder (model.json's mtime) on the same test data."""
+  root = os.path.join(workdir, integer.EXPORT_DIR)
+  results = {}
+  for name in storage.listdir(root) if storage.isdir(root) else []:
+    folder = os.path.join(root, name)
+    graph_path = os.path.join(folder, integer.GRAPH_FILE)
+    if name.startswith(".") or not storage.isfile(graph_path):
+      continue
+    key = EXPORT_PREFIX + name
+    written = storage.getmtime(graph_path)
+    cached = known.get(key)
+    if (cached and cached.get("checkpoint") == folder and cached.get("checkpoint_mtime") ==
+        written and cached.get("test_data") == splits[cached["dataset"]][1]
+        and "lineage" in cached):
+      results[key] = cached
+      continue
+    graph, arrays = integer.load(folder)
+    split, split_fingerprint = splits[graph["dataset"]]
+    top1 = classifiers.top1(integer.IntegerResNet(graph), arrays, split, graph["mean"],
+                            graph["std"], mesh, batch_size=min(1000, len(split)))
+    results[key] = {
+        "top1": top1, "num_params": integer.num_params(graph), "checkpoint": folder,
+        "checkpoint_mtime": written, "step": graph["step"], "integer": True,
+        "test_data": split_fingerprint, "source_checkpoint": graph["source_checkpoint"],
+        # the student checkpoint it was exported from (an export older than that record: none)
+        "lineage": {name: graph["source_origin"]} if graph.get("source_origin") else {},
+        "export_bytes": integer.export_bytes(folder),
+        **{k: graph[k] for k in integer.IDENTITY + ("dataset",)}}
   return results
 
 
@@ -126,7 +162,7 @@ def run(config, workdir: str) -> dict:
   results = {}
   for directory in checkpoint_dirs(workdir):
     results.update(evaluate_dir(directory, splits, mesh, known))
-  results.update(export.evaluate_exports(workdir, splits, mesh, known))  # DIR/export/<name>
+  results.update(evaluate_exports(workdir, splits, mesh, known))  # DIR/export/<name>
   if not results:
     raise checkpoints.CheckpointError(f"no checkpoint found in {workdir!r}; run a stage first.")
   # Entries of checkpoints that are gone (deleted, rebuilt) are dropped.

@@ -17,32 +17,10 @@ import tempfile
 import numpy as np
 from flax import traverse_util
 
-from dfqf_jax import checkpoints, integer, storage, training, validation
+from dfqf_jax import checkpoints, classifiers, integer, storage, training, validation
 from dfqf_jax import quant as q
-from dfqf_jax.stages import common
 
-EXPORT_DIR = "export"
-RESULT_PREFIX = "export_"
-IDENTITY = ("protocol", "weight_bits", "act_bits", "edge_weight_bits", "depth", "num_classes")
-
-
-def validate(config) -> None:
-  validation.common(config, splits=())
-  student = config.student
-  if not isinstance(student, str) or not student or student.startswith(".") or (
-      os.sep in student) or student == EXPORT_DIR:
-    raise validation.ConfigError(
-        f"config.student={student!r} is invalid; allowed: the name of a quantized model's "
-        "folder in --workdir, e.g. student_w4a4 or ptq_w4a4_ft_dfqf.")
-  if config.bits:
-    try:
-      pairs = q.parse_bits(config.bits)
-    except ValueError as e:
-      raise validation.ConfigError(f"config.bits={config.bits!r} is invalid: {e}") from None
-    if len(pairs) != 1 or any(b not in q.VALID_BITS[:-1] for b in pairs[0]):
-      raise validation.ConfigError(
-          f"config.bits={config.bits!r} is invalid; allowed: '' (the checkpoint's) or one "
-          f"w<W>a<A> with W, A in {list(q.VALID_BITS[:-1])}.")
+EXPORT_DIR = integer.EXPORT_DIR
 
 
 def quantized_models(workdir: str) -> list[str]:
@@ -65,7 +43,7 @@ def load_student(workdir: str, name: str):
         f"{quantized_models(workdir) or 'none'} (run the finetune or ptq stage first, or set "
         "--config.student).")
   state, meta, step = checkpoints.load_product(directory, name)
-  entries = common.classifiers_in(meta)
+  entries = classifiers.classifiers_in(meta)
   entry = entries.get(name) or (next(iter(entries.values())) if len(entries) == 1 else None)
   if entry is None:
     raise checkpoints.CheckpointError(
@@ -74,7 +52,7 @@ def load_student(workdir: str, name: str):
   entry = {**entry, "source_origin": meta.get(checkpoints.ORIGIN)}
   spec = q.QuantSpec(**entry["quant"]) if entry.get("quant") else None
   integer.check_exportable(spec, f"the checkpoint {name!r}")
-  variables = common.variables_of(state, entry.get("path", ()))
+  variables = classifiers.variables_of(state, entry.get("path", ()))
   return spec, variables, entry, os.path.join(directory, str(step)), step
 
 
@@ -89,10 +67,6 @@ def float32_bytes(variables: dict) -> int:
   return buffer.tell()
 
 
-def folder_bytes(folder: str, names) -> int:
-  return sum(storage.getsize(os.path.join(folder, n)) for n in names)
-
-
 def _check_not_other_model(out: str, graph: dict) -> None:
   """An existing export of another bit width / protocol / depth is reported, never replaced."""
   if not storage.exists(out):
@@ -101,7 +75,8 @@ def _check_not_other_model(out: str, graph: dict) -> None:
     existing = json.loads(storage.read_text(os.path.join(out, integer.GRAPH_FILE)))
   except (OSError, ValueError):
     existing = {}
-  differs = {k: (existing.get(k), graph[k]) for k in IDENTITY if existing.get(k) != graph[k]}
+  differs = {k: (existing.get(k), graph[k]) for k in integer.IDENTITY
+             if existing.get(k) != graph[k]}
   if differs:
     what = ", ".join(f"{k}={old!r} (this model: {new!r})" for k, (old, new) in differs.items())
     raise checkpoints.CheckpointError(
@@ -134,7 +109,7 @@ def run(config, workdir: str) -> dict:
   name = config.student
   spec, variables, entry, checkpoint, step = load_student(workdir, name)
   if config.bits:
-    (w, a), = q.parse_bits(config.bits)
+    (w, a), = validation.bit_pairs(config)
     if (w, a) != (spec.weight_bits, spec.act_bits):
       raise checkpoints.CheckpointError(
           f"config.bits={config.bits!r} but the checkpoint {name!r} is W{spec.weight_bits}"
@@ -167,8 +142,8 @@ def run(config, workdir: str) -> dict:
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
-  sizes = {"export_bytes": folder_bytes(out, (integer.WEIGHTS_FILE, integer.GRAPH_FILE)),
-           "stablehlo_bytes": folder_bytes(out, (integer.STABLEHLO_FILE,)),
+  sizes = {"export_bytes": integer.export_bytes(out),
+           "stablehlo_bytes": storage.getsize(os.path.join(out, integer.STABLEHLO_FILE)),
            "float32_bytes": float_size}
   print(f"export: wrote {out} (W{spec.weight_bits}A{spec.act_bits}, {spec.protocol}, "
         f"{len(graph['layers'])} layers): {integer.WEIGHTS_FILE} + {integer.GRAPH_FILE} "
@@ -176,39 +151,3 @@ def run(config, workdir: str) -> dict:
         f"({float_size / sizes['export_bytes']:.1f}x smaller); {integer.STABLEHLO_FILE} "
         f"{sizes['stablehlo_bytes']:,} bytes")
   return sizes
-
-
-# --- evaluation of exports (called by stages/evaluate.py) ---
-def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
-  """`export_<name>` -> result entry for every DIR/export/<name>/: top-1 on the test split
-  of the integer model read back from the folder (dfqf_jax.integer). `splits`: dataset ->
-  (test split, its fingerprint), as evaluate.TestSplits gives. An entry of `known` is reused
-  if it was computed from this very folder (model.json's mtime) on the same test data."""
-  root = os.path.join(workdir, EXPORT_DIR)
-  results = {}
-  for name in storage.listdir(root) if storage.isdir(root) else []:
-    folder = os.path.join(root, name)
-    graph_path = os.path.join(folder, integer.GRAPH_FILE)
-    if name.startswith(".") or not storage.isfile(graph_path):
-      continue
-    key = RESULT_PREFIX + name
-    written = storage.getmtime(graph_path)
-    cached = known.get(key)
-    if (cached and cached.get("checkpoint") == folder and cached.get("checkpoint_mtime") ==
-        written and cached.get("test_data") == splits[cached["dataset"]][1]
-        and "lineage" in cached):
-      results[key] = cached
-      continue
-    graph, arrays = integer.load(folder)
-    split, split_fingerprint = splits[graph["dataset"]]
-    top1 = common.top1(integer.IntegerResNet(graph), arrays, split, graph["mean"],
-                       graph["std"], mesh, batch_size=min(1000, len(split)))
-    results[key] = {
-        "top1": top1, "num_params": integer.num_params(graph), "checkpoint": folder,
-        "checkpoint_mtime": written, "step": graph["step"], "integer": True,
-        "test_data": split_fingerprint, "source_checkpoint": graph["source_checkpoint"],
-        # the student checkpoint it was exported from (an export older than that record: none)
-        "lineage": {name: graph["source_origin"]} if graph.get("source_origin") else {},
-        "export_bytes": folder_bytes(folder, (integer.WEIGHTS_FILE, integer.GRAPH_FILE)),
-        **{k: graph[k] for k in IDENTITY + ("dataset",)}}
-  return results

@@ -7,7 +7,7 @@ training mode, so their running statistics adapt to generated data (the referenc
 0.9, weight decay 5e-4, lr 0.001); clip values plain SGD at lr 0.0001.
 
 Options: `adversarial_generator=True` keeps updating G with the stage-1 generator loss
-against S_q (the stage-1 step is reused), with the loss weights and learning rate G was
+against S_q (`dfqf_jax.dfkd`'s iteration, as stage 1), with the loss weights and learning rate G was
 trained with unless the config sets them; `data_source='real'` replaces generated images with
 augmented real training images (the real-data QAT bound, labels unused).
 """
@@ -17,14 +17,13 @@ import os
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 
-from dfqf_jax import calibration, checkpoints, data, parallel, rng, training
+from dfqf_jax import (calibration, checkpoints, classifiers, data, dfkd, image_sources, parallel,
+                      rng, training, validation)
 from dfqf_jax import losses as L
 from dfqf_jax import quant as q
-from dfqf_jax.models.generator import sample_latent
 from dfqf_jax.models.resnet import CifarResNet
-from dfqf_jax.stages import common, ptq
-from dfqf_jax.stages import generator as stage1
 from dfqf_jax.validation import ADVERSARIAL_FIELDS, ConfigError
 
 
@@ -64,20 +63,29 @@ def student_optimizer(config, steps_per_epoch: int):
   return tx, schedule
 
 
-class FinetuneState(stage1.GeneratorState):
-  """The quantized student (`student`, `s_opt_state`) and the generator that feeds it.
+class FinetuneState(struct.PyTreeNode):
+  """The quantized student (`student`, `s_opt_state`) and the generator that feeds it; the
+  modules, optimizers and settings ride along as static fields.
 
-  The generator is trained only with `adversarial_generator` (otherwise g_opt_state is
-  empty and the generator's variables never change); having GeneratorState's fields lets
-  that option run stage 1's iteration on this state unchanged. The student's BN mode
+  The generator is trained only with `adversarial_generator` (otherwise g_tx is None,
+  g_opt_state is empty and the generator's variables never change); that option runs
+  `dfkd.train_step` on this state, hence its fields. The student's BN mode
   (config.student_bn_train) is hp.student_bn_train, which both steps honour."""
+  step: jax.Array
+  generator: dict  # {'params', 'batch_stats'}; empty when fine-tuning on real images
+  g_opt_state: optax.OptState
+  student: dict
+  s_opt_state: optax.OptState
+  models: dfkd.Models = struct.field(pytree_node=False)
+  g_tx: optax.GradientTransformation | None = struct.field(pytree_node=False)
+  s_tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  hp: dfkd.Hyper = struct.field(pytree_node=False)
 
 
 def generate(state: FinetuneState, key, mesh):
   """A fresh global batch x = G(z), G's BNs in training mode (as stage 1 trained it)."""
-  z = jax.lax.with_sharding_constraint(
-      sample_latent(key, state.hp.batch_size, state.hp.latent_dim), parallel.batch_sharding(mesh))
-  return state.models.generator.apply(state.generator, z, train=True, mutable=["batch_stats"])[0]
+  return image_sources.generate(state.models.generator, state.generator, key,
+                                state.hp.batch_size, mesh)
 
 
 def kd_step(state: FinetuneState, x, teacher_vars):
@@ -90,8 +98,8 @@ def kd_step(state: FinetuneState, x, teacher_vars):
   t = teacher.apply(teacher_vars, x, train=False)
 
   def loss_fn(params):
-    s, stats = stage1.student_forward(student, params, state.student["batch_stats"], x,
-                                      state.hp.student_bn_train)
+    s, stats = dfkd.student_forward(student, params, state.student["batch_stats"], x,
+                                    state.hp.student_bn_train)
     return L.kd_loss(t, s), (s, stats)
 
   (loss, (s, s_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -115,16 +123,16 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
   (normalized inside the step with the teacher's `normalization`, its (mean, std)).
   The modules compute in config.compute_dtype; the step logs the learning rate.
   """
-  dtype = common.compute_dtype(config)
+  dtype = training.compute_dtype(config)
   (g_model, g_vars), (s_model, s_vars) = generator or (None, {}), student
-  models = stage1.Models(None if g_model is None else g_model.clone(dtype=dtype),
-                         teacher.clone(dtype=dtype),
-                         s_model.clone(dtype=dtype))
+  models = dfkd.Models(None if g_model is None else g_model.clone(dtype=dtype),
+                       teacher.clone(dtype=dtype),
+                       s_model.clone(dtype=dtype))
   s_tx, schedule = student_optimizer(config, config.steps_per_epoch)
   g_tx = optax.adam(config.generator_learning_rate) if config.adversarial_generator else None
-  hp = stage1.Hyper(config.batch_size, 0 if g_model is None else g_model.latent_dim,
-                    config.lambda_is, config.lambda_bn, config.lambda_adv,
-                    student_bn_train=config.student_bn_train)
+  hp = dfkd.Hyper(config.batch_size, 0 if g_model is None else g_model.latent_dim,
+                  config.lambda_is, config.lambda_bn, config.lambda_adv,
+                  student_bn_train=config.student_bn_train)
   # Fresh buffers: the step donates the state, and the student's arrays may be the teacher's.
   g_vars, s_vars = jax.tree.map(lambda x: jnp.array(x, copy=True), (g_vars, s_vars))
   state = jax.device_put(FinetuneState(
@@ -133,7 +141,7 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
       parallel.replicated(mesh))
 
   if config.adversarial_generator:
-    step = functools.partial(stage1.train_step, mesh=mesh)
+    step = functools.partial(dfkd.train_step, mesh=mesh)
   elif config.data_source == "real":
     mean, std = map(tuple, normalization)
     step = lambda state, images, tv: kd_step(state, data.normalize(images, mean, std), tv)
@@ -143,15 +151,15 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
 
 
 def run(config, workdir: str) -> None:
-  (w, a), = q.parse_bits(config.bits)
+  (w, a), = validation.bit_pairs(config)
   name = stage_name(config, w, a)
   stage_dir = os.path.join(workdir, name)
-  teacher, teacher_vars, teacher_meta = common.load_teacher(workdir, config.teacher_dir)
-  common.check_teacher_depth(config, teacher_meta)
+  teacher, teacher_vars, teacher_meta = classifiers.load_teacher(workdir, config.teacher_dir)
+  classifiers.check_teacher_depth(config, teacher_meta)
   generator = None
   lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
   if "generated" in (config.data_source, config.calibration_data):
-    *generator, g_meta = stage1.load_generator(workdir, config.generator_dir)
+    *generator, g_meta = image_sources.load_generator(workdir, config.generator_dir)
     lineage["generator"] = g_meta[checkpoints.ORIGIN]
     if config.adversarial_generator:
       config = with_generator_loss_weights(config, g_meta)
@@ -169,12 +177,14 @@ def run(config, workdir: str) -> None:
   student, variables = calibration.quantized_student(
       teacher_vars, teacher_meta["depth"], teacher_meta["num_classes"], spec)
   if checkpoints.latest_step(stage_dir) is None:  # a resumed run restores calibrated clips
-    batches = ptq.calibration_batches(config, teacher_meta, config.calibration_data,
-                                      rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
-    summaries = ptq.summarize(teacher_vars, teacher_meta, batches, [config.calibration])
+    batches = image_sources.calibration_batches(
+        config, teacher_meta, config.calibration_data,
+        rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
+    summaries = calibration.summarize(teacher_vars, teacher_meta["depth"],
+                                      teacher_meta["num_classes"], batches, [config.calibration])
     variables = calibration.calibrate(variables, spec, config.calibration, summaries)
   total_steps = config.num_epochs * config.steps_per_epoch
-  meta = common.classifier_meta(
+  meta = classifiers.classifier_meta(
       teacher_meta["depth"], teacher_meta["dataset"], mean, std, spec, path=["student"],
       model_name=name, weight_bits=w, act_bits=a, protocol=config.protocol,
       calibration=config.calibration, calibration_data=config.calibration_data,
@@ -201,8 +211,8 @@ def run(config, workdir: str) -> None:
       return step_fn(state, parallel.global_batch(mesh, batch)["images"], teacher_vars)
     return step_fn(state, rng.step_key(base_key, step), teacher_vars)
 
-  evaluate = common.top1_evaluator(
-      student, lambda state: common.variables_of(state.student),
+  evaluate = classifiers.top1_evaluator(
+      student, lambda state: classifiers.variables_of(state.student),
       {"test": test_split, "val": val_split}, mean, std, mesh, config.steps_per_epoch)
   training.run_steps(name=name, ckpt=ckpt, state=state, start_step=start,
                      total_steps=total_steps, train_step=do_step, meta=meta,

@@ -4,18 +4,17 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dfqf_jax import checkpoints, convert, data
-from dfqf_jax.stages import common
+from dfqf_jax import checkpoints, classifiers, convert, data
 
 
 def run(config, workdir: str) -> None:
   state_dict, source = convert.load_state_dict(config.weights)
   variables = convert.torch_resnet_to_flax(state_dict, config.model.depth,
                                            data.num_classes(config.data.name))
-  meta = common.classifier_meta(config.model.depth, config.data.name, config.data.mean,
-                                config.data.std, source=source, model_name="teacher",
-                                total_steps=0)
-  stage_dir = os.path.join(workdir, common.TEACHER_DIR)
+  meta = classifiers.classifier_meta(config.model.depth, config.data.name, config.data.mean,
+                                     config.data.std, source=source, model_name="teacher",
+                                     total_steps=0)
+  stage_dir = os.path.join(workdir, classifiers.TEACHER_DIR)
   if checkpoints.exists(stage_dir):
     _, saved_meta, _ = checkpoints.load_product(stage_dir, "teacher")
     checkpoints.check_compatible(saved_meta, meta, stage_dir)
@@ -30,5 +29,5 @@ def run(config, workdir: str) -> None:
   checkpoints.save(mngr, 0, state, meta, force=True)
   mngr.wait_until_finished()
   mngr.close()
-  print(f"teacher: imported {config.weights} ({common.num_params(state['params']):,} "
+  print(f"teacher: imported {config.weights} ({classifiers.num_params(state['params']):,} "
         f"parameters) into {stage_dir}")

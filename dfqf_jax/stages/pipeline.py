@@ -85,17 +85,12 @@ def stage_configs(config) -> list:
   sub = with_shared(config.ptq_stage)  # always holds each student's starting point
   sub.bits = _union(sub.bits, [bits for bits, _ in students])
   sub.protocol = _union(sub.protocol, [protocol for _, protocol in students])
-  stages.append(("ptq", lambda c, w: ptq.run(c, w, evaluate_after=False), validation.ptq, sub))
+  stages.append(("ptq", ptq.run, validation.ptq, sub))
   return stages
 
 
 def validate(config) -> None:
-  validation.common(config, splits=("test",))  # each stage checks the splits it reads
-  if not validation.split_names(config.bits):
-    raise validation.ConfigError(f"config.bits={config.bits!r} names no student to fine-tune; "
-                                 "give one or more of w<W>a<A>, e.g. --config.bits=w4a4.")
-  for _, _, check, sub in stage_configs(config):
-    check(sub)
+  validation.pipeline(config, [(check, sub) for _, _, check, sub in stage_configs(config)])
 
 
 def run(config, workdir: str) -> dict:

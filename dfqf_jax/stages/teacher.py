@@ -8,10 +8,9 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from dfqf_jax import checkpoints, data, parallel, rng, training
+from dfqf_jax import checkpoints, classifiers, data, parallel, rng, training
 from dfqf_jax.losses import cross_entropy, top1_correct
 from dfqf_jax.models.resnet import CifarResNet
-from dfqf_jax.stages import common
 
 
 class TeacherState(struct.PyTreeNode):
@@ -49,7 +48,7 @@ def create_state_and_step(config, steps_per_epoch: int, mesh):
   schedule = training.step_decay(config.learning_rate, config.lr_milestones, steps_per_epoch)
   tx = training.sgd(schedule, config.momentum, config.weight_decay)
   model = CifarResNet(config.model.depth, data.num_classes(config.data.name),
-                      dtype=common.compute_dtype(config))
+                      dtype=training.compute_dtype(config))
 
   def init(key):
     variables = model.init(key, jnp.zeros((1, 32, 32, 3)), train=False)
@@ -63,7 +62,7 @@ def create_state_and_step(config, steps_per_epoch: int, mesh):
 
 
 def run(config, workdir: str) -> None:
-  stage_dir = os.path.join(workdir, common.TEACHER_DIR)
+  stage_dir = os.path.join(workdir, classifiers.TEACHER_DIR)
   mesh = parallel.make_mesh()
   train_split = data.load_split(config.data.name, "train", config.data.dir)
   train_split, val_split = data.train_validation_split(
@@ -73,9 +72,9 @@ def run(config, workdir: str) -> None:
 
   per_epoch = data.steps_per_epoch(len(train_split), config.batch_size)
   total_steps = config.num_steps or config.num_epochs * per_epoch
-  meta = common.classifier_meta(config.model.depth, config.data.name, mean, std,
-                                source="trained", model_name="teacher",
-                                total_steps=total_steps)
+  meta = classifiers.classifier_meta(config.model.depth, config.data.name, mean, std,
+                                     source="trained", model_name="teacher",
+                                     total_steps=total_steps)
   state, step_fn = create_state_and_step(config, per_epoch, mesh)
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
   state, start = training.resume(ckpt, stage_dir, state, meta, "teacher")
@@ -86,7 +85,7 @@ def run(config, workdir: str) -> None:
                              config.data.augment)
     return step_fn(state, parallel.global_batch(mesh, batch))
 
-  evaluate = common.top1_evaluator(
+  evaluate = classifiers.top1_evaluator(
       CifarResNet(config.model.depth, data.num_classes(config.data.name)),
       lambda state: {"params": state.params, "batch_stats": state.batch_stats},
       {"test": test_split, "val": val_split}, mean, std, mesh, per_epoch)

@@ -40,10 +40,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import configs.export  # noqa: E402
-from dfqf_jax import (calibration, checkpoints, convert, data, integer, provenance,  # noqa: E402
-                      report, validation)
+from dfqf_jax import (calibration, checkpoints, classifiers, convert, data, integer,  # noqa: E402
+                      provenance, report, validation)
 from dfqf_jax import quant as q  # noqa: E402
-from dfqf_jax.stages import common, export  # noqa: E402
+from dfqf_jax.stages import export  # noqa: E402
 
 MIN_AGREEMENT = 0.999
 MAX_TOP1_GAP = 0.0005  # 0.05 points
@@ -66,11 +66,11 @@ def build_students(args, workdir: str) -> list[str]:
       name = f"student_w{w}a{a}_{protocol}"
       _, variables = calibration.quantized_student(teacher, 20, 10, spec)
       variables = calibration.calibrate(variables, spec, "ft", summaries)
-      meta = common.classifier_meta(20, "cifar10", data.IMAGENET_MEAN, data.IMAGENET_STD,
-                                    spec, model_name=name, weight_bits=w, act_bits=a,
-                                    protocol=protocol, calibration="ft",
-                                    calibration_data="real", calibration_images=128,
-                                    total_steps=0)
+      meta = classifiers.classifier_meta(20, "cifar10", data.IMAGENET_MEAN, data.IMAGENET_STD,
+                                         spec, model_name=name, weight_bits=w, act_bits=a,
+                                         protocol=protocol, calibration="ft",
+                                         calibration_data="real", calibration_images=128,
+                                         total_steps=0)
       directory = os.path.join(workdir, name)
       if not checkpoints.exists(directory):
         mngr = checkpoints.manager(directory)
@@ -85,8 +85,8 @@ def check(workdir: str, name: str, split: data.Split, mesh, logits_dir: str) -> 
   started = time.time()
   sizes = export.run(configs.export.get_config(name), workdir)
   spec, variables, entry, _, _ = export.load_student(workdir, name)
-  model = common.classifier_from_meta(entry)
-  folder = os.path.join(workdir, export.EXPORT_DIR, name)
+  model = classifiers.classifier_from_meta(entry)
+  folder = os.path.join(workdir, integer.EXPORT_DIR, name)
   graph, arrays = integer.load(folder)  # the artifact on disk, not the in-memory build
   unit = integer.output_unit(graph, arrays)
   mean, std = graph["mean"], graph["std"]

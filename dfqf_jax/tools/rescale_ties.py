@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfqf_jax import data, integer, report, storage
-from dfqf_jax.stages import common, export
+from dfqf_jax import classifiers, data, integer, report, storage
+from dfqf_jax.stages import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 BATCH = 500
@@ -30,7 +30,7 @@ BATCH = 500
 
 def fake_quant_model(entry, variables, dtype):
   """The fake-quant model and its variables in `dtype` (float64: under jax.enable_x64)."""
-  return (common.classifier_from_meta(entry, dtype=dtype),
+  return (classifiers.classifier_from_meta(entry, dtype=dtype),
           jax.tree.map(lambda a: jnp.asarray(a, dtype), variables))
 
 
@@ -67,7 +67,7 @@ def main() -> int:
   parser.add_argument("--out", default="")
   args = parser.parse_args()
   _, variables, entry, _, _ = export.load_student(args.workdir, args.name)
-  graph, arrays = integer.load(os.path.join(args.workdir, export.EXPORT_DIR, args.name))
+  graph, arrays = integer.load(os.path.join(args.workdir, integer.EXPORT_DIR, args.name))
   split = data.load_split("cifar10", "test", args.data_dir)
   integer_logits = np.load(args.integer_logits)
   f32 = fake_quant_logits(entry, variables, split, jnp.float32)

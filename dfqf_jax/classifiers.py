@@ -1,4 +1,5 @@
-"""Helpers shared by the stages: classifiers described by checkpoint metadata, evaluation."""
+"""Classifiers described by checkpoint metadata (rebuilt from it, the teacher loaded), and
+their top-1 on a split: what every stage that stores, loads or scores a classifier shares."""
 import functools
 import os
 
@@ -24,11 +25,6 @@ def classifier_meta(depth: int, dataset: str, mean, std, quant: q.QuantSpec | No
 def classifier_from_meta(meta: dict, dtype=jnp.float32) -> CifarResNet:
   spec = q.QuantSpec(**meta["quant"]) if meta.get("quant") else None
   return CifarResNet(meta["depth"], meta["num_classes"], quant=spec, dtype=dtype)
-
-
-def compute_dtype(config) -> jnp.dtype:
-  """The training steps' compute dtype (config.compute_dtype); parameters stay float32."""
-  return jnp.dtype(config.compute_dtype)
 
 
 def load_teacher(workdir: str, teacher_dir: str | None = None):
