@@ -16,6 +16,11 @@ def get_config(arg: str = "w4a4"):
   config = base_config("finetune")
   config.bits = bits
   config.protocol = "dfqf"  # dfqf | standard
+  # Per-layer quantization rules before the protocol's, first match wins:
+  # 'PATTERN=w<W>a<A>[:fixed][:<calibration>],...', PATTERN a regular expression matched
+  # against the whole layer path ('conv1', 'layer{S}_{B}/conv{K}', 'linear'), e.g.
+  # 'layer3.*=w8a8,conv1=w8a8' (mixed precision); ':fixed' keeps the clips calibrated.
+  config.rules = ""
   config.calibration = "ft"  # max | mse | aciq | kl | ft
   config.calibration_data = "generated"  # generated | real
   config.calibration_batches = 10

@@ -44,6 +44,9 @@ def get_config(schedule: str = "reference"):
   # --config.finetune_stage.protocol=dfqf,standard: four students). The PTQ table always
   # includes their bit widths and protocols (each student's starting point).
   config.bits = "w4a4"
+  # Per-layer rules of every student and PTQ model (configs/finetune.py), e.g.
+  # --config.rules='layer3.*=w8a8' (mixed precision: W4A4 with the last stage at 8 bits).
+  config.rules = ""
   config.teacher_stage = teacher.get_config("smoke" if schedule == "smoke" else "reference")
   config.import_stage = import_teacher.get_config()
   config.generator_stage = generator.get_config(
@@ -70,5 +73,7 @@ def get_config(schedule: str = "reference"):
                "ptq_stage"):
     remove_fields(config[name], PIPELINE_FIELDS + ("on_stale_upstream",))  # always rebuild
   remove_fields(config.finetune_stage, FROM_GENERATOR_STAGE)  # set from generator_stage
+  for name in ("finetune_stage", "ptq_stage"):
+    remove_fields(config[name], ("rules",))  # set from config.rules
   remove_fields(config, STAGE_ONLY_FIELDS)
   return config

@@ -13,6 +13,7 @@ def get_config(arg: str = "w4a4"):
   config = base_config("ptq")
   config.bits = bits
   config.protocol = "dfqf"  # dfqf | standard, or a comma-separated list
+  config.rules = ""  # per-layer rules of every model, e.g. 'layer3.*=w8a8' (configs/finetune.py)
   config.calibration = "ft"  # max | mse | aciq | kl | ft, or a comma-separated list
   config.calibration_data = "generated"  # generated | real
   config.calibration_batches = 10

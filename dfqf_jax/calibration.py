@@ -17,7 +17,7 @@ from flax import traverse_util
 
 from dfqf_jax import clip_rules
 from dfqf_jax import quant as q
-from dfqf_jax.models.resnet import QUANT_INPUTS, CifarResNet
+from dfqf_jax.models.resnet import QUANT_INPUTS, CifarResNet, activation_layer
 
 @functools.lru_cache
 def _param_paths(depth: int, num_classes: int, spec: q.QuantSpec) -> tuple:
@@ -93,20 +93,33 @@ def summarize(teacher_vars: dict, depth: int, num_classes: int, batches, methods
   return Summaries(methods, _summarize_all(kernels, True, methods), relu_inputs)
 
 
+def methods_of(spec: q.QuantSpec, method: str) -> list[str]:
+  """The clip rules calibrating a student of `spec` with the job's `method` needs: `method`
+  and those its rules name."""
+  return list(dict.fromkeys([method] + [r.calibration for r in spec.rules if r.calibration]))
+
+
 def calibrate(variables: dict, spec: q.QuantSpec, method: str, summaries: Summaries) -> dict:
-  """Returns the quantized student's `variables` with every clip set by `method`: weight
-  clips from the kernels; activation clips = the mean over batches of the per-batch clip."""
-  if method not in summaries.methods:
-    raise ValueError(f"the summaries were made for {summaries.methods}, not {method!r}.")
+  """Returns the quantized student's `variables` with every clip set by its layer's rule
+  (`method` where the rule names none): weight clips from the kernels; activation clips =
+  the mean over batches of the per-batch clip."""
+  missing = set(methods_of(spec, method)) - set(summaries.methods)
+  if missing:
+    raise ValueError(f"the summaries were made for {summaries.methods}, not {sorted(missing)}.")
   flat = traverse_util.flatten_dict(variables["params"])
-  wanted = {}  # clip path -> the (summary, bits) pairs whose clips it averages
+  wanted = {}  # clip path -> (rule, the (summary, bits) pairs whose clips it averages)
   for path in flat:
     if path[-1] == q.WEIGHT_CLIP:
-      wanted[path] = [(summaries.weights[path], spec.weight_bits_of(path[:-1]))]
+      rule = spec.rule_of(path[:-1])
+      wanted[path] = rule, [(summaries.weights[path], rule.weight_bits)]
     elif path[-1] == q.ACT_CLIP:
-      wanted[path] = [(s, spec.act_bits) for s in summaries.relu_inputs[path]]
-  clips = iter(summaries.clips(method, [pair for pairs in wanted.values() for pair in pairs]))
-  for path, pairs in wanted.items():
-    clip = np.mean([next(clips) for _ in pairs])
+      rule = spec.rule_of(activation_layer(path[:-1]))
+      wanted[path] = rule, [(s, rule.act_bits) for s in summaries.relu_inputs[path]]
+  clips = {}
+  for rule_method in dict.fromkeys(rule.calibration or method for rule, _ in wanted.values()):
+    paths = [p for p, (rule, _) in wanted.items() if (rule.calibration or method) == rule_method]
+    computed = iter(summaries.clips(rule_method, [pair for p in paths for pair in wanted[p][1]]))
+    clips.update({p: np.mean([next(computed) for _ in wanted[p][1]]) for p in paths})
+  for path, clip in clips.items():
     flat[path] = jnp.asarray(max(clip, clip_rules.TINY_CLIP), jnp.float32)
   return {"params": traverse_util.unflatten_dict(flat), "batch_stats": variables["batch_stats"]}

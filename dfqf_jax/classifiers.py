@@ -19,7 +19,7 @@ def classifier_meta(depth: int, dataset: str, mean, std, quant: q.QuantSpec | No
   """Everything needed to rebuild and evaluate a classifier stored in a checkpoint."""
   return {"arch": "cifar_resnet", "depth": depth, "dataset": dataset,
           "num_classes": data.num_classes(dataset), "mean": list(mean), "std": list(std),
-          "quant": None if quant is None else vars(quant).copy(), **extra}
+          "quant": None if quant is None else quant.meta(), **extra}
 
 
 def classifier_from_meta(meta: dict, dtype=jnp.float32) -> CifarResNet:

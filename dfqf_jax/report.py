@@ -9,6 +9,8 @@ import sys
 import jax
 
 from dfqf_jax import checkpoints, provenance, storage, training
+from dfqf_jax import quant as q
+from dfqf_jax.models.resnet import layer_sizes
 
 STAGE_DIRS = ("teacher", "generator")
 
@@ -142,15 +144,18 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
     lines += ["The smoke schedule runs a few steps of every stage to show that the pipeline "
               "works end to end; its accuracies say nothing about the method.", ""]
   lines += [f"Hardware: {host}", "",
-           "| model | top-1 | drop vs teacher (points) | W/A bits | protocol | calibration | steps | "
-           "stage wall time | built from |", "|---|---:|---:|---|---|---|---:|---:|---|"]
+           "| model | top-1 | drop vs teacher (points) | W/A bits | quantization rules | "
+           "average W/A bits | protocol | calibration | steps | stage wall time | built from |",
+           "|---|---:|---:|---|---|---|---|---|---:|---:|---|"]
   for name in sorted(results, key=order):
     r = results[name]
     bits = f"{r['weight_bits']}/{r['act_bits']}" if "weight_bits" in r else "32/32"
+    rules, average = quantization_of(r)
     drop = r.get("drop_vs_teacher")
     lines.append(
         f"| {name} | {100 * r['top1']:.2f}% | {'' if drop is None else f'{100 * drop:.2f}'} "
-        f"| {bits} | {r.get('protocol', '')} | {r.get('calibration', '')} | "
+        f"| {bits} | {rules} | {average} | {r.get('protocol', '')} | "
+        f"{r.get('calibration', '')} | "
         f"{r.get('steps', r.get('step', ''))} | {_seconds(r.get('stage_wall_seconds'))} | "
         f"{built_from(r)} |")
   lines += ["", "Top-1 on the full CIFAR test split of each *final* model (no test-set "
@@ -170,6 +175,21 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
     storage.write_atomically(os.path.join(workdir, "results.json"),
                              json.dumps(results, indent=2, sort_keys=True))
   return text
+
+
+def quantization_of(entry: dict) -> tuple[str, str]:
+  """(the rule list, first match first; average weight / activation bits over the model's
+  tensors, float ones counting 32) of a results entry: a quantized checkpoint (its `quant`)
+  or an integer export (its graph's fields); ('', '32/32') for a float model."""
+  if entry.get("quant"):
+    spec = q.QuantSpec(**entry["quant"])
+  elif entry.get("integer"):
+    spec = q.QuantSpec(entry["weight_bits"], entry["act_bits"], entry["protocol"],
+                       entry["edge_weight_bits"], entry.get("layer_rules", ""))
+  else:
+    return "", "32/32"
+  w, a = spec.average_bits(layer_sizes(entry["depth"], entry["num_classes"]))
+  return "; ".join(rule.describe() for rule in spec.rules), f"{w:.2f}/{a:.2f}"
 
 
 def built_from(entry: dict) -> str:

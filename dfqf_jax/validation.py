@@ -5,7 +5,7 @@ import jax
 
 from dfqf_jax import data, integer, quant, storage
 from dfqf_jax.errors import UserError
-from dfqf_jax.models.resnet import DEPTHS
+from dfqf_jax.models.resnet import DEPTHS, layer_paths
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -129,6 +129,28 @@ def bit_pairs(config, field: str = "bits") -> list[tuple[int, int]]:
     raise ConfigError(f"config.{field}={value!r} is invalid: {e}") from None
 
 
+def quant_specs(config) -> list[quant.QuantSpec]:
+  """The students config.bits x config.protocol name (in that order), each with the per-layer
+  rules config.rules: the one reading of these fields, for the checks here and the stages.
+  A rule that cannot be read, or whose pattern matches no layer of config.model.depth's
+  ResNet, is one ConfigError."""
+  rules = config.get("rules", "")
+  specs = [quant.QuantSpec(w, a, protocol, layer_rules=rules)
+           for w, a in bit_pairs(config) for protocol in split_names(config.protocol)]
+  try:
+    unmatched = specs[0].unmatched(layer_paths(config.model.depth)) if specs else []
+  except ValueError as e:
+    raise ConfigError(f"config.rules={rules!r} is invalid: {e}") from None
+  if unmatched:
+    paths = layer_paths(config.model.depth)
+    raise ConfigError(
+        f"config.rules={rules!r}: {', '.join(map(repr, unmatched))} matches no layer of a "
+        f"ResNet-{config.model.depth} (a regular expression matched against the whole path of "
+        f"each of {paths[0]}, {paths[1]}, ..., {paths[-2]}, {paths[-1]}), e.g. "
+        "'layer3.*=w8a8' for the last stage.")
+  return specs
+
+
 def _quantization(config) -> None:
   for w, a in bit_pairs(config):
     for value in (w, a):
@@ -137,6 +159,7 @@ def _quantization(config) -> None:
   for protocol in split_names(config.protocol):
     if protocol not in quant.PROTOCOLS:
       _fail("protocol", config.protocol, f"one of {list(quant.PROTOCOLS)} (comma-separated)")
+  quant_specs(config)
   for method in split_names(config.calibration):
     if method not in quant.CALIBRATIONS:
       _fail("calibration", config.calibration,

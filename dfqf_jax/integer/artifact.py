@@ -4,14 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfqf_jax.integer.format import PACK_BITS, stored_arrays
+from dfqf_jax.integer.format import PACK_BITS, signed_codes, stored_arrays
 from dfqf_jax.integer.forward import forward
 from dfqf_jax.integer.requant import requant_tables
 
 
 def unpack_in_graph(graph: dict, stored: dict) -> dict:
   """`unpack` written in jax.numpy, so that a serialized model keeps its codes packed."""
-  signed = graph["protocol"] != "standard"
   arrays = dict(stored)
   for layer in graph["layers"]:
     key, shape = f"{layer['name']}.codes", layer["shape"]
@@ -21,7 +20,7 @@ def unpack_in_graph(graph: dict, stored: dict) -> dict:
       continue
     nibbles = jnp.stack([value & 0xF, value >> 4], -1).reshape(-1)[:int(np.prod(shape))]
     nibbles = nibbles.astype(jnp.int32)
-    if signed:
+    if signed_codes(stored, layer["name"]):
       nibbles = jnp.where(nibbles >= 8, nibbles - 16, nibbles)
     arrays[key] = nibbles.reshape(shape)
   return arrays

@@ -29,7 +29,7 @@ def fake_quant_tensors(model, variables: dict, graph: dict, arrays: dict, x) -> 
     if "." in name:  # layerS_B.convK -> the block's actK
       block, conv = name.split(".")
       value = inter[block][conv.replace("conv", "act")]["__call__"][0]
-    elif layer["act_bits"]:  # the standard protocol's quantized stem ReLU
+    elif layer["act_bits"]:  # a quantized stem ReLU (protocol 'standard')
       value = inter["act1"]["__call__"][0]
     else:  # the dfqf stem: relu(bn1(...)), relu not a module
       value = jax.nn.relu(inter["bn1"]["__call__"][0])
@@ -56,7 +56,7 @@ def compare_layers(graph: dict, arrays: dict, env: dict) -> dict:
   unit = output_unit(graph, arrays, last.shape[1] * last.shape[2])
   result = {}
   for layer in graph["layers"]:
-    kind, value, _, _ = apply_layer(layer, arrays, graph["protocol"], env)
+    kind, value, _, _ = apply_layer(layer, arrays, env)
     _, reference, _, _ = env[layer["output"]]
     if kind == "codes":
       diff = jnp.abs(value - reference)

@@ -1,13 +1,14 @@
 """The export folder's file format: what `save` writes and `load` reads back, checked.
 
-`model.json`  the graph: input normalization, protocol and bit widths, and the layers in
+`model.json`  the graph: input normalization, protocol and bit widths (and the command line's
+              per-layer rules `layer_rules`, when the model had any), and the layers in
               execution order (name, op, input/output tensor, stride, bit widths, residual
               input), plus the dtype/shape/packing of every array in weights.npz.
 `weights.npz` per conv/dense layer `L`: `L.codes` integer weight codes (int8 for signed
-              codes, uint8 for the standard protocol's unsigned ones; 4 bits and fewer packed
+              codes, uint8 for per-channel weights' unsigned ones; 4 bits and fewer packed
               two per byte, low nibble first, row-major, two's complement for signed codes),
               `L.scale` (float32: one per tensor, or one per output channel), `L.zero_point`
-              (standard protocol, int32 per output channel), `L.bn_scale` / `L.bn_bias`
+              (per-channel weights, int32 per output channel), `L.bn_scale` / `L.bn_bias`
               (batch norm folded: bn(z) = z * bn_scale + bn_bias per channel, computed in
               float64 from the running statistics, stored float64), `L.bias` (dense), and
               for a layer whose ReLU output is quantized `L.act_clip` / `L.act_step`
@@ -37,12 +38,19 @@ STABLEHLO_FILE = "model.stablehlo"
 EXPORT_DIR = "export"  # a workdir's exports: DIR/export/<model name>/
 # The graph fields that say which model an export holds (an export of another one is never
 # overwritten by the export stage).
-IDENTITY = ("protocol", "weight_bits", "act_bits", "edge_weight_bits", "depth", "num_classes")
+IDENTITY = ("protocol", "weight_bits", "act_bits", "edge_weight_bits", "layer_rules", "depth",
+            "num_classes")  # (layer_rules: only in the graph of a model that had any)
 PACK_BITS = 4  # codes of this many bits or fewer are stored two per byte
 
 
-def _code_range(bits: int, protocol: str) -> tuple[int, int]:
-  return q.unsigned_range(bits) if protocol == "standard" else q.signed_range(bits)
+def signed_codes(arrays, name: str) -> bool:
+  """Whether layer `name`'s weight codes are signed: per-tensor weights (no zero points);
+  per-channel ones (with zero points) are unsigned. `arrays`: the arrays, or their names."""
+  return f"{name}.zero_point" not in arrays
+
+
+def _code_range(bits: int, signed: bool) -> tuple[int, int]:
+  return q.signed_range(bits) if signed else q.unsigned_range(bits)
 
 
 def pack(codes: np.ndarray, bits: int, signed: bool) -> np.ndarray:
@@ -70,8 +78,8 @@ def unpack(stored: np.ndarray, bits: int, signed: bool, shape) -> np.ndarray:
 def stored_arrays(graph: dict, arrays: dict) -> dict:
   """The arrays as weights.npz stores them: codes int8 / uint8, 4 bits and fewer packed; the
   requantization tables left out (derived)."""
-  signed = graph["protocol"] != "standard"
-  return {k: pack(v, _layer(graph, k.rsplit(".", 1)[0])["weight_bits"], signed)
+  return {k: pack(v, _layer(graph, k.rsplit(".", 1)[0])["weight_bits"],
+                  signed_codes(arrays, k.rsplit(".", 1)[0]))
           if k.endswith(".codes") else np.asarray(v) for k, v in arrays.items()
           if not is_table(k)}
 
@@ -119,7 +127,6 @@ def load(folder: str) -> tuple[dict, dict]:
     raise checkpoints.CheckpointError(
         f"{path!r} is not a {FORMAT} of version {VERSION} (it says {graph.get('format')!r}, "
         f"version {graph.get('version')!r}); export the student again (configs/export.py).")
-  signed = graph["protocol"] != "standard"
   arrays = {}
   for key, desc in graph["arrays"].items():
     if key not in stored:
@@ -128,9 +135,9 @@ def load(folder: str) -> tuple[dict, dict]:
     value = stored[key]
     if key.endswith(".codes"):
       layer = _layer(graph, key.rsplit(".", 1)[0])
-      bits = layer["weight_bits"]
+      bits, signed = layer["weight_bits"], signed_codes(graph["arrays"], layer["name"])
       expected = pack(np.zeros(layer["shape"], np.int32), bits, signed)
-      lo, hi = _code_range(bits, graph["protocol"])
+      lo, hi = _code_range(bits, signed)
       codes = None
       if value.dtype == expected.dtype and value.shape == expected.shape:
         codes = unpack(value, bits, signed, layer["shape"])

@@ -39,15 +39,16 @@ import jax
 import jax.numpy as jnp
 
 from dfqf_jax import quant as q
+from dfqf_jax.integer.format import signed_codes
 from dfqf_jax.integer.requant import exact_requantize
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 
 
-def _weight_operand(arrays, name: str, bits: int, protocol: str):
+def _weight_operand(arrays, name: str, bits: int):
   """(w8 int8, dz int32 per channel or None) with w_int = w8 + dz (see the docstring)."""
   codes = jnp.asarray(arrays[f"{name}.codes"], jnp.int32)
-  if protocol != "standard":
+  if signed_codes(arrays, name):
     return codes.astype(jnp.int8), None
   zero_point = jnp.asarray(arrays[f"{name}.zero_point"], jnp.int32)
   if bits < 8:
@@ -55,9 +56,9 @@ def _weight_operand(arrays, name: str, bits: int, protocol: str):
   return (codes - 128).astype(jnp.int8), 128 - zero_point
 
 
-def _w_int(arrays, name: str, protocol: str):
+def _w_int(arrays, name: str):
   codes = jnp.asarray(arrays[f"{name}.codes"], jnp.int32)
-  if protocol == "standard":
+  if not signed_codes(arrays, name):
     codes = codes - jnp.asarray(arrays[f"{name}.zero_point"], jnp.int32)
   return codes
 
@@ -95,7 +96,7 @@ def option_a_shortcut(x, features: int, stride: int):
   return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad, features - x.shape[-1] - pad)))
 
 
-def apply_layer(layer: dict, arrays: dict, protocol: str, env: dict) -> tuple:
+def apply_layer(layer: dict, arrays: dict, env: dict) -> tuple:
   """One layer of the graph: reads its input (and shortcut) tensors from `env` (name ->
   (kind 'float' | 'codes', value, step, bits)) and returns its output tensor likewise."""
   name = layer["name"]
@@ -105,7 +106,7 @@ def apply_layer(layer: dict, arrays: dict, protocol: str, env: dict) -> tuple:
     if kind != "codes" or value.shape[1] * value.shape[2] != layer["pool_positions"]:
       raise ValueError(f"{name} needs {layer['pool_positions']} positions of activation codes.")
     total = value.sum((1, 2))  # int32, exact: the pooled features times H * W / step
-    acc = jax.lax.dot(total, _w_int(arrays, name, protocol), preferred_element_type=jnp.int32)
+    acc = jax.lax.dot(total, _w_int(arrays, name), preferred_element_type=jnp.int32)
     logits = acc.astype(jnp.float32) * f32(f"{name}.multiplier") + f32(f"{name}.bias")
     return "float", logits, None, None
   shortcut = None
@@ -113,14 +114,14 @@ def apply_layer(layer: dict, arrays: dict, protocol: str, env: dict) -> tuple:
     _, shortcut, _, _ = env[layer["shortcut"]["input"]]
     shortcut = option_a_shortcut(shortcut, layer["shape"][-1], layer["shortcut"]["stride"])
   if kind == "codes":
-    w8, dz = _weight_operand(arrays, name, layer["weight_bits"], protocol)
+    w8, dz = _weight_operand(arrays, name, layer["weight_bits"])
     acc = integer_conv(value, bits_in, w8, dz, layer["stride"])
     if f"{name}.threshold_low" in arrays:  # integer codes in and out: exact
       return ("codes", exact_requantize(acc, arrays, name, layer["act_bits"], shortcut),
               f32(f"{name}.act_step"), layer["act_bits"])
     acc = acc.astype(jnp.float32)
   else:  # float input: float conv of the integer codes (the scale is in the multiplier)
-    w = _w_int(arrays, name, protocol).astype(jnp.float32)
+    w = _w_int(arrays, name).astype(jnp.float32)
     acc = _conv(value, w, layer["stride"], ((1, 1), (1, 1)), jnp.float32)
   # float32 rescale, in units of the output step (or real units for a float output):
   # bn(conv) [+ shortcut].
@@ -138,7 +139,7 @@ def forward(graph: dict, arrays: dict, x):
   """Logits (float32) of normalized NHWC images `x` with the integer arithmetic above."""
   env = {"input": ("float", jnp.asarray(x, jnp.float32), None, None)}
   for layer in graph["layers"]:
-    env[layer["output"]] = apply_layer(layer, arrays, graph["protocol"], env)
+    env[layer["output"]] = apply_layer(layer, arrays, env)
   return env["logits"][1]
 
 

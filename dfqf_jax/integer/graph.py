@@ -2,8 +2,9 @@
 norm, activation steps, and the rescaling constants between layers.
 
 Quantization of the weights is done exactly as `dfqf_jax.quant` does it (float32, round half
-to even): protocol 'dfqf' codes n = clip(round(w / s), -2^(b-1), 2^(b-1) - 1) with
-s = clip_w / (2^(b-1) - 1), real weight n * s; protocol 'standard' per output channel
+to even), as each layer's quantization rule says: per-tensor weights (protocol 'dfqf') codes
+n = clip(round(w / s), -2^(b-1), 2^(b-1) - 1) with s = clip_w / (2^(b-1) - 1), real weight
+n * s; per-channel weights (protocol 'standard') per output channel
 s = max(max - min, 1e-8) / (2^b - 1), z = round(-min / s), n = clip(round(w / s) + z, 0,
 2^b - 1), real weight (n - z) * s. Activation codes are unsigned, real value a * step.
 """
@@ -19,11 +20,11 @@ BN_EPSILON = 1e-5  # dfqf_jax.models.layers.BatchNorm
 POOL_POSITIONS = 64  # 8 x 8 positions averaged before the dense layer (32 x 32 inputs)
 
 
-def weight_codes(kernel, clip, bits: int, protocol: str) -> dict:
+def weight_codes(kernel, clip, bits: int, granularity: str) -> dict:
   """Integer codes of a kernel (output channels last) exactly as `dfqf_jax.quant` rounds it:
-  {'codes', 'scale'} (+ 'zero_point' for the standard protocol), NumPy."""
+  {'codes', 'scale'} (+ 'zero_point' per output channel for q.PER_CHANNEL), NumPy."""
   w = jnp.asarray(kernel, jnp.float32)
-  if protocol == "standard":
+  if granularity == q.PER_CHANNEL:
     axes = tuple(range(w.ndim - 1))
     w_min = jnp.minimum(w.min(axes), 0.0)
     w_max = jnp.maximum(w.max(axes), 0.0)
@@ -57,11 +58,12 @@ def check_exportable(spec: q.QuantSpec | None, what: str) -> None:
     raise checkpoints.CheckpointError(
         f"{what} is not a quantized model (its checkpoint has no quantization spec); export "
         "a student or PTQ model (e.g. --config.student=student_w4a4).")
-  if q.FULL_PRECISION_BITS in (spec.weight_bits, spec.act_bits):
+  if any(q.FULL_PRECISION_BITS in (rule.weight_bits, rule.act_bits) for rule in spec.rules):
     raise checkpoints.CheckpointError(
-        f"{what} has W{spec.weight_bits}A{spec.act_bits}: 32-bit (float) weights or "
-        "activations have no integer codes; only models with 2..8-bit weights and "
-        "activations export.")
+        f"{what} has W{spec.weight_bits}A{spec.act_bits}"
+        + (f" with the rules {spec.layer_rules!r}" if spec.layer_rules else "")
+        + ": 32-bit (float) weights or activations have no integer codes; only models with "
+        "2..8-bit weights and activations export.")
 
 
 def build(variables: dict, spec: q.QuantSpec, depth: int, num_classes: int) -> tuple:
@@ -70,6 +72,7 @@ def build(variables: dict, spec: q.QuantSpec, depth: int, num_classes: int) -> t
   params, stats = variables["params"], variables["batch_stats"]
   graph = {"protocol": spec.protocol, "weight_bits": spec.weight_bits,
            "act_bits": spec.act_bits, "edge_weight_bits": spec.weight_bits_of("conv1"),
+           **({"layer_rules": spec.layer_rules} if spec.layer_rules else {}),
            "depth": depth, "num_classes": num_classes, "layers": []}
   arrays = {}
 
@@ -78,17 +81,18 @@ def build(variables: dict, spec: q.QuantSpec, depth: int, num_classes: int) -> t
     p, s = (params[block], stats[block]) if block else (params, stats)
     name = f"{block}.conv{k}" if block else f"conv{k}"
     kernel, act = p[f"conv{k}"]["kernel"], p.get(f"act{k}")  # no act: a float ReLU output
-    bits = spec.weight_bits_of(name.replace(".", "/"))
-    codes = weight_codes(kernel, p[f"conv{k}"].get(q.WEIGHT_CLIP), bits, spec.protocol)
+    rule = spec.rule_of(name.replace(".", "/"))
+    bits = rule.weight_bits
+    codes = weight_codes(kernel, p[f"conv{k}"].get(q.WEIGHT_CLIP), bits, rule.weight_granularity)
     arrays.update({f"{name}.{key}": v for key, v in codes.items()})
     arrays.update({f"{name}.{key}": v for key, v in fold_bn(p[f"bn{k}"], s[f"bn{k}"]).items()})
     layer = {"name": name, "op": "conv", "input": input_, "output": output, "stride": stride,
              "weight_bits": bits, "shape": list(np.shape(kernel)),
              "act_bits": None, "shortcut": shortcut}
     if act is not None:
-      layer["act_bits"] = spec.act_bits
+      layer["act_bits"] = rule.act_bits
       arrays[f"{name}.act_clip"] = np.float32(act[q.ACT_CLIP])
-      arrays[f"{name}.act_step"] = act_step(act[q.ACT_CLIP], spec.act_bits)
+      arrays[f"{name}.act_step"] = act_step(act[q.ACT_CLIP], rule.act_bits)
     graph["layers"].append(layer)
 
   conv(None, 1, 1, "input", "stem")
@@ -101,9 +105,10 @@ def build(variables: dict, spec: q.QuantSpec, depth: int, num_classes: int) -> t
       conv(b, 2, 1, f"{b}.act1", f"{b}.act2",
            shortcut={"input": x, "stride": stride, "in_channels": channels})
       x, channels = f"{b}.act2", features
-  head_bits = spec.weight_bits_of("linear")
+  head = spec.rule_of("linear")
+  head_bits = head.weight_bits
   codes = weight_codes(params["linear"]["kernel"], params["linear"].get(q.WEIGHT_CLIP),
-                       head_bits, spec.protocol)
+                       head_bits, head.weight_granularity)
   arrays.update({f"linear.{k}": v for k, v in codes.items()})
   arrays["linear.bias"] = np.asarray(params["linear"]["bias"], np.float32)
   graph["layers"].append({"name": "linear", "op": "mean_dense", "input": x, "output": "logits",

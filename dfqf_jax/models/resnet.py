@@ -27,16 +27,45 @@ def blocks_per_stage(depth: int) -> int:
   return (depth - 2) // 6
 
 
+def layer_sizes(depth: int, num_classes: int) -> list[tuple[str, int, int]]:
+  """(path, kernel size, size of its ReLU output per 32x32 image; 0: no ReLU) of each layer
+  the quantization rules name, in execution order: 'conv1', 'layer{S}_{B}/conv{K}', 'linear'."""
+  sizes = [("conv1", 3 * 3 * 3 * 16, 32 * 32 * 16)]
+  for stage, features in enumerate((16, 32, 64)):
+    side = 32 >> stage
+    for block in range(blocks_per_stage(depth)):
+      in_features = features // 2 if stage > 0 and block == 0 else features
+      name = f"layer{stage + 1}_{block}"
+      sizes += [(f"{name}/conv1", 9 * in_features * features, side * side * features),
+                (f"{name}/conv2", 9 * features * features, side * side * features)]
+  return sizes + [("linear", 64 * num_classes, 0)]
+
+
+def layer_paths(depth: int) -> list[str]:
+  return [path for path, _, _ in layer_sizes(depth, 10)]
+
+
+def activation_layer(act_path) -> tuple:
+  """The layer whose ReLU output the activation at `act_path` is: (..., 'actK') ->
+  (..., 'convK')."""
+  return (*act_path[:-1], act_path[-1].replace("act", "conv"))
+
+
 def _quantize_weight(module: nn.Module, w):
-  """Fake-quantizes a kernel (output channels last) as module.quant says for its path."""
-  spec = module.quant
-  bits = spec.weight_bits_of(module.path) if spec else q.FULL_PRECISION_BITS
-  if bits == q.FULL_PRECISION_BITS:
+  """Fake-quantizes a kernel (output channels last) as module.quant's rule for its path says."""
+  rule = module.quant.rule_of(module.path) if module.quant else None
+  if rule is None or rule.weight_bits == q.FULL_PRECISION_BITS:
     return w
-  if spec.protocol == "standard":
-    return q.fake_quant_minmax_per_channel(w, bits)
+  if rule.weight_granularity == q.PER_CHANNEL:
+    return q.fake_quant_minmax_per_channel(w, rule.weight_bits)
   clip = module.param(q.WEIGHT_CLIP, nn.initializers.ones, (), jnp.float32)
-  return q.fake_quant_signed(w, clip, bits)
+  return q.fake_quant_signed(w, clip, rule.weight_bits)
+
+
+def _relu(quant: q.QuantSpec | None, layer: tuple, name: str):
+  """The ReLU after `layer`: quantized as its rule says (QuantReLU), or plain."""
+  bits = quant.rule_of(layer).act_bits if quant else None
+  return (lambda y: nn.relu(y)) if bits is None else QuantReLU(bits, name=name)
 
 
 class QuantConv(nn.Module):
@@ -107,14 +136,13 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    relu = (lambda y, name: QuantReLU(self.quant.act_bits, name=name)(y)) if self.quant else (
-        lambda y, name: nn.relu(y))
+    relu = lambda k: _relu(self.quant, (*self.path, f"conv{k}"), f"act{k}")
     y = QuantConv(self.features, self.strides, self.quant, name="conv1")(x)
     y = BatchNorm(use_running_average=not self.train, name="bn1")(y)
-    y = relu(y, "act1")
+    y = relu(1)(y)
     y = QuantConv(self.features, 1, self.quant, name="conv2")(y)
     y = BatchNorm(use_running_average=not self.train, name="bn2")(y)
-    return relu(y + _option_a_shortcut(x, self.features, self.strides), "act2")
+    return relu(2)(y + _option_a_shortcut(x, self.features, self.strides))
 
 
 class CifarResNet(nn.Module):
@@ -130,10 +158,7 @@ class CifarResNet(nn.Module):
     x = x.astype(self.dtype)
     x = QuantConv(16, 1, self.quant, name="conv1")(x)
     x = BatchNorm(use_running_average=not train, name="bn1")(x)
-    if self.quant and self.quant.quantize_stem_activation:
-      x = QuantReLU(self.quant.act_bits, name="act1")(x)
-    else:
-      x = nn.relu(x)
+    x = _relu(self.quant, ("conv1",), "act1")(x)
     for stage, features in enumerate((16, 32, 64)):
       for block in range(blocks_per_stage(self.depth)):
         strides = 2 if stage > 0 and block == 0 else 1

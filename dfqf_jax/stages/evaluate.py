@@ -96,7 +96,7 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
         # the student checkpoint it was exported from (an export older than that record: none)
         "lineage": {name: graph["source_origin"]} if graph.get("source_origin") else {},
         "export_bytes": integer.export_bytes(folder),
-        **{k: graph[k] for k in integer.IDENTITY + ("dataset",)}}
+        **{k: graph[k] for k in integer.IDENTITY + ("dataset",) if k in graph}}
   return results
 
 

@@ -75,8 +75,8 @@ def _check_not_other_model(out: str, graph: dict) -> None:
     existing = json.loads(storage.read_text(os.path.join(out, integer.GRAPH_FILE)))
   except (OSError, ValueError):
     existing = {}
-  differs = {k: (existing.get(k), graph[k]) for k in integer.IDENTITY
-             if existing.get(k) != graph[k]}
+  differs = {k: (existing.get(k), graph.get(k)) for k in integer.IDENTITY
+             if existing.get(k) != graph.get(k)}
   if differs:
     what = ", ".join(f"{k}={old!r} (this model: {new!r})" for k, (old, new) in differs.items())
     raise checkpoints.CheckpointError(

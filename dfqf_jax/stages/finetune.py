@@ -23,7 +23,7 @@ from dfqf_jax import (calibration, checkpoints, classifiers, data, dfkd, image_s
                       rng, training, validation)
 from dfqf_jax import losses as L
 from dfqf_jax import quant as q
-from dfqf_jax.models.resnet import CifarResNet
+from dfqf_jax.models.resnet import CifarResNet, activation_layer
 from dfqf_jax.validation import ADVERSARIAL_FIELDS, ConfigError
 
 
@@ -46,21 +46,32 @@ def with_generator_loss_weights(config, g_meta: dict):
   return config
 
 
-def stage_name(config, w: int, a: int) -> str:
+def stage_name(config, spec: q.QuantSpec) -> str:
   name = "qat_real" if config.data_source == "real" else "student"
-  name += f"_w{w}a{a}"
-  return name if config.protocol == "dfqf" else f"{name}_{config.protocol}"
+  return f"{name}_w{spec.weight_bits}a{spec.act_bits}{spec.name_suffix()}"
 
 
-def student_optimizer(config, steps_per_epoch: int):
-  """SGD with momentum and weight decay for weights; plain SGD for clip values."""
+def clip_kind(spec: q.QuantSpec, param_path) -> str | None:
+  """The clip kind (q.LEARNED or q.FIXED) of a parameter that is a clip, from its layer's
+  rule; None for any other parameter."""
+  if not q.is_clip(param_path):
+    return None
+  layer = param_path[:-1]
+  return spec.rule_of(layer if param_path[-1] == q.WEIGHT_CLIP else activation_layer(layer)).clip
+
+
+def student_optimizer(config, steps_per_epoch: int, spec: q.QuantSpec):
+  """SGD with momentum and weight decay for weights; plain SGD for the clip values whose rule
+  says learned; the fixed ones keep their calibrated values."""
   schedule = training.step_decay(config.learning_rate, config.lr_milestones, steps_per_epoch)
+  groups = {None: "weight", q.LEARNED: "clip", q.FIXED: "fixed_clip"}
   label = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: "clip" if q.is_clip([k.key for k in path]) else "weight", params)
-  tx = optax.multi_transform(
-      {"weight": training.sgd(schedule, config.momentum, config.weight_decay),
-       "clip": optax.sgd(config.clip_learning_rate)}, label)
-  return tx, schedule
+      lambda path, _: groups[clip_kind(spec, tuple(k.key for k in path))], params)
+  transforms = {"weight": training.sgd(schedule, config.momentum, config.weight_decay),
+                "clip": optax.sgd(config.clip_learning_rate)}
+  if any(rule.clip == q.FIXED for rule in spec.rules):
+    transforms["fixed_clip"] = optax.set_to_zero()
+  return optax.multi_transform(transforms, label), schedule
 
 
 class FinetuneState(struct.PyTreeNode):
@@ -128,7 +139,7 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
   models = dfkd.Models(None if g_model is None else g_model.clone(dtype=dtype),
                        teacher.clone(dtype=dtype),
                        s_model.clone(dtype=dtype))
-  s_tx, schedule = student_optimizer(config, config.steps_per_epoch)
+  s_tx, schedule = student_optimizer(config, config.steps_per_epoch, s_model.quant)
   g_tx = optax.adam(config.generator_learning_rate) if config.adversarial_generator else None
   hp = dfkd.Hyper(config.batch_size, 0 if g_model is None else g_model.latent_dim,
                   config.lambda_is, config.lambda_bn, config.lambda_adv,
@@ -151,8 +162,8 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
 
 
 def run(config, workdir: str) -> None:
-  (w, a), = validation.bit_pairs(config)
-  name = stage_name(config, w, a)
+  spec, = validation.quant_specs(config)
+  name = stage_name(config, spec)
   stage_dir = os.path.join(workdir, name)
   teacher, teacher_vars, teacher_meta = classifiers.load_teacher(workdir, config.teacher_dir)
   classifiers.check_teacher_depth(config, teacher_meta)
@@ -173,7 +184,6 @@ def run(config, workdir: str) -> None:
         config.data.validation_size, config.seed)
   mean, std = teacher_meta["mean"], teacher_meta["std"]
 
-  spec = q.QuantSpec(w, a, config.protocol)
   student, variables = calibration.quantized_student(
       teacher_vars, teacher_meta["depth"], teacher_meta["num_classes"], spec)
   if checkpoints.latest_step(stage_dir) is None:  # a resumed run restores calibrated clips
@@ -181,12 +191,14 @@ def run(config, workdir: str) -> None:
         config, teacher_meta, config.calibration_data,
         rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
     summaries = calibration.summarize(teacher_vars, teacher_meta["depth"],
-                                      teacher_meta["num_classes"], batches, [config.calibration])
+                                      teacher_meta["num_classes"], batches,
+                                      calibration.methods_of(spec, config.calibration))
     variables = calibration.calibrate(variables, spec, config.calibration, summaries)
   total_steps = config.num_epochs * config.steps_per_epoch
   meta = classifiers.classifier_meta(
       teacher_meta["depth"], teacher_meta["dataset"], mean, std, spec, path=["student"],
-      model_name=name, weight_bits=w, act_bits=a, protocol=config.protocol,
+      model_name=name, weight_bits=spec.weight_bits, act_bits=spec.act_bits,
+      protocol=spec.protocol,
       calibration=config.calibration, calibration_data=config.calibration_data,
       data_source=config.data_source, adversarial_generator=config.adversarial_generator,
       student_bn_train=config.student_bn_train,

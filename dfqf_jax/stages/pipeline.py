@@ -9,6 +9,7 @@ import copy
 
 import ml_collections
 
+from dfqf_jax import quant as q
 from dfqf_jax import report, storage, validation
 from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, ptq,
                              teacher)
@@ -80,11 +81,14 @@ def stage_configs(config) -> list:
     sub.bits, sub.protocol = bits, protocol
     for field, source in FROM_GENERATOR_STAGE.items():
       sub[field] = validation.field_value(config.generator_stage, source)
-    name = f"finetune_{bits}" + ("" if protocol == "dfqf" else f"_{protocol}")
+    sub.rules = config.rules
+    name = f"finetune_{bits}" + q.QuantSpec(protocol=protocol,
+                                            layer_rules=config.rules).name_suffix()
     stages.append((name, finetune.run, validation.finetune, sub))
   sub = with_shared(config.ptq_stage)  # always holds each student's starting point
   sub.bits = _union(sub.bits, [bits for bits, _ in students])
   sub.protocol = _union(sub.protocol, [protocol for _, protocol in students])
+  sub.rules = config.rules
   stages.append(("ptq", ptq.run, validation.ptq, sub))
   return stages
 

@@ -13,8 +13,10 @@ from dfqf_jax import (calibration, checkpoints, classifiers, image_sources, rng,
 from dfqf_jax import quant as q
 
 
-def model_name(prefix: str, w: int, a: int, method: str, protocol: str, source: str) -> str:
-  name = f"{prefix}_w{w}a{a}_{method}_{protocol}"
+def model_name(prefix: str, spec: q.QuantSpec, method: str, source: str) -> str:
+  name = f"{prefix}_w{spec.weight_bits}a{spec.act_bits}_{method}_{spec.protocol}"
+  if spec.layer_rules:
+    name += f"_{q.rules_slug(spec.layer_rules)}"
   return name + ("_real" if source == "real" else "")
 
 
@@ -25,19 +27,18 @@ def quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, summaries):
 
 
 def models_to_build(config, workdir: str, lineage: dict, methods: list[str]) -> list[tuple]:
-  """(w, a, protocol, method, name, folder) of each requested model the workdir lacks; the
-  ones it holds are checked readable (never overwritten), every one against `lineage`."""
+  """(spec, method, name, folder) of each requested model the workdir lacks; the ones it
+  holds are checked readable (never overwritten), every one against `lineage`."""
   to_build = []
-  for w, a in validation.bit_pairs(config):
-    for protocol in validation.split_names(config.protocol):
-      for method in methods:
-        name = model_name("ptq", w, a, method, protocol, config.calibration_data)
-        stage_dir = os.path.join(workdir, name)
-        checkpoints.check_lineage(stage_dir, name, lineage, config.on_stale_upstream)
-        if checkpoints.exists(stage_dir):
-          checkpoints.load_product(stage_dir, name)
-        else:
-          to_build.append((w, a, protocol, method, name, stage_dir))
+  for spec in validation.quant_specs(config):
+    for method in methods:
+      name = model_name("ptq", spec, method, config.calibration_data)
+      stage_dir = os.path.join(workdir, name)
+      checkpoints.check_lineage(stage_dir, name, lineage, config.on_stale_upstream)
+      if checkpoints.exists(stage_dir):
+        checkpoints.load_product(stage_dir, name)
+      else:
+        to_build.append((spec, method, name, stage_dir))
   return to_build
 
 
@@ -55,20 +56,22 @@ def run(config, workdir: str) -> None:
     batches = image_sources.calibration_batches(
         config, teacher_meta, config.calibration_data,
         rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
-    # every bit width, protocol and method: from one reading of the tensors
+    # every bit width, protocol and method (the rules' too): from one reading of the tensors
+    methods += [m for spec, method, _, _ in to_build
+                for m in calibration.methods_of(spec, method) if m not in methods]
     summaries = calibration.summarize(teacher_vars, teacher_meta["depth"],
                                       teacher_meta["num_classes"], batches, methods)
     # The work the models share (loading, the calibration images, the summaries) is split
     # evenly among them, so that their wall times add up to this invocation's.
     shared_share = (time.time() - started) / len(to_build)
-    for w, a, protocol, method, name, stage_dir in to_build:
+    for spec, method, name, stage_dir in to_build:
       started = time.time()
-      spec = q.QuantSpec(w, a, protocol)
       _, variables = quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, summaries)
       meta = classifiers.classifier_meta(
           teacher_meta["depth"], teacher_meta["dataset"], teacher_meta["mean"],
-          teacher_meta["std"], spec, model_name=name, weight_bits=w, act_bits=a,
-          protocol=protocol, calibration=method, calibration_data=config.calibration_data,
+          teacher_meta["std"], spec, model_name=name, weight_bits=spec.weight_bits,
+          act_bits=spec.act_bits, protocol=spec.protocol, calibration=method,
+          calibration_data=config.calibration_data,
           calibration_images=len(batches) * config.calibration_batch_size,
           total_steps=0, lineage=lineage)
       mngr = checkpoints.manager(stage_dir)

@@ -99,11 +99,11 @@ def check(workdir: str, name: str, split: data.Split, mesh, logits_dir: str) -> 
     exact = integer.forward(graph, arrays, x)
     local, per_image = {}, 0
     for layer in graph["layers"][:-1]:
-      kind, value, _, _ = integer.apply_layer(layer, arrays, graph["protocol"], env)
+      kind, value, _, _ = integer.apply_layer(layer, arrays, env)
       if kind == "codes":
         local[layer["name"]] = (jnp.abs(value - env[layer["output"]][1]) > 0).sum((1, 2, 3))
         per_image += int(np.prod(value.shape[1:]))
-    head = integer.apply_layer(graph["layers"][-1], arrays, graph["protocol"], env)[1]
+    head = integer.apply_layer(graph["layers"][-1], arrays, env)[1]
     diff = jnp.abs(fake - exact) / unit
     w = valid.astype(jnp.int32)
     return {
