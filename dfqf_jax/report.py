@@ -177,10 +177,16 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
   return text
 
 
+def layer_rules_of(entry: dict) -> str:
+  """The command line's per-layer rules a results entry was built with ('' for none)."""
+  return (entry.get("quant") or {}).get("layer_rules", entry.get("layer_rules", ""))
+
+
 def quantization_of(entry: dict) -> tuple[str, str]:
-  """(the rule list, first match first; average weight / activation bits over the model's
-  tensors, float ones counting 32) of a results entry: a quantized checkpoint (its `quant`)
-  or an integer export (its graph's fields); ('', '32/32') for a float model."""
+  """(the rule list, first match first, as a markdown table cell; average weight / activation
+  bits over the model's tensors, float ones counting 32) of a results entry: a quantized
+  checkpoint (its `quant`) or an integer export (its graph's fields); ('', '32/32') for a
+  float model."""
   if entry.get("quant"):
     spec = q.QuantSpec(**entry["quant"])
   elif entry.get("integer"):
@@ -189,7 +195,8 @@ def quantization_of(entry: dict) -> tuple[str, str]:
   else:
     return "", "32/32"
   w, a = spec.average_bits(layer_sizes(entry["depth"], entry["num_classes"]))
-  return "; ".join(rule.describe() for rule in spec.rules), f"{w:.2f}/{a:.2f}"
+  rules = "; ".join(rule.describe() for rule in spec.rules).replace("|", "\\|")
+  return rules, f"{w:.2f}/{a:.2f}"
 
 
 def built_from(entry: dict) -> str:
@@ -208,7 +215,9 @@ def ptq_table(results: dict) -> str:
     if name.startswith("ptq_"):
       bits = f"W{r['weight_bits']}A{r['act_bits']}"
       bit_widths.add((r["weight_bits"], bits))
-      cells[(r["calibration"], r["protocol"], bits)] = r["top1"]
+      rules = layer_rules_of(r).replace("|", "\\|")
+      protocol = r["protocol"] + (f" + {rules}" if rules else "")
+      cells[(r["calibration"], protocol, bits)] = r["top1"]
   columns = [b for _, b in sorted(bit_widths, reverse=True)]
   rows = sorted({(c, p) for c, p, _ in cells})
   lines = ["| calibration | protocol | " + " | ".join(columns) + " |",
@@ -271,13 +280,15 @@ def comparison_rows(records: dict) -> list[dict]:
       if "stale" in entry:
         print(f"{path}: {name} left out: stale, {entry['stale']}", file=sys.stderr)
         continue
-      bits = (entry["weight_bits"], entry["act_bits"])
-      start = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}", {})
+      bits, rules = (entry["weight_bits"], entry["act_bits"]), layer_rules_of(entry)
+      start = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}"
+                          + (f"_{q.rules_slug(rules)}" if rules else ""), {})
       ptq = None if "stale" in start else start.get("top1")
       depth = entry.get("depth", results.get("teacher", {}).get("depth"))
       network = "?" if depth is None else f"ResNet-{depth}"
       rows.append({"method": f"DFQF (ours) {name}", "network": network,
-                   "protocol": entry["protocol"], "schedule": schedule_of(record),
+                   "protocol": entry["protocol"] + (f" + {rules}" if rules else ""),
+                   "schedule": schedule_of(record),
                    "teacher": teacher, "bits": bits, "top1": entry["top1"],
                    "drop": None if teacher is None else teacher - entry["top1"],
                    "ptq_start": ptq, "compute": _compute(record, entry), "source": path})
