@@ -1,5 +1,6 @@
 """dfqf-jax entry point: python main.py --config=configs/<job>.py[:arg] --workdir=DIR."""
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -13,8 +14,9 @@ from ml_collections import config_flags
 
 from dfqf_jax import parallel, report, storage, training, validation, workdir
 from dfqf_jax.errors import UserError
-from dfqf_jax.stages import (evaluate, export, finetune, generator, import_teacher, pipeline,
-                             ptq, teacher)
+from dfqf_jax.stages import (evaluate, export, finetune, gdfq, generator, import_teacher,
+                             pipeline, ptq, teacher, zeroq)
+
 
 def ptq_and_evaluate(config, workdir_path: str) -> dict:
   """The PTQ job: its models, then the workdir's evaluation (results.json and the table)."""
@@ -26,8 +28,11 @@ STAGES = {
     "teacher": (teacher.run, validation.teacher),
     "import_teacher": (import_teacher.run, validation.import_teacher),
     "generator": (generator.run, validation.generator),
+    "zeroq": (zeroq.run, validation.zeroq),
+    "gdfq": (gdfq.run, validation.gdfq),
     "ptq": (ptq_and_evaluate, validation.ptq),
-    "finetune": (finetune.run, validation.finetune),
+    "finetune": (functools.partial(finetune.run, sources=pipeline.IMAGE_SOURCES),
+                 validation.finetune),
     "evaluate": (evaluate.run, validation.evaluate),
     "pipeline": (pipeline.run, pipeline.validate),
     "export": (export.run, validation.export),

@@ -1,9 +1,14 @@
-"""Where the student's images come from: stage 1's generator, or the real training split.
+"""Where the student's images come from: stage 1's generator or the real training split
+(drawn here, so that PTQ's calibration and fine-tuning's see the same images for the same
+settings), or, for fine-tuning (config.images), ZeroQ's distilled set or GDFQ's conditional
+generator, each an `ImageSource` that its stage supplies.
 
-Calibration (PTQ and fine-tuning's start) and fine-tuning draw their images here, so both
-stages see the same images for the same settings.
+Everything else of fine-tuning (calibrated start, protocol, optimizer, steps x batch, loop,
+checkpoints, evaluation) is the same for every source: a source only supplies the images
+(and, for GDFQ, its own student loss and the generator that keeps training alongside).
 """
 import os
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -12,6 +17,28 @@ from dfqf_jax import checkpoints, data, parallel
 from dfqf_jax.models.generator import Generator, sample_latent
 
 GENERATOR_DIR = "generator"  # stage 1's folder in the workdir
+
+IMAGES = ("dfqf", "zeroq", "gdfq")
+
+
+class ImageSource(NamedTuple):
+  """What fine-tuning takes from a source other than DFQF's generator.
+
+  lineage: {stage: origin} of the checkpoint the images come from.
+  calibration_batches(config, key) -> the normalized batches that calibrate the start.
+  generator: (module, variables, optimizer state, optimizer) kept training alongside the
+    student, or None.
+  hyper: the step's static settings (finetune reads batch_size and student_bn_train).
+  step(state, inputs, teacher_vars) -> (state, metrics), or None: fine-tuning's KD step on
+    the images `inputs`.
+  inputs(step, base_key) -> the step's inputs (its key, or a global batch of images).
+  """
+  lineage: dict
+  calibration_batches: Callable
+  generator: tuple | None
+  hyper: object
+  step: Callable | None
+  inputs: Callable
 
 
 def load_generator(workdir: str, generator_dir: str = ""):

@@ -3,8 +3,9 @@ import os
 
 import jax
 
-from dfqf_jax import data, integer, quant, storage
+from dfqf_jax import baselines, data, integer, quant, storage
 from dfqf_jax.errors import UserError
+from dfqf_jax.image_sources import IMAGES
 from dfqf_jax.models.resnet import DEPTHS, layer_paths
 
 
@@ -187,6 +188,11 @@ def finetune(config) -> None:
     raise ConfigError("finetune trains one student: give one value each for config.bits "
                       f"({config.bits!r}), config.protocol and config.calibration.")
   one_of(config, "data_source", ("generated", "real"))
+  one_of(config, "images", IMAGES)
+  if config.images != "dfqf" and (config.adversarial_generator or config.data_source == "real"):
+    raise ConfigError(f"config.images={config.images!r} fine-tunes on that source's images; "
+                      "config.adversarial_generator and config.data_source='real' are for "
+                      "DFQF's generator: leave them at False and 'generated'.")
   if config.adversarial_generator and config.data_source == "real":
     raise ConfigError("config.adversarial_generator=True trains the generator against the "
                       "student on generated images, but config.data_source='real' fine-tunes "
@@ -200,6 +206,30 @@ def finetune(config) -> None:
       positive(config, field)
   for field in ("momentum", "weight_decay"):
     positive(config, field, allow_zero=True)
+
+
+def zeroq(config) -> None:
+  common(config, splits=())
+  for field in ("batch_size", "iterations", "learning_rate", "plateau_patience",
+                "plateau_factor", "min_learning_rate", "num_batches", "concurrent_batches"):
+    positive(config, field)
+  positive(config, "plateau_threshold", allow_zero=True)
+  one_of(config, "init", ("gaussian", "code"))
+  if config.num_batches % config.concurrent_batches:
+    raise ConfigError(
+        f"config.num_batches={config.num_batches} is not a multiple of "
+        f"config.concurrent_batches={config.concurrent_batches}; make it one, e.g. "
+        f"--config.concurrent_batches={config.num_batches}.")
+
+
+def gdfq(config) -> None:
+  common(config, splits=())
+  divisible_batch(config, "batch_size")
+  for field in ("warmup_steps", "latent_dim", "learning_rate", "b1", "b2", "temperature"):
+    positive(config, field)
+  for field in ("lambda_bns", "alpha"):
+    positive(config, field, allow_zero=True)
+  one_of(config, "kd_reduction", baselines.KD_REDUCTIONS)
 
 
 def export(config) -> None:
@@ -221,6 +251,7 @@ def pipeline(config, stage_checks) -> None:
   """The pipeline's own fields, then each stage's config as the pipeline splits it:
   `stage_checks` = (check, stage config) pairs."""
   common(config, splits=("test",))  # each stage checks the splits it reads
+  one_of(config, "images", IMAGES)
   if not split_names(config.bits):
     raise ConfigError(f"config.bits={config.bits!r} names no student to fine-tune; "
                       "give one or more of w<W>a<A>, e.g. --config.bits=w4a4.")

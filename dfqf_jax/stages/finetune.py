@@ -48,7 +48,8 @@ def with_generator_loss_weights(config, g_meta: dict):
 
 def stage_name(config, spec: q.QuantSpec) -> str:
   name = "qat_real" if config.data_source == "real" else "student"
-  return f"{name}_w{spec.weight_bits}a{spec.act_bits}{spec.name_suffix()}"
+  name += f"_w{spec.weight_bits}a{spec.act_bits}{spec.name_suffix()}"
+  return name if config.images == "dfqf" else f"{name}_{config.images}"
 
 
 def clip_kind(spec: q.QuantSpec, param_path) -> str | None:
@@ -78,10 +79,11 @@ class FinetuneState(struct.PyTreeNode):
   """The quantized student (`student`, `s_opt_state`) and the generator that feeds it; the
   modules, optimizers and settings ride along as static fields.
 
-  The generator is trained only with `adversarial_generator` (otherwise g_tx is None,
-  g_opt_state is empty and the generator's variables never change); that option runs
-  `dfkd.train_step` on this state, hence its fields. The student's BN mode
-  (config.student_bn_train) is hp.student_bn_train, which both steps honour."""
+  The generator is trained only with `adversarial_generator` or by an image source that
+  trains one alongside (otherwise g_tx is None, g_opt_state is empty and the generator's
+  variables never change); the adversarial option runs `dfkd.train_step` on this state,
+  hence its fields. The student's BN mode (config.student_bn_train) is hp.student_bn_train,
+  which every step honours."""
   step: jax.Array
   generator: dict  # {'params', 'batch_stats'}; empty when fine-tuning on real images
   g_opt_state: optax.OptState
@@ -90,7 +92,7 @@ class FinetuneState(struct.PyTreeNode):
   models: dfkd.Models = struct.field(pytree_node=False)
   g_tx: optax.GradientTransformation | None = struct.field(pytree_node=False)
   s_tx: optax.GradientTransformation = struct.field(pytree_node=False)
-  hp: dfkd.Hyper = struct.field(pytree_node=False)
+  hp: object = struct.field(pytree_node=False)  # dfkd.Hyper, or an image source's settings
 
 
 def generate(state: FinetuneState, key, mesh):
@@ -124,7 +126,7 @@ def kd_step(state: FinetuneState, x, teacher_vars):
 
 
 def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh,
-                          normalization=(data.CIFAR_MEAN, data.CIFAR_STD)):
+                          normalization=(data.CIFAR_MEAN, data.CIFAR_STD), source=None):
   """(initial state replicated on `mesh`, jitted step(state, inputs, teacher_vars)).
 
   generator: (module, variables) of stage 1, or None when fine-tuning on real images.
@@ -132,6 +134,8 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
   inputs: a PRNG key (generated images; with `adversarial_generator`, a stage-1 iteration
   against the quantized student) or, with data_source='real', a global uint8 image batch
   (normalized inside the step with the teacher's `normalization`, its (mean, std)).
+  source: an image_sources.ImageSource (config.images other than 'dfqf'), which supplies the
+  generator trained alongside (if any), the step's settings and the step (if not KD).
   The modules compute in config.compute_dtype; the step logs the learning rate.
   """
   dtype = training.compute_dtype(config)
@@ -144,14 +148,23 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
   hp = dfkd.Hyper(config.batch_size, 0 if g_model is None else g_model.latent_dim,
                   config.lambda_is, config.lambda_bn, config.lambda_adv,
                   student_bn_train=config.student_bn_train)
+  g_opt_state = g_tx.init(g_vars["params"]) if g_tx else ()
+  if source is not None:
+    hp = source.hyper or hp
+    if source.generator is not None:
+      g_model, g_vars, g_opt_state, g_tx = source.generator
+      models = models._replace(generator=g_model.clone(dtype=dtype))
   # Fresh buffers: the step donates the state, and the student's arrays may be the teacher's.
-  g_vars, s_vars = jax.tree.map(lambda x: jnp.array(x, copy=True), (g_vars, s_vars))
+  g_vars, g_opt_state, s_vars = jax.tree.map(lambda x: jnp.array(x, copy=True),
+                                             (g_vars, g_opt_state, s_vars))
   state = jax.device_put(FinetuneState(
-      jnp.zeros((), jnp.int32), g_vars, g_tx.init(g_vars["params"]) if g_tx else (), s_vars,
+      jnp.zeros((), jnp.int32), g_vars, g_opt_state, s_vars,
       s_tx.init(s_vars["params"]), models, g_tx, s_tx, hp),
       parallel.replicated(mesh))
 
-  if config.adversarial_generator:
+  if source is not None:
+    step = source.step or (lambda state, x, tv: kd_step(state, x, tv))
+  elif config.adversarial_generator:
     step = functools.partial(dfkd.train_step, mesh=mesh)
   elif config.data_source == "real":
     mean, std = map(tuple, normalization)
@@ -161,21 +174,26 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
   return state, training.jit_step(step, schedule)
 
 
-def run(config, workdir: str) -> None:
+def run(config, workdir: str, sources: dict | None = None) -> None:
+  """sources: config.images -> finetune_source(config, workdir, mesh) for the image sources
+  other than stage 1's generator (their stages make them; the pipeline composes them)."""
   spec, = validation.quant_specs(config)
   name = stage_name(config, spec)
   stage_dir = os.path.join(workdir, name)
   teacher, teacher_vars, teacher_meta = classifiers.load_teacher(workdir, config.teacher_dir)
   classifiers.check_teacher_depth(config, teacher_meta)
-  generator = None
+  generator = source = None
   lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
-  if "generated" in (config.data_source, config.calibration_data):
+  mesh = parallel.make_mesh()
+  if config.images != "dfqf":
+    source = sources[config.images](config, workdir, mesh)
+    lineage.update(source.lineage)
+  elif "generated" in (config.data_source, config.calibration_data):
     *generator, g_meta = image_sources.load_generator(workdir, config.generator_dir)
     lineage["generator"] = g_meta[checkpoints.ORIGIN]
     if config.adversarial_generator:
       config = with_generator_loss_weights(config, g_meta)
   checkpoints.check_lineage(stage_dir, name, lineage, config.on_stale_upstream)
-  mesh = parallel.make_mesh()
   test_split = data.load_split(teacher_meta["dataset"], "test", config.data.dir)
   train_split = val_split = data.Split(test_split.images[:0], test_split.labels[:0])
   if config.data_source == "real" or config.data.validation_size > 0:
@@ -187,9 +205,11 @@ def run(config, workdir: str) -> None:
   student, variables = calibration.quantized_student(
       teacher_vars, teacher_meta["depth"], teacher_meta["num_classes"], spec)
   if checkpoints.latest_step(stage_dir) is None:  # a resumed run restores calibrated clips
-    batches = image_sources.calibration_batches(
-        config, teacher_meta, config.calibration_data,
-        rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
+    key = rng.key(config.seed, rng.CALIBRATION_LATENTS)
+    batches = (source.calibration_batches(config, key)
+               if source and config.calibration_data == "generated" else
+               image_sources.calibration_batches(config, teacher_meta, config.calibration_data,
+                                                 key, generator))
     summaries = calibration.summarize(teacher_vars, teacher_meta["depth"],
                                       teacher_meta["num_classes"], batches,
                                       calibration.methods_of(spec, config.calibration))
@@ -203,6 +223,8 @@ def run(config, workdir: str) -> None:
       data_source=config.data_source, adversarial_generator=config.adversarial_generator,
       student_bn_train=config.student_bn_train,
       steps=total_steps, batch_size=config.batch_size)
+  if source is not None:
+    meta["images"] = config.images
   meta.update(total_steps=total_steps, lineage=lineage)
   if config.adversarial_generator:
     meta["generator_loss_weights"] = {field: config[field] for field in ADVERSARIAL_FIELDS}
@@ -210,7 +232,7 @@ def run(config, workdir: str) -> None:
 
   state, step_fn = create_state_and_step(
       config, teacher, generator if config.data_source == "generated" else None,
-      (student, variables), mesh, (mean, std))
+      (student, variables), mesh, (mean, std), source)
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
   state, start = training.resume(ckpt, stage_dir, state, meta, name)
   teacher_vars = parallel.replicate(mesh, teacher_vars)
@@ -218,6 +240,8 @@ def run(config, workdir: str) -> None:
   rows = parallel.process_slice(config.batch_size)
 
   def do_step(state, step):
+    if source is not None:
+      return step_fn(state, source.inputs(step, base_key), teacher_vars)
     if config.data_source == "real":
       batch = data.train_batch(train_split, config.batch_size, config.seed, step, rows)
       return step_fn(state, parallel.global_batch(mesh, batch)["images"], teacher_vars)

@@ -6,13 +6,14 @@ pipeline is rerun, and an interrupted one continues where it stopped. Each stage
 keeps its wall time summed over invocations (wall_seconds.json) for the report.
 """
 import copy
+import functools
 
 import ml_collections
 
 from dfqf_jax import quant as q
 from dfqf_jax import report, storage, validation
-from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, ptq,
-                             teacher)
+from dfqf_jax.stages import (evaluate, finetune, gdfq, generator, import_teacher, ptq, teacher,
+                             zeroq)
 
 # Set once, on the pipeline, for every stage. configs/pipeline.py removes them from the stage
 # configs, so that --config.<stage>_stage.seed=3 is an unknown field (one error line) rather
@@ -26,6 +27,9 @@ FROM_GENERATOR_STAGE = validation.ADVERSARIAL_FIELDS
 # Fields of every job config that the pipeline itself does not use (each stage has its own).
 STAGE_ONLY_FIELDS = ("log_every_steps", "checkpoint_every_steps", "on_stale_upstream",
                      "data.mean", "data.std", "data.augment")
+# Fine-tuning's image sources other than stage 1's generator (config.images): each one's
+# ImageSource, from its own stage's product.
+IMAGE_SOURCES = {"zeroq": zeroq.finetune_source, "gdfq": gdfq.finetune_source}
 
 
 def _split(field: str) -> tuple[list[str], str]:
@@ -72,24 +76,32 @@ def stage_configs(config) -> list:
     stages.append(("teacher", import_teacher.run, validation.import_teacher, sub))
   else:
     stages.append(("teacher", teacher.run, validation.teacher, with_shared(config.teacher_stage)))
-  stages.append(("generator", generator.run, validation.generator,
-                 with_shared(config.generator_stage)))
+  if config.images == "zeroq":
+    stages.append(("zeroq", zeroq.run, validation.zeroq, with_shared(config.zeroq_stage)))
+  elif config.images == "gdfq":
+    stages.append(("gdfq", gdfq.run, validation.gdfq, with_shared(config.gdfq_stage)))
+  else:
+    stages.append(("generator", generator.run, validation.generator,
+                   with_shared(config.generator_stage)))
   students = [(bits, protocol) for bits in validation.split_names(config.bits)
               for protocol in validation.split_names(config.finetune_stage.protocol)]
   for bits, protocol in students:
     sub = with_shared(config.finetune_stage)
-    sub.bits, sub.protocol = bits, protocol
+    sub.bits, sub.protocol, sub.images = bits, protocol, config.images
     for field, source in FROM_GENERATOR_STAGE.items():
       sub[field] = validation.field_value(config.generator_stage, source)
     sub.rules = config.rules
-    name = f"finetune_{bits}" + q.QuantSpec(protocol=protocol,
-                                            layer_rules=config.rules).name_suffix()
-    stages.append((name, finetune.run, validation.finetune, sub))
-  sub = with_shared(config.ptq_stage)  # always holds each student's starting point
-  sub.bits = _union(sub.bits, [bits for bits, _ in students])
-  sub.protocol = _union(sub.protocol, [protocol for _, protocol in students])
-  sub.rules = config.rules
-  stages.append(("ptq", ptq.run, validation.ptq, sub))
+    spec = q.QuantSpec(protocol=protocol, layer_rules=config.rules)
+    name = f"finetune_{bits}{spec.name_suffix()}"
+    stages.append((name + ("" if config.images == "dfqf" else f"_{config.images}"),
+                   functools.partial(finetune.run, sources=IMAGE_SOURCES), validation.finetune,
+                   sub))
+  if config.images == "dfqf":  # (the PTQ table calibrates on stage 1's images)
+    sub = with_shared(config.ptq_stage)  # always holds each student's starting point
+    sub.bits = _union(sub.bits, [bits for bits, _ in students])
+    sub.protocol = _union(sub.protocol, [protocol for _, protocol in students])
+    sub.rules = config.rules
+    stages.append(("ptq", ptq.run, validation.ptq, sub))
   return stages
 
 
