@@ -162,9 +162,10 @@ def test_codes_pack_and_unpack(bits, signed):
   stored = integer.pack(codes, bits, signed)
   assert stored.nbytes == (codes.size + 1) // 2 if bits <= 4 else codes.size
   np.testing.assert_array_equal(integer.unpack(stored, bits, signed, codes.shape), codes)
-  graph = {"protocol": "dfqf" if signed else "standard",
-           "layers": [{"name": "l", "weight_bits": bits, "shape": list(codes.shape)}]}
-  in_graph = integer.unpack_in_graph(graph, {"l.codes": stored})["l.codes"]
+  graph = {"layers": [{"name": "l", "weight_bits": bits, "shape": list(codes.shape)}]}
+  # unsigned codes are those of per-channel weights, which have zero points
+  zero_points = {} if signed else {"l.zero_point": np.zeros(codes.shape[-1], np.int32)}
+  in_graph = integer.unpack_in_graph(graph, {"l.codes": stored, **zero_points})["l.codes"]
   np.testing.assert_array_equal(np.asarray(in_graph), codes)
 
 
