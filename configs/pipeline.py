@@ -8,8 +8,8 @@ config.<stage>_stage (the stage's own config file), e.g. --config.finetune_stage
 
 smoke:     every stage in about a minute on a 2-core CPU (used by the tests).
 budget:    the 2-core CPU recipe (stage wall times of its last run:
-           docs/results/budget_cpu.json); its settings were chosen on a validation split of
-           the training data, never the test set.
+           experiments/budget_resnet20/budget_cpu.json); its settings were chosen on a
+           validation split of the training data, never the test set.
 reference: the full METHOD.md schedule (hours on an accelerator).
 reference_frozen_bn: the reference schedule with the budget recipe's fine-tuning deviation,
            chosen beforehand on held-out training images (never the test set): the students'

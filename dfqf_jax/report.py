@@ -1,4 +1,4 @@
-"""Run records for docs/results/, results tables, curves and image grids."""
+"""Run records for experiments/, results tables, curves and image grids."""
 import argparse
 import datetime
 import json
@@ -297,7 +297,7 @@ def _main(argv: list[str]) -> int:
       description="RECORD: print the record's PTQ table. --compare RECORD [RECORD ...]: our "
                   "students beside the published numbers (also written to --out).")
   parser.add_argument("records", nargs="+", metavar="RECORD",
-                      help="a run record (docs/results/*.json) or a workdir's results.json")
+                      help="a run record (experiments/*/*.json) or a workdir's results.json")
   parser.add_argument("--compare", action="store_true",
                       help="one comparison table over all RECORDs")
   parser.add_argument("--out", default="", help="with --compare: also write the table here")
@@ -307,7 +307,7 @@ def _main(argv: list[str]) -> int:
   missing = [p for p in args.records if not storage.exists(p)]
   if missing:
     parser.error(f"no record at {', '.join(missing)}; give the path of a run record, "
-                 "e.g. docs/results/budget_cpu.json")
+                 "e.g. experiments/budget_resnet20/budget_cpu.json")
   loaded = {p: json.loads(storage.read_text(p)) for p in args.records}
   if not args.compare:
     record = loaded[args.records[0]]
