@@ -32,16 +32,17 @@ from dfqf_jax.stages import common, evaluate, export
 GENERATOR = "generator"  # the name (and stage folder) of stage 1's generator
 
 
-@dataclasses.dataclass(frozen=True)
-class Classifier:
-  """A classifier of a workdir: call it on images for logits.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+  """A model read back from a workdir.
 
-  module: the Flax module (a CifarResNet; an export's: integer.IntegerResNet), applied as
-    module.apply(variables, normalized images, train=False).
-  meta: its description from the checkpoint (depth, dataset, mean, std, quant, calibration,
-    `origin`, ...; an export's: its model.json without the layers).
-  lineage: upstream stage -> the origin (step, fingerprint, finished) of the checkpoint it
-    was built from.
+  module: the Flax module (an export's: integer.IntegerResNet), applied as
+    module.apply(variables, ...).
+  meta: its description from the checkpoint (a classifier's: depth, dataset, mean, std,
+    quant, calibration, ..., `origin`: step, fingerprint, finished; an export's: its
+    model.json without the layers).
+  lineage: upstream stage -> the origin of the checkpoint it was built from.
+  finished: its stage reached its last step, and so did every stage it was built from.
   """
   name: str
   module: Any
@@ -51,6 +52,10 @@ class Classifier:
   step: int
   finished: bool
   path: str  # the checkpoint (DIR/<stage>/<step>) or the export folder
+
+
+class Classifier(Model):
+  """A classifier: call it on images for logits; `top1` scores it as results.json does."""
 
   @property
   def quant(self) -> q.QuantSpec | None:
@@ -82,17 +87,8 @@ class IntegerClassifier(Classifier):
     return export.integer_top1(self.module.graph, self.variables, split, parallel.make_mesh())
 
 
-@dataclasses.dataclass(frozen=True)
-class GeneratorModel:
+class GeneratorModel(Model):
   """Stage 1's generator: `sample(n, seed)` gives images as the teacher sees them."""
-  name: str
-  module: Generator
-  variables: dict
-  meta: dict
-  lineage: dict
-  step: int
-  finished: bool
-  path: str
 
   def sample(self, n: int, seed: int = 0) -> np.ndarray:
     """n images, uint8 [n, 32, 32, 3], from latents drawn with `seed`. The generator's BNs
@@ -142,16 +138,18 @@ def _catalog(workdir: str) -> dict[str, tuple[str, str]]:
   return catalog
 
 
-def _check_workdir(workdir: str) -> None:
+def _check_workdir(workdir) -> str:
+  """`workdir` (a str or path-like) as a str, if it exists."""
+  workdir = os.fspath(workdir)
   if not storage.isdir(workdir):
     raise checkpoints.CheckpointError(f"the workdir {workdir!r} does not exist; give the folder "
                                       "your stages wrote (their --workdir).")
+  return workdir
 
 
-def list_models(workdir: str) -> list[str]:
+def list_models(workdir) -> list[str]:
   """The names `load` accepts for `workdir`."""
-  _check_workdir(workdir)
-  return sorted(_catalog(workdir))
+  return sorted(_catalog(_check_workdir(workdir)))
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -219,11 +217,11 @@ def _check_current(model, workdir: str) -> None:
         f"it), {fix}")
 
 
-def load(workdir: str, name: str, strict: bool = True) -> Classifier | GeneratorModel:
+def load(workdir, name: str, strict: bool = True) -> Model:
   """The model `name` of `workdir` (see `list_models`): a Classifier (an IntegerClassifier
   for `export_<student>`) or, for `generator`, a GeneratorModel. strict=False also reads an
   unfinished or stale one."""
-  _check_workdir(workdir)
+  workdir = _check_workdir(workdir)
   catalog = _catalog(workdir)
   if name not in catalog:
     raise checkpoints.CheckpointError(

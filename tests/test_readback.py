@@ -1,6 +1,7 @@
 """dfqf_jax.load reads every model of a finished smoke pipeline back, and its top-1 is the one
 in results.json; the README's read-back snippet runs as written; what the stages would not
 build on (unfinished, stale) is refused in one line."""
+import ast
 import contextlib
 import io
 import json
@@ -43,8 +44,11 @@ def workdir(pipeline_stopped_then_finished, small_data, tmp_path_factory):
 
 
 def results(workdir) -> dict:
+  """results.json's entries of the models in `workdir` (those of the folders deleted from the
+  copy still name the original's)."""
   with open(workdir / "results.json") as f:
-    return json.load(f)
+    return {name: entry for name, entry in json.load(f).items()
+            if entry["checkpoint"].startswith(f"{workdir}{os.sep}")}
 
 
 def readme_snippet() -> str:
@@ -72,7 +76,9 @@ def test_the_readme_snippet_reads_back_the_teacher_a_student_and_the_export(
     namespace, stdout = {"images": images}, io.StringIO()
     with contextlib.redirect_stdout(stdout):
       exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
-    printed_top1 = float(stdout.getvalue().split()[0])
+    listed, scored = stdout.getvalue().splitlines()
+    assert ast.literal_eval(listed) == dfqf_jax.list_models(str(workdir))
+    printed_top1 = float(scored.split()[0])
     assert printed_top1 == recorded[name]["top1"], name
     assert namespace["logits"].shape == (8, 10), name
     assert namespace["samples"].shape == (16, 32, 32, 3)
@@ -95,7 +101,7 @@ def test_every_model_of_the_workdir_is_listed_loaded_and_scored_as_in_results_js
 
 
 def test_uint8_and_float_images_give_the_same_logits(workdir, small_data):
-  images = data.load_split("cifar10", "test", small_data).images[:4]
+  images = data.load_split("cifar10", "test", small_data).images[:8]  # the snippet test's
   for name in (STUDENT, EXPORT):
     model = dfqf_jax.load(str(workdir), name)
     np.testing.assert_allclose(model(images), model(images / np.float32(255)), atol=1e-5)
@@ -103,10 +109,10 @@ def test_uint8_and_float_images_give_the_same_logits(workdir, small_data):
 
 def test_generator_samples_are_images_determined_by_the_seed(workdir):
   generator = dfqf_jax.load(str(workdir), "generator")
-  first = generator.sample(8, seed=1)
-  assert first.shape == (8, 32, 32, 3) and first.dtype == np.uint8
-  np.testing.assert_array_equal(first, generator.sample(8, seed=1))
-  assert not np.array_equal(first, generator.sample(8, seed=2))
+  first = generator.sample(16, seed=1)
+  assert first.shape == (16, 32, 32, 3) and first.dtype == np.uint8
+  np.testing.assert_array_equal(first, generator.sample(16, seed=1))
+  assert not np.array_equal(first, generator.sample(16, seed=2))
 
 
 def rewrite_meta(workdir, stage: str, change) -> None:
@@ -132,6 +138,10 @@ def test_an_unfinished_student_and_its_export_are_refused_unless_asked_for(workd
     for description in (meta, *meta["classifiers"].values()):
       description["total_steps"] = 1000
   rewrite_meta(workdir, STUDENT, more_steps)
+  graph_path = workdir / "export" / STUDENT / "model.json"  # an export of such a student
+  graph = json.loads(graph_path.read_text())
+  graph["source_origin"]["finished"] = False
+  graph_path.write_text(json.dumps(graph))
 
   assert re.search(rf"{STUDENT} in .* is unfinished: its checkpoint .* is at step 2 of 1000; "
                    "rerun its stage to finish it, or load it with strict=False",
