@@ -8,7 +8,7 @@ import sys
 
 import jax
 
-from dfqf_jax import checkpoints, provenance, storage, training
+from dfqf_jax import checkpoints, like_for_like, provenance, storage, training
 
 STAGE_DIRS = ("teacher", "generator")
 
@@ -59,6 +59,10 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
       "stage_wall_seconds_total": round(sum(
           {os.path.dirname(r["checkpoint"]): r.get("stage_wall_seconds") or 0.0
            for r in results.values() if "checkpoint" in r}.values()), 1),
+      # Every stage folder's, also those that hold no classifier (ZeroQ's images).
+      "stage_folder_wall_seconds": {
+          entry: seconds for entry in storage.listdir(workdir)
+          if (seconds := training.read_wall_time(os.path.join(workdir, entry))) is not None},
       "curves": curves(workdir),
   }
   stopped = {stage: c[training.STOPPED_KEY][-1][0] for stage, c in record["curves"].items()
@@ -256,7 +260,9 @@ def comparison_rows(records: dict) -> list[dict]:
       ptq = None if "stale" in start else start.get("top1")
       depth = entry.get("depth", results.get("teacher", {}).get("depth"))
       network = "?" if depth is None else f"ResNet-{depth}"
-      rows.append({"method": f"DFQF (ours) {name}", "network": network,
+      source = like_for_like.SOURCE_NAMES[entry.get("images", "dfqf")]
+      method = "DFQF (ours)" if source == "DFQF" else f"{source} (this harness)"
+      rows.append({"method": f"{method} {name}", "network": network,
                    "protocol": entry["protocol"], "schedule": schedule_of(record),
                    "teacher": teacher, "bits": bits, "top1": entry["top1"],
                    "drop": None if teacher is None else teacher - entry["top1"],
@@ -314,6 +320,9 @@ def _main(argv: list[str]) -> int:
     print(ptq_table(record.get("results", record)))
     return 0
   table = comparison_table(loaded)
+  same_harness = like_for_like.table(loaded, schedule_of)
+  if same_harness:
+    table = f"{same_harness}\nEach beside the published numbers:\n\n{table}"
   print(table)
   if args.out:
     storage.write_atomically(args.out, table + "\n")
