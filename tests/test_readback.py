@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cli import run_in_process
-from conftest import REPO, copy_workdir
+from conftest import REPO, copy_workdir, write_small_split
 from test_lineage import pipeline_stopped_then_finished  # noqa: F401 (the prepared pipeline)
 
 import dfqf_jax
@@ -28,9 +28,19 @@ STUDENT, EXPORT = "student_w4a4", "export_student_w4a4"
 
 
 @pytest.fixture(scope="module")
-def workdir(pipeline_stopped_then_finished, small_data, tmp_path_factory):
+def tiny_data(small_data, tmp_path_factory):
+  """40 test images: every model here is scored several times, the integer one slowly."""
+  folder = tmp_path_factory.mktemp("tiny_data")
+  write_small_split(os.path.join(small_data, "cifar10_test.npz"),
+                    str(folder / "cifar10_test.npz"), 40)
+  return str(folder)
+
+
+@pytest.fixture(scope="module")
+def workdir(pipeline_stopped_then_finished, tiny_data, tmp_path_factory):
   """A copy of the finished smoke pipeline (teacher, generator, student_w4a4 and one PTQ
-  model kept), student_w4a4 exported, the copy evaluated into its results.json."""
+  model kept), student_w4a4 exported, the copy evaluated on tiny_data into its
+  results.json."""
   source, _, rerun = pipeline_stopped_then_finished
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   workdir = copy_workdir(source, tmp_path_factory.mktemp("readback") / "run")
@@ -38,7 +48,7 @@ def workdir(pipeline_stopped_then_finished, small_data, tmp_path_factory):
     if folder.startswith("ptq_") and folder != "ptq_w4a4_ft_dfqf":
       shutil.rmtree(workdir / folder)
   for job in ("configs/export.py", "configs/evaluate.py"):
-    result = run_in_process(job, workdir, f"--config.data.dir={small_data}")
+    result = run_in_process(job, workdir, f"--config.data.dir={tiny_data}")
     assert result.returncode == 0, result.stderr[-2000:]
   return workdir
 
@@ -63,15 +73,15 @@ def readme_snippet() -> str:
 
 
 def test_the_readme_snippet_reads_back_the_teacher_a_student_and_the_export(
-    workdir, small_data):
+    workdir, tiny_data):
   snippet = readme_snippet()
   for literal in ('"runs/smoke"', '"../shared/data"', f'"{STUDENT}"'):
     assert literal in snippet, literal  # what is substituted below
-  images = data.load_split("cifar10", "test", small_data).images[:8]
+  images = data.load_split("cifar10", "test", tiny_data).images[:8]
   recorded = results(workdir)
   for name in ("teacher", STUDENT, EXPORT):
     code = (snippet.replace('"runs/smoke"', repr(str(workdir)))
-            .replace('"../shared/data"', repr(small_data))
+            .replace('"../shared/data"', repr(tiny_data))
             .replace(f'"{STUDENT}"', repr(name), 1))
     namespace, stdout = {"images": images}, io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -86,12 +96,12 @@ def test_the_readme_snippet_reads_back_the_teacher_a_student_and_the_export(
 
 
 def test_every_model_of_the_workdir_is_listed_loaded_and_scored_as_in_results_json(
-    workdir, small_data):
+    workdir, tiny_data):
   recorded = results(workdir)
   assert dfqf_jax.list_models(str(workdir)) == sorted({*recorded, "generator"})
   for name, entry in recorded.items():
     model = dfqf_jax.load(str(workdir), name)
-    assert model.top1(small_data) == entry["top1"], name
+    assert model.top1(tiny_data) == entry["top1"], name
     assert (model.step, model.finished, model.lineage) == (
         entry["step"], entry.get("finished", True), entry["lineage"]), name
     if "weight_bits" in entry:
@@ -100,8 +110,8 @@ def test_every_model_of_the_workdir_is_listed_loaded_and_scored_as_in_results_js
   assert dfqf_jax.load(str(workdir), "teacher").quant is None
 
 
-def test_uint8_and_float_images_give_the_same_logits(workdir, small_data):
-  images = data.load_split("cifar10", "test", small_data).images[:8]  # the snippet test's
+def test_uint8_and_float_images_give_the_same_logits(workdir, tiny_data):
+  images = data.load_split("cifar10", "test", tiny_data).images[:8]  # the snippet test's
   for name in (STUDENT, EXPORT):
     model = dfqf_jax.load(str(workdir), name)
     np.testing.assert_allclose(model(images), model(images / np.float32(255)), atol=1e-5)
