@@ -50,9 +50,8 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
   results = {}
   for name, entry in classifiers.classifiers_in(meta).items():
     split, split_fingerprint = splits[entry["dataset"]]
-    model = classifiers.classifier_from_meta(entry)
     variables = classifiers.variables_of(state, entry.get("path", ()))
-    top1 = classifiers.top1(model, variables, split, entry["mean"], entry["std"], mesh)
+    top1 = classifier_top1(entry, variables, split, mesh)
     described = {k: v for k, v in entry.items()
                  if k not in ("path", "mean", "std", "arch", checkpoints.ORIGIN)}
     results[name] = {"top1": top1, "num_params": classifiers.num_params(variables["params"]),
@@ -63,6 +62,20 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
                      checkpoints.ORIGIN: meta[checkpoints.ORIGIN],  # as lineages name it
                      "finished": meta[checkpoints.ORIGIN]["finished"]}
   return results
+
+
+def classifier_top1(entry: dict, variables: dict, split: data.Split, mesh) -> float:
+  """Top-1 on `split` of the classifier that `entry` (its checkpoint's description) names,
+  with `variables`: its results.json number (also dfqf_jax.load's top1)."""
+  return classifiers.top1(classifiers.classifier_from_meta(entry), variables, split,
+                          entry["mean"], entry["std"], mesh)
+
+
+def integer_top1(graph: dict, arrays: dict, split, mesh) -> float:
+  """Top-1 on `split` of the integer model (graph, arrays) that integer.load gives: its
+  results.json number (also dfqf_jax.load's top1)."""
+  return classifiers.top1(integer.IntegerResNet(graph), arrays, split, graph["mean"],
+                          graph["std"], mesh, batch_size=min(1000, len(split)))
 
 
 def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
@@ -87,8 +100,7 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
       continue
     graph, arrays = integer.load(folder)
     split, split_fingerprint = splits[graph["dataset"]]
-    top1 = classifiers.top1(integer.IntegerResNet(graph), arrays, split, graph["mean"],
-                            graph["std"], mesh, batch_size=min(1000, len(split)))
+    top1 = integer_top1(graph, arrays, split, mesh)
     results[key] = {
         "top1": top1, "num_params": integer.num_params(graph), "checkpoint": folder,
         "checkpoint_mtime": written, "step": graph["step"], "integer": True,
