@@ -63,7 +63,6 @@ def resolve_dir(configured: str | None) -> str:
 def load_split(name: str, split: str, data_dir: str | None) -> Split:
   """Loads `split` ('train' or 'test') of dataset `name` into memory, checked: uint8 images
   [N, 32, 32, 3], one integer label per image, each in [0, num_classes)."""
-  classes = num_classes(name)
   folder = resolve_dir(data_dir)
   if folder == TFDS:
     loaded, where = _load_tfds(name, split), f"TFDS {name}:{split}"
@@ -72,12 +71,29 @@ def load_split(name: str, split: str, data_dir: str | None) -> Split:
     if not data_dir and not storage.isfile(where):
       fetch.dataset(name, folder)
     loaded = _load_npz(name, split, folder)
-  labels = loaded.labels
+  _check_label_range(loaded.labels, name, where)
+  return loaded
+
+
+def _check_label_range(labels: np.ndarray, name: str, where: str) -> None:
+  classes = num_classes(name)
   if labels.size and (labels.min() < 0 or labels.max() >= classes):
     raise DataError(f"{where}: labels range over [{labels.min()}, {labels.max()}], but {name} "
                     f"has {classes} classes (labels 0..{classes - 1}); fix the file or choose "
                     "the matching data.name.")
-  return loaded
+
+
+def check_labels(name: str, split: str, data_dir: str | None) -> None:
+  """Before any work: the labels of an existing .npz split are integers in [0, num_classes)
+  (read alone: the images are checked when the split is loaded)."""
+  folder = resolve_dir(data_dir)
+  path = os.path.join(folder, f"{name}_{split}.npz")
+  if folder == TFDS or not storage.isfile(path):
+    return  # TFDS declares its classes; a missing download-cache file is fetched later
+  labels = read_npz(path, f"Replace it with a valid {name}_{split}.npz.", ("labels",)).get(
+      "labels")
+  if labels is not None and labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
+    _check_label_range(labels, name, path)
 
 
 def fingerprint(split: Split) -> str:
@@ -87,12 +103,13 @@ def fingerprint(split: Split) -> str:
   return digest.hexdigest()[:16]
 
 
-def read_npz(path: str, fix: str) -> dict:
-  """The arrays of an .npz file, or one DataError naming the file, the problem and `fix`:
-  not a readable archive (truncated, not a zip), or arrays that need pickle (refused)."""
+def read_npz(path: str, fix: str, keys=None) -> dict:
+  """The arrays of an .npz file (those of `keys` it holds, if given), or one DataError naming
+  the file, the problem and `fix`: not a readable archive (truncated, not a zip), or arrays
+  that need pickle (refused)."""
   try:
     with storage.open_file(path, "rb") as file, np.load(file, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files}
+      return {k: f[k] for k in f.files if keys is None or k in keys}
   except ValueError as e:  # object arrays would need pickle
     raise DataError(f"{path} holds arrays that need pickle ({e}); save plain numeric arrays "
                     f"with numpy.savez. {fix}") from None

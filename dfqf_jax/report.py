@@ -9,6 +9,7 @@ import sys
 import jax
 
 from dfqf_jax import checkpoints, provenance, storage, training
+from dfqf_jax.errors import UserError, brief
 
 STAGE_DIRS = ("teacher", "generator")
 
@@ -136,6 +137,7 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
     if teacher_top1 is not None and "stale" not in entry:
       entry["drop_vs_teacher"] = teacher_top1 - entry["top1"]
     entry["hardware"] = host
+    entry["schedule"] = schedule  # (report --compare labels a smoke run's numbers)
   order = lambda n: (0 if n == "teacher" else 2 if n.startswith("ptq_") else 1, n)
   lines = [f"# DFQF report ({schedule} schedule)", ""]
   if schedule == "smoke":
@@ -257,7 +259,8 @@ def comparison_rows(records: dict) -> list[dict]:
       depth = entry.get("depth", results.get("teacher", {}).get("depth"))
       network = "?" if depth is None else f"ResNet-{depth}"
       rows.append({"method": f"DFQF (ours) {name}", "network": network,
-                   "protocol": entry["protocol"], "schedule": schedule_of(record),
+                   "protocol": entry["protocol"],
+                   "schedule": schedule_of(record) or entry.get("schedule", ""),
                    "teacher": teacher, "bits": bits, "top1": entry["top1"],
                    "drop": None if teacher is None else teacher - entry["top1"],
                    "ptq_start": ptq, "compute": _compute(record, entry), "source": path})
@@ -273,8 +276,11 @@ def comparison_table(records: dict) -> str:
   header += ["PTQ start (ft)", "compute", "source"]
   lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|" + "---:|" * (len(header) - 7)
            + "---|---|---|"]
-  for row in comparison_rows(records):
-    cells = [row["method"], row["network"], row["protocol"], row["schedule"],
+  rows = comparison_rows(records)
+  for row in rows:
+    smoke = row["schedule"].startswith("smoke")
+    cells = [row["method"] + (" (smoke run: not a result)" if smoke else ""),
+             row["network"], row["protocol"], row["schedule"],
              _points(row["teacher"])]
     for bits in COMPARED_BITS:
       mine = row["bits"] == bits
@@ -288,7 +294,32 @@ def comparison_table(records: dict) -> str:
       cells += [_points(top1), _points(None if top1 is None else PUBLISHED_TEACHER_TOP1 - top1)]
     cells += ["", "published", "the paper's table"]
     lines.append("| " + " | ".join(cells) + " |")
+  if any(row["schedule"].startswith("smoke") for row in rows):
+    lines += ["", "Smoke runs train each stage for a few steps to show that the pipeline works; "
+              "their numbers say nothing about the method."]
   return "\n".join(lines)
+
+
+class RecordError(UserError, ValueError):
+  """A file given to the report that is not a run record or a workdir's results.json."""
+
+
+def load_record(path: str) -> dict:
+  """A run record or a workdir's results.json (name -> entry with its top-1), checked."""
+  fix = ("give a run record written with --config.record_to (experiments/<name>/*.json) or a "
+         "workdir's results.json")
+  if not storage.isfile(path):
+    raise RecordError(f"no record at {path}; {fix}.")
+  try:
+    record = json.loads(storage.read_text(path))
+  except (ValueError, UnicodeDecodeError) as e:
+    lines = " (one JSON object per line: a log, not a record)" if path.endswith(".jsonl") else ""
+    raise RecordError(f"{path} is not a JSON document{lines} ({brief(e)}); {fix}.") from None
+  results = record.get("results", record) if isinstance(record, dict) else None
+  if not isinstance(results, dict) or not results or not all(
+      isinstance(e, dict) and "top1" in e for e in results.values()):
+    raise RecordError(f"{path} holds no results (name -> an entry with its top-1); {fix}.")
+  return record
 
 
 def _main(argv: list[str]) -> int:
@@ -304,11 +335,11 @@ def _main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   if len(args.records) > 1 and not args.compare:
     parser.error("several RECORDs need --compare (one table over all of them)")
-  missing = [p for p in args.records if not storage.exists(p)]
-  if missing:
-    parser.error(f"no record at {', '.join(missing)}; give the path of a run record, "
-                 "e.g. docs/results/budget_cpu.json")
-  loaded = {p: json.loads(storage.read_text(p)) for p in args.records}
+  try:
+    loaded = {p: load_record(p) for p in args.records}
+  except RecordError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if not args.compare:
     record = loaded[args.records[0]]
     print(ptq_table(record.get("results", record)))

@@ -13,7 +13,10 @@ with STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL (tests/gcs.py does).
 import io
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import urllib.parse
 
 from etils import epath
 
@@ -38,6 +41,35 @@ def _remote(path) -> epath.Path:
   if filesystem is not None:  # (absent when TensorFlow's gfile serves gs://)
     filesystem(str(p)).invalidate_cache()
   return p
+
+
+REACH_TIMEOUT_SECONDS = 10.0
+
+
+def check_reachable(path) -> None:
+  """Raises OSError unless the Cloud Storage endpoint that `path` is served from accepts a
+  connection within REACH_TIMEOUT_SECONDS: gcsfs retries a refused or unresolved connection
+  for about a minute before it raises."""
+  url = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+  parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+  address = (parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
+  outcome = []
+
+  def connect():
+    try:
+      socket.create_connection(address, timeout=REACH_TIMEOUT_SECONDS).close()
+      outcome.append(None)
+    except OSError as e:
+      outcome.append(e)
+
+  thread = threading.Thread(target=connect, daemon=True)  # name resolution has no timeout
+  thread.start()
+  thread.join(REACH_TIMEOUT_SECONDS)
+  if not outcome:
+    raise TimeoutError(f"no answer from {address[0]}:{address[1]} within "
+                       f"{REACH_TIMEOUT_SECONDS:.0f} s")
+  if outcome[0] is not None:
+    raise OSError(f"cannot connect to {address[0]}:{address[1]} ({outcome[0]})")
 
 
 def exists(path) -> bool:

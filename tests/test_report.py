@@ -57,12 +57,10 @@ def test_the_schedule_column_names_the_pipeline_schedule_and_a_set_compute_dtype
   assert report.schedule_of({"command": command}) == schedule
 
 
-def test_a_missing_record_is_one_usage_error_naming_it(tmp_path, capsys):
+def test_a_missing_record_is_one_error_line_naming_it(tmp_path, capsys):
   missing = str(tmp_path / "nope.json")
-  with pytest.raises(SystemExit) as exit_:
-    report._main(["--compare", missing])
-  assert exit_.value.code == 2
-  assert f"no record at {missing}" in capsys.readouterr().err
+  assert report._main(["--compare", missing]) == 2
+  assert capsys.readouterr().err.startswith(f"error: no record at {missing}; ")
 
 
 def test_a_stale_student_is_left_out_of_the_table_with_one_line_saying_why(capsys):
@@ -75,3 +73,25 @@ def test_a_stale_student_is_left_out_of_the_table_with_one_line_saying_why(capsy
   assert rows[0]["ptq_start"] is None  # not the start of this student
   assert capsys.readouterr().err.splitlines() == [
       "r.json: student_w3a3 left out: stale, built from generator step 12 (aaaa), but ..."]
+
+
+@pytest.mark.parametrize("name, content, phrase", [
+    ("bad.json", '{"results": {"teacher": ', "is not a JSON document"),
+    ("benchmarks.jsonl", '{"a": 1}\n{"b": 2}\n', "one JSON object per line"),
+    ("list.json", "[1, 2]", "holds no results"),
+])
+def test_a_file_that_is_not_a_record_is_one_error_line(tmp_path, capsys, name, content, phrase):
+  (tmp_path / name).write_text(content)
+  assert report._main([str(tmp_path / name)]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / name} ") and phrase in err[0]
+
+
+def test_a_smoke_run_is_labelled_as_such_beside_the_published_numbers(tmp_path):
+  results = record(0.92, {"student_w4a4": (4, 4, "dfqf", 0.10)}, {})["results"]
+  for entry in results.values():
+    entry["schedule"] = "smoke"  # as the pipeline writes it into results.json
+  table = report.comparison_table({"results.json": results})
+  ours = next(l for l in table.splitlines() if "student_w4a4" in l).split(" | ")
+  assert ours[0] == "| DFQF (ours) student_w4a4 (smoke run: not a result)" and ours[3] == "smoke"
+  assert "say nothing about the method" in table

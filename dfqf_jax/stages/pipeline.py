@@ -9,7 +9,8 @@ import copy
 
 import ml_collections
 
-from dfqf_jax import report, storage, validation
+from dfqf_jax import quant as q
+from dfqf_jax import report, signals, storage, validation
 from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, ptq,
                              teacher)
 
@@ -73,7 +74,7 @@ def stage_configs(config) -> list:
     stages.append(("teacher", teacher.run, validation.teacher, with_shared(config.teacher_stage)))
   stages.append(("generator", generator.run, validation.generator,
                  with_shared(config.generator_stage)))
-  students = [(bits, protocol) for bits in validation.split_names(config.bits)
+  students = [(q.bits_name(w, a), protocol) for w, a in validation.bit_pairs(config)
               for protocol in validation.split_names(config.finetune_stage.protocol)]
   for bits, protocol in students:
     sub = with_shared(config.finetune_stage)
@@ -83,7 +84,8 @@ def stage_configs(config) -> list:
     name = f"finetune_{bits}" + ("" if protocol == "dfqf" else f"_{protocol}")
     stages.append((name, finetune.run, validation.finetune, sub))
   sub = with_shared(config.ptq_stage)  # always holds each student's starting point
-  sub.bits = _union(sub.bits, [bits for bits, _ in students])
+  sub.bits = _union(",".join(q.bits_name(w, a) for w, a in validation.bit_pairs(sub)),
+                    [bits for bits, _ in students])
   sub.protocol = _union(sub.protocol, [protocol for _, protocol in students])
   stages.append(("ptq", lambda c, w: ptq.run(c, w, evaluate_after=False), validation.ptq, sub))
   return stages
@@ -101,8 +103,13 @@ def validate(config) -> None:
 def run(config, workdir: str) -> dict:
   storage.makedirs(workdir)
   for name, run_stage, _, sub in stage_configs(config):
-    print(f"pipeline: {name}")
-    run_stage(sub, workdir)
-  results = evaluate.run(config, workdir)
-  report.write_report(workdir, results, config.schedule)
+    print(f"pipeline: {name}", flush=True)
+    with signals.stop_on_signal(name):
+      run_stage(sub, workdir)
+  print("pipeline: evaluate (every model of the workdir on the test split)", flush=True)
+  with signals.stop_on_signal("evaluate"):
+    results = evaluate.run(config, workdir)
+  print("pipeline: report (report.md, its table and curves)", flush=True)
+  with signals.stop_on_signal("report"):
+    report.write_report(workdir, results, config.schedule)
   return results
