@@ -4,9 +4,9 @@
       [--impl jax,torch] [--warmup 2] [--repeats 10] [--generator-batch 256] [--tag TEXT]
 
 For every (implementation, stage) it appends one JSON line to --out (default
-docs/results/benchmarks.jsonl): images/s and the median step time over --repeats timed steps
-after --warmup untimed ones (each step waited for), compile time (JAX: lower + compile, before
-the first call), the first call's time, peak memory, and the machine, versions, XLA_FLAGS,
+experiments/benchmarks/benchmarks.jsonl): images/s and the median step time over --repeats timed
+steps after --warmup untimed ones (each step waited for), compile time (JAX: lower + compile,
+before the first call), the first call's time, peak memory, and the machine, versions, XLA_FLAGS,
 commit and date. Each (implementation, stage) runs in its own child process, so peak memory
 is that stage's and one framework's thread pool never competes with the other's; the rows of
 one invocation share a `run_id`.
@@ -69,7 +69,8 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2,
                  help="untimed steps first (the first one's time is recorded as first_call_s)")
   p.add_argument("--repeats", type=int, default=10, help="timed steps; step_ms is their median")
-  p.add_argument("--out", default=os.path.join(REPO, "docs", "results", "benchmarks.jsonl"))
+  p.add_argument("--out",
+                 default=os.path.join(REPO, "experiments", "benchmarks", "benchmarks.jsonl"))
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="JAX: the models' compute dtype; torch: autocast to bfloat16")
   p.add_argument("--student-passes", type=_passes, default=[1],

@@ -3,7 +3,7 @@
   python benchmarks/calibration_time.py [--batches 10] [--batch-size 128]
       [--bits w8a8,w6a6,w4a4] [--protocols dfqf,standard] [--methods max,mse,aciq,kl,ft]
       [--weights ../shared/data/resnet20-12fca82f_weights.npz] [--data-dir ../shared/data]
-      [--tag TEXT] [--out docs/results/calibration_time.jsonl]
+      [--tag TEXT] [--out experiments/benchmarks/calibration_time.jsonl]
 
 Calibration batches are real training images (the same shapes as generated ones), so no
 generator is needed. Times what the PTQ stage does to calibrate (from one reading of every
@@ -34,7 +34,8 @@ def parse_args(argv=None):
   p.add_argument("--data-dir", default=os.path.join(HERE, "..", "shared", "data"))
   p.add_argument("--repo", default=HERE, help="checkout whose dfqf_jax is timed")
   p.add_argument("--tag", default="")
-  p.add_argument("--out", default=os.path.join(HERE, "docs", "results", "calibration_time.jsonl"))
+  p.add_argument("--out",
+                 default=os.path.join(HERE, "experiments", "benchmarks", "calibration_time.jsonl"))
   return p.parse_args(argv)
 
 

@@ -4,7 +4,7 @@ forward, input-gradient and weight-gradient, in JAX (XLA) and PyTorch, side by s
   python benchmarks/conv_profile.py [--batch 128] [--repeats 20] [--impl jax,torch]
 
 Appends one JSON line per (impl, shape, pass) to --out (default
-docs/results/conv_profile.jsonl) with the median time and GFLOP/s (2 * multiply-adds of
+experiments/benchmarks/conv_profile.jsonl) with the median time and GFLOP/s (2 * multiply-adds of
 the pass / time). A train step's backward runs both gradient passes of every convolution,
 so a backend whose gradient passes are slower than its forward pass loses most of its speed
 in training while it may still win at evaluation.
@@ -99,7 +99,8 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--impl", default="jax,torch")
-  p.add_argument("--out", default=os.path.join(REPO, "docs", "results", "conv_profile.jsonl"))
+  p.add_argument("--out",
+                 default=os.path.join(REPO, "experiments", "benchmarks", "conv_profile.jsonl"))
   args = p.parse_args(argv)
   commit, dirty = git_state()
   date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

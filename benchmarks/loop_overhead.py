@@ -1,7 +1,7 @@
 """Host time per step of the training loop (`training.run_steps`) around a trivial step.
 
   python benchmarks/loop_overhead.py [--steps 3000] [--tag TEXT]
-      [--out docs/results/loop_overhead.jsonl]
+      [--out experiments/benchmarks/loop_overhead.jsonl]
 
 A step whose device work is a few microseconds leaves only the host's share: dispatching the
 step, deriving its key, and the loop's logging and checkpoint decisions. Once an accelerator
@@ -31,7 +31,8 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--steps", type=int, default=3000)
   p.add_argument("--tag", default="")
-  p.add_argument("--out", default=os.path.join(HERE, "docs", "results", "loop_overhead.jsonl"))
+  p.add_argument("--out",
+                 default=os.path.join(HERE, "experiments", "benchmarks", "loop_overhead.jsonl"))
   return p.parse_args(argv)
 
 

@@ -1,7 +1,7 @@
 """Where a step's time goes: a device profile of the stage-1 iteration and the fine-tuning step.
 
   python benchmarks/profile_steps.py [--stages generator,finetune] [--steps 20]
-      [--out docs/results/profile.json] [--trace-dir DIR]
+      [--out experiments/benchmarks/profile.json] [--trace-dir DIR]
 
 For each stage it builds the step exactly as benchmark.py does (the stage's own jitted,
 sharded, state-donating step), then
@@ -160,7 +160,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--stages", default="generator,finetune")
   p.add_argument("--steps", type=int, default=20)
-  p.add_argument("--out", default=os.path.join(REPO, "docs", "results", "profile.json"))
+  p.add_argument("--out", default=os.path.join(REPO, "experiments", "benchmarks", "profile.json"))
   p.add_argument("--trace-dir", default="/tmp/dfqf_profile")
   args = p.parse_args(argv)
   parallel.use_cpu_cores()  # the devices main.py would use

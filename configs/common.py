@@ -30,7 +30,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000
   # If set, the finished job appends a run record (command, commit, hardware, wall time,
-  # results.json, curves) to this JSON path, e.g. docs/results/teacher_cpu.json.
+  # results.json, curves) to this JSON path, e.g. experiments/teacher_from_scratch/teacher_cpu.json.
   config.record_to = ""
   config.distributed = ml_collections.ConfigDict()
   config.distributed.coordinator = ""

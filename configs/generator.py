@@ -35,10 +35,10 @@ def get_config(schedule: str = "reference"):
   config.checkpoint_every_steps = 600
   if schedule == "cpu":
     # 1/40 of the reference images. Deviation: lambda_bn 10 instead of 0.1, chosen with
-    # scripts/stage1_sweep.sh on 5,000 held-out *training* images (never the test split):
-    # FP student val top-1 after these 2,400 iterations 28.2% vs 18.2% with the reference
-    # weights (docs/results/stage1_h200/sweep.txt). The full reference schedule needs no
-    # such change (88.3% val, docs/results/stage1_h200/reference_full.json).
+    # experiments/stage1_settings/stage1_sweep.sh on 5,000 held-out *training* images (never
+    # the test split): FP student val top-1 after these 2,400 iterations 28.2% vs 18.2% with
+    # the reference weights (experiments/stage1_settings/sweep.txt). The full reference
+    # schedule needs no such change (88.3% val, experiments/stage1_settings/reference_full.json).
     config.batch_size = 128
     config.iters_per_epoch = 100
     config.num_epochs = 24

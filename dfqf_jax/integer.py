@@ -81,8 +81,8 @@ float32 conv of dequantized values, then BN), ~1e-7 relative off, so where t lie
 that of a half-integer one of its codes differs by one, and the difference propagates to
 later layers. The float-input layers (below the requantization) round on both sides.
 `layer_by_layer` measures the ties alone (each integer layer fed the fake-quant model's own
-input); tests/test_integer.py and scripts/integer_check.py report both, and
-scripts/rescale_ties.py compares with the fake-quant model run in float64.
+input); tests/test_integer.py and dfqf_jax/tools/integer_check.py report both, and
+dfqf_jax/tools/rescale_ties.py compares with the fake-quant model run in float64.
 """
 import json
 import os

@@ -24,7 +24,7 @@ def use_cpu_cores() -> None:
 
   XLA:CPU makes a single device by default, which uses several cores poorly; on this
   project's 2-core CPU, 2 devices run the teacher step 1.18x and the stage-1 iteration 1.49x
-  faster (docs/results/benchmarks.jsonl). Only the CPU backend is affected. Call it before
+  faster (experiments/benchmarks/benchmarks.jsonl). Only the CPU backend is affected. Call it before
   JAX initializes its backends, and only in single-process runs: the processes of a
   multi-process run must agree on their device counts.
   """

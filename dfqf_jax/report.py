@@ -1,4 +1,4 @@
-"""Run records for docs/results/, results tables, curves and image grids."""
+"""Run records for experiments/, results tables, curves and image grids."""
 import argparse
 import datetime
 import json
@@ -306,8 +306,8 @@ class RecordError(UserError, ValueError):
 
 def load_record(path: str) -> dict:
   """A run record or a workdir's results.json (name -> entry with its top-1), checked."""
-  fix = ("give a run record written with --config.record_to (experiments/<name>/*.json) or a "
-         "workdir's results.json")
+  fix = ("give a run record written with --config.record_to (e.g. "
+         "experiments/budget_resnet20/budget_cpu.json) or a workdir's results.json")
   if not storage.isfile(path):
     raise RecordError(f"no record at {path}; {fix}.")
   try:
@@ -328,7 +328,7 @@ def _main(argv: list[str]) -> int:
       description="RECORD: print the record's PTQ table. --compare RECORD [RECORD ...]: our "
                   "students beside the published numbers (also written to --out).")
   parser.add_argument("records", nargs="+", metavar="RECORD",
-                      help="a run record (docs/results/*.json) or a workdir's results.json")
+                      help="a run record (experiments/*/*.json) or a workdir's results.json")
   parser.add_argument("--compare", action="store_true",
                       help="one comparison table over all RECORDs")
   parser.add_argument("--out", default="", help="with --compare: also write the table here")

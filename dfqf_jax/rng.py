@@ -23,9 +23,9 @@ def step_key(base: jax.Array, step: int) -> jax.Array:
 
   The training loops derive a key on the host every step; jax.random.fold_in called outside
   jit runs op by op, a few times the host time of the whole rest of the loop
-  (docs/results/loop_overhead.jsonl), which a fast accelerator step then waits for. The step
-  goes in as uint32, the type fold_in hashes, so every step in fold_in's range gives
-  fold_in's key (and one compiled program serves them all)."""
+  (experiments/benchmarks/loop_overhead.jsonl), which a fast accelerator step then waits for.
+  The step goes in as uint32, the type fold_in hashes, so every step in fold_in's range
+  gives fold_in's key (and one compiled program serves them all)."""
   return _fold_in(base, np.uint32(step))
 
 

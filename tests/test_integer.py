@@ -235,7 +235,7 @@ def test_an_export_of_an_older_format_is_refused(exported, tmp_path):
 
 
 def test_stablehlo_artifact_runs_without_dfqf_jax(exported, shared_data, tmp_path):
-  """scripts/run_exported.py runs both artifacts on a 16-image split in a process that
+  """dfqf_jax/tools/run_exported.py runs both artifacts on a 16-image split in a process that
   never imports dfqf_jax; its logits against dfqf_jax's integer forward pass."""
   workdir, _ = exported
   names = ("student_w4a4", "student_w8a8")
@@ -253,7 +253,8 @@ def test_stablehlo_artifact_runs_without_dfqf_jax(exported, shared_data, tmp_pat
     np.save(tmp_path / f"{name}.npy", expected[name])
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "run_exported.py")
+  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "dfqf_jax", "tools",
+                        "run_exported.py")
   result = subprocess.run(
       [sys.executable, script, *[str(workdir / "export" / n / "model.stablehlo") for n in names],
        "--data-dir", str(split_dir), "--expected-dir", str(tmp_path),

@@ -99,7 +99,7 @@ def test_imported_teacher_scores_published_accuracy(shared_data):
 def test_imported_resnet56_classifies_like_its_published_accuracy(shared_data):
   """ResNet-56 (published 93.39%, SOURCES.md) on every 20th test image, all classes (the
   file is stored class by class): a wrong conversion scores near chance. Its exact accuracy
-  on the whole split: docs/results/resnet56_import_cpu.json."""
+  on the whole split: experiments/budget_resnet56/resnet56_import_cpu.json."""
   state_dict = convert.load_state_dict_npz(os.path.join(shared_data,
                                                         "resnet56-4bfd9763_weights.npz"))
   variables = convert.torch_resnet_to_flax(state_dict, 56, 10)

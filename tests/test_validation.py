@@ -331,3 +331,18 @@ def test_the_pipeline_fine_tunes_every_bit_width_under_every_protocol():
   assert stages["ptq"].bits == "w4a4,w3a3"  # smoke's PTQ bits w4a4, plus the students'
   assert stages["ptq"].protocol == "dfqf,standard"
   pipeline.validate(config)  # every stage's config is valid as split
+
+
+def test_reference_frozen_bn_is_the_reference_schedule_with_the_students_bns_frozen():
+  """The accelerator's second recipe: the budget's fine-tuning deviation (students' BNs
+  frozen at the teacher's statistics) at the reference schedule, nothing else changed."""
+  from configs import pipeline as pipeline_config
+  from dfqf_jax.stages import pipeline
+  reference = pipeline_config.get_config("reference").to_dict()
+  frozen = pipeline_config.get_config("reference_frozen_bn").to_dict()
+  assert frozen.pop("schedule") == "reference_frozen_bn"
+  assert frozen["finetune_stage"].pop("student_bn_train") is False
+  assert reference["finetune_stage"].pop("student_bn_train") is True
+  reference.pop("schedule")
+  assert frozen == reference
+  pipeline.validate(pipeline_config.get_config("reference_frozen_bn"))

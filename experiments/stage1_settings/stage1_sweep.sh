@@ -3,7 +3,7 @@
 # whatever accelerator JAX finds (or the CPU), the FP student measured on 5,000 held-out
 # *training* images (data.validation_size) so that the choice never looks at the test split.
 #
-#   scripts/stage1_sweep.sh OUT_DIR SCHEDULE SECONDS NAME=OVERRIDES [NAME=OVERRIDES ...]
+#   experiments/stage1_settings/stage1_sweep.sh OUT_DIR SCHEDULE SECONDS NAME=OVERRIDES [NAME=OVERRIDES ...]
 #
 # SCHEDULE: configs/generator.py's argument (reference|cpu|smoke). OVERRIDES: comma-separated
 # config fields, e.g. "lambda_bn=1,generator.reference_quirks=False" ("" for the recipe as is).
@@ -13,15 +13,15 @@
 # DFQF_DATA_DIR (default ../shared/data) needs cifar10_test.npz, cifar10_train.npz and
 # resnet20-12fca82f_weights.npz. Wheels in .whl/ (if present) are installed first.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT=${1:?usage: scripts/stage1_sweep.sh OUT_DIR SCHEDULE SECONDS NAME=OVERRIDES ...}
+cd "$(dirname "$0")/../.."
+OUT=${1:?usage: experiments/stage1_settings/stage1_sweep.sh OUT_DIR SCHEDULE SECONDS NAME=OVERRIDES ...}
 SCHEDULE=${2:?schedule}
 SECONDS_PER_RUN=${3:?seconds}
 shift 3
 DATA=${DFQF_DATA_DIR:-../shared/data}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
-source scripts/carried_wheels.sh
+source accelerator/carried_wheels.sh
 # Several processes share one accelerator: allocate memory as needed, not 75% each.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 "$PYTHON" main.py --config=configs/import_teacher.py --workdir="$OUT/teacher_import" \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One short fine-tuning from the calibrated start, scored on 5,000 training images held out
-# as a validation split (val_top1): scripts/short_finetune.sh NAME RECORD [FLAGS...]
+# as a validation split (val_top1): experiments/short_finetune.sh NAME RECORD [FLAGS...]
 # Runs in runs/NAME with the teacher and generator of $SOURCE (default runs/budget, the
 # budget pipeline's first stages), fine-tunes the $BITS student (default w4a4; 200 steps
 # unless FLAGS say otherwise), writes the run record RECORD (a path from the repository
@@ -12,7 +12,7 @@ source_dir=${SOURCE:-runs/budget}
 bits=${BITS:-w4a4}
 if [ ! -d "$source_dir/generator" ]; then
   echo "short_finetune.sh: $source_dir/{teacher,generator} are missing; run the budget" \
-       "pipeline's first stages (README, Reproducing the paper) or set SOURCE." >&2
+       "pipeline's first stages (experiments/budget_resnet20/README.md) or set SOURCE." >&2
   exit 2
 fi
 dir="runs/${name}"

@@ -6,26 +6,25 @@ The integer layers requantize exactly (dfqf_jax.integer.requant_tables), so agai
 float64 model only the layers reading a float tensor may differ; against the float32 model
 every layer differs where float32 rounds a near-tie the other way.
 
-  python scripts/rescale_ties.py --workdir DIR --name student_w4a4 \
+  python -m dfqf_jax.tools.rescale_ties --workdir DIR --name student_w4a4 \
       --integer-logits DIR/integer_logits/student_w4a4.npy [--out RECORD.json]
 
-The integer logits come from scripts/integer_check.py --logits-dir (all test images).
+The integer logits come from `python -m dfqf_jax.tools.integer_check --logits-dir` (all test
+images).
 """
 import argparse
 import json
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from dfqf_jax import data, integer, report, storage
+from dfqf_jax.stages import common, export
 
-from dfqf_jax import data, integer, report, storage  # noqa: E402
-from dfqf_jax.stages import common, export  # noqa: E402
-
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 BATCH = 500
 
 

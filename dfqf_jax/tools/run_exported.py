@@ -1,16 +1,18 @@
 """Runs exported integer models (`model.stablehlo`, written by configs/export.py) on the
 CIFAR test split with JAX and NumPy alone, as a user without dfqf_jax would.
 
-  python scripts/run_exported.py DIR/export/student_w4a4/model.stablehlo [MORE ...] \
+  python dfqf_jax/tools/run_exported.py DIR/export/student_w4a4/model.stablehlo [MORE ...] \
       --data-dir ../shared/data [--expected-dir LOGITS_DIR] [--logits-dir OUT_DIR] \
       [--out RECORD.json]
 
 Each artifact takes uint8 NHWC images and returns logits; it is named after its folder
 (export/<name>/model.stablehlo). Prints each one's top-1 over the split. --expected-dir
 compares the logits with <name>.npy there, those dfqf_jax's integer forward pass computed for
-the same images (scripts/integer_check.py --logits-dir): agreement of the predicted classes
-and the largest logit difference. --logits-dir saves this process's logits as <name>.npy;
---out writes a JSON record. It never imports dfqf_jax (checked before anything is written).
+the same images (python -m dfqf_jax.tools.integer_check --logits-dir): agreement of the
+predicted classes and the largest logit difference. --logits-dir saves this process's logits
+as <name>.npy; --out writes a JSON record. It never imports dfqf_jax (checked before anything
+is written), so it is run as a file (`python -m` would import the package first); copied next
+to an artifact it needs only JAX and NumPy.
 """
 import argparse
 import datetime

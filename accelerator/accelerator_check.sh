@@ -3,7 +3,7 @@
 # whatever accelerator JAX finds, writing results.json, report.md, the run record and the log
 # to OUT_DIR.
 #
-#   scripts/accelerator_check.sh OUT_DIR [reference|budget|smoke] [--config.field=value ...]
+#   accelerator/accelerator_check.sh OUT_DIR [reference|budget|smoke] [--config.field=value ...]
 #
 # Needs only the test split and the teacher weights: DFQF_DATA_DIR (default ../shared/data)
 # must hold cifar10_test.npz and resnet20-12fca82f_weights.npz. Wheels in .whl/ (if present)
@@ -11,13 +11,13 @@
 # (default reference_<platform>_<device kind>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: scripts/accelerator_check.sh OUT_DIR [schedule] [config overrides]}
+OUT=${1:?usage: accelerator/accelerator_check.sh OUT_DIR [schedule] [config overrides]}
 SCHEDULE=${2:-reference}
 shift $(( $# >= 2 ? 2 : 1 ))
 DATA=${DFQF_DATA_DIR:-../shared/data}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
-source scripts/carried_wheels.sh
+source accelerator/carried_wheels.sh
 if [ -n "${DFQF_RECORD_STEM:-}" ]; then
   RECORD="$OUT/$DFQF_RECORD_STEM.json"  # (naming the device would start the backend once more)
 else

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 14's whole accelerator check, spread over as many device calls as it takes:
-#   pipeline    the reference pipeline (scripts/accelerator_check.sh) in a process session of
+# The whole accelerator check, spread over as many device calls (or sessions) as it takes:
+#   pipeline    the reference pipeline (accelerator/accelerator_check.sh) in a process session of
 #               its own, so that it runs on between two calls on a warm machine; each call
 #               waits for it until its deadline and copies what it has so far to OUT;
 #   profile     once no pipeline runs, on the otherwise idle device: the step profile
@@ -21,7 +21,7 @@
 # A measuring phase starts only with the seconds it needs left (NEEDS below). The pipeline also runs again when its arguments change: it
 # skips the stages it already finished (e.g. stage 1) and builds what is new.
 #
-#   scripts/accelerator_session.sh OUT [SECONDS] [--config.field=value ...]
+#   accelerator/accelerator_session.sh OUT [SECONDS] [--config.field=value ...]
 #
 # SECONDS (default 560): when this call stops waiting and returns what it has. Size it (and
 # the device call's timeout_s, a little above it) from the device time the session has left:
@@ -36,12 +36,13 @@
 # DFQF_SCHEDULE (default reference; smoke for a CPU try of the script), DFQF_PROFILE_ARGS and
 # DFQF_BENCHMARK_ARGS (extra arguments, appended; also to the flags phase), DFQF_XLA_FLAG_SETS,
 # DFQF_DATA_DIR, DFQF_RECORD_STEM and PYTHON
-# as scripts/accelerator_check.sh takes them. E.g. the four reference students of issue 19:
-#   DFQF_PHASES=pipeline scripts/accelerator_session.sh OUT 560 --config.bits=w4a4,w3a3 \
+# as accelerator/accelerator_check.sh takes them. E.g. the four reference-schedule students
+# (W4A4 and W3A3 under both protocols):
+#   DFQF_PHASES=pipeline accelerator/accelerator_session.sh OUT 560 --config.bits=w4a4,w3a3 \
 #     --config.finetune_stage.protocol=dfqf,standard
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: scripts/accelerator_session.sh OUT [SECONDS] [--config.field=value ...]}
+OUT=${1:?usage: accelerator/accelerator_session.sh OUT [SECONDS] [--config.field=value ...]}
 shift
 WAIT=560
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then WAIT=$1; shift; fi
@@ -49,7 +50,7 @@ DEADLINE=$(( $(date +%s) + WAIT ))
 WORK=${DFQF_ACCELERATOR_WORK:-/tmp/dfqf_accelerator}
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
-source scripts/carried_wheels.sh
+source accelerator/carried_wheels.sh
 
 PHASES=" ${DFQF_PHASES:-pipeline profile benchmarks} "
 PIPELINE_ARGS=$(printf ' %q' "${DFQF_SCHEDULE:-reference}" \
@@ -96,7 +97,7 @@ elif wanted pipeline && ! pipeline_running; then
     rm -f "$WORK/pipeline.rc"
     echo "$PIPELINE_ARGS" > "$WORK/pipeline.args"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$WORK/pipeline.log" 2>&1
-    setsid nohup bash -c "scripts/accelerator_check.sh $(printf %q "$WORK/pipeline") \
+    setsid nohup bash -c "accelerator/accelerator_check.sh $(printf %q "$WORK/pipeline") \
       $PIPELINE_ARGS >> $(printf %q "$WORK/pipeline.log") 2>&1; \
       echo \$? > $(printf %q "$WORK/pipeline.rc")" < /dev/null > /dev/null 2>&1 &
     sleep 2

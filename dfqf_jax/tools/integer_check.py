@@ -1,8 +1,9 @@
 """Integer deployment check on the whole CIFAR-10 test split: the exported integer model
 (dfqf_jax.integer, read back from its export folder) against the fake-quantized model.
 
-  python scripts/integer_check.py [--students w8a8,w4a4,w3a3] [--protocols dfqf,standard]
-      [--workdir DIR] [--names student_w4a4,...] [--out docs/results/integer_check_cpu.json]
+  python -m dfqf_jax.tools.integer_check [--students w8a8,w4a4,w3a3] [--protocols dfqf,standard]
+      [--workdir DIR] [--names student_w4a4,...]
+      [--out experiments/integer_check/integer_check_cpu.json]
 
 Without --names, each student is built in-process: the imported teacher
 (--weights, default ../shared/data/resnet20-12fca82f_weights.npz) quantized with `ft`
@@ -14,7 +15,8 @@ the largest logit difference in units of the output's quantization step (end to 
 with each layer fed the fake-quant model's own input: the layer-local code mismatches,
 float32 rounding ties), the jax.export artifact's agreement on 1,000 images, and the sizes
 on disk. --logits-dir keeps the integer model's test logits, which
-scripts/run_exported.py --expected compares with the artifact's in a process without dfqf_jax. Writes a JSON record (command, commit, hardware, wall time, results); exits 1 if a
+dfqf_jax/tools/run_exported.py --expected-dir compares with the artifact's in a process without
+dfqf_jax. Writes a JSON record (command, commit, hardware, wall time, results); exits 1 if a
 check fails.
 """
 import argparse
@@ -25,7 +27,8 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The checkout: configs/ beside the package, ../shared/data and experiments/ for the defaults.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
 from dfqf_jax import parallel  # noqa: E402
@@ -136,7 +139,7 @@ def check(workdir: str, name: str, split: data.Split, mesh, logits_dir: str) -> 
   n = len(split)
   evaluated = time.time() - started
   int_logits = np.concatenate(int_logits)
-  if logits_dir:  # for scripts/run_exported.py --expected, in a process without dfqf_jax
+  if logits_dir:  # for dfqf_jax/tools/run_exported.py --expected-dir, in a process without dfqf_jax
     os.makedirs(logits_dir, exist_ok=True)
     np.save(os.path.join(logits_dir, f"{name}.npy"), int_logits)
 
@@ -190,7 +193,7 @@ def main() -> int:
   parser.add_argument("--test-images", type=int, default=0, help="first N only (0: all)")
   parser.add_argument("--logits-dir", default="",
                       help="write each integer model's test logits here as <name>.npy")
-  parser.add_argument("--out", default=os.path.join(REPO, "docs", "results",
+  parser.add_argument("--out", default=os.path.join(REPO, "experiments", "integer_check",
                                                     "integer_check_cpu.json"))
   args = parser.parse_args()
   started = time.time()
