@@ -83,12 +83,6 @@ def resume(mngr, directory: str, state, meta: dict):
   return state, step
 
 
-def written_at(checkpoint: str) -> float:
-  """When checkpoint folder DIR/<step> was saved: the time of the metadata file Orbax writes
-  in it (object stores keep no folder times)."""
-  return storage.getmtime(os.path.join(checkpoint, "_CHECKPOINT_METADATA"))
-
-
 def exists(directory: str) -> bool:
   return storage.isdir(directory) and latest_step(directory) is not None
 

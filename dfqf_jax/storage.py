@@ -10,6 +10,7 @@ flush, and an object write is already atomic (readers see the old object or the 
 so `write_atomically` writes it directly. Point gcsfs and Orbax's tensorstore at an emulator
 with STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL (tests/gcs.py does).
 """
+import hashlib
 import io
 import os
 import shutil
@@ -116,6 +117,25 @@ def getmtime(path) -> float:
 
 def getsize(path) -> int:
   return int(epath.Path(path).stat().length) if is_remote(path) else os.path.getsize(path)
+
+
+def folder_signature(path) -> str:
+  """A short hash of the name, size and modification time of every file under folder
+  `path`: it changes when any file is rewritten, truncated, added or removed (what a
+  result computed from the folder's contents must be recomputed after)."""
+  if is_remote(path):
+    root = _remote(path)
+    files = sorted((str(p.relative_to(root)), p.stat()) for p in root.rglob("*") if p.is_file())
+    rows = [f"{name}:{stat.length}:{stat.mtime}" for name, stat in files]
+  else:
+    rows = []
+    for folder, _, names in os.walk(path):
+      for name in names:
+        stat = os.stat(os.path.join(folder, name))
+        rows.append(f"{os.path.relpath(os.path.join(folder, name), path)}:{stat.st_size}:"
+                    f"{stat.st_mtime_ns}")
+    rows.sort()
+  return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
 def open_file(path, mode: str = "r"):

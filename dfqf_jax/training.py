@@ -154,6 +154,8 @@ def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
   writer = MetricWriter(str(ckpt.directory), start_step)
   try:
     if evaluate_start and evaluate is not None and start_step == 0:
+      if is_main_process():
+        print(f"{name}: evaluating the starting point", file=sys.stderr, flush=True)
       writer.write(0, evaluate(state, 0))
     return _run_steps(name=name, ckpt=ckpt, state=state, start_step=start_step,
                       total_steps=total_steps, train_step=train_step, meta=meta,

@@ -255,6 +255,24 @@ def test_an_unreachable_cloud_storage_is_one_line_within_seconds(monkeypatch, sm
                        f"cannot connect to 127.0.0.1:{port}", "check the network")
 
 
+def test_evaluation_never_reuses_the_result_of_a_checkpoint_damaged_since(imported_teacher,
+                                                                          small_data):
+  """A cached top-1 stands only while its checkpoint's files are as they were: the teacher's
+  arrays truncated after its evaluation are read again, and refused, not scored from cache."""
+  run = lambda: run_in_process("configs/evaluate.py", imported_teacher,
+                               f"--config.data.dir={small_data}")
+  assert run().returncode == 0
+  written = (imported_teacher / "results.json").read_bytes()
+  assert json.loads(written)["teacher"]["checkpoint"] == "teacher/0"  # relative to the workdir
+  arrays = max((p for p in (imported_teacher / "teacher" / "0").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  with open(arrays, "r+b") as f:
+    f.truncate(arrays.stat().st_size // 2)
+  assert_clean_failure(run(), imported_teacher, "the teacher checkpoint", "cannot be read",
+                       "corrupted")
+  assert (imported_teacher / "results.json").read_bytes() == written
+
+
 def test_evaluation_is_redone_for_other_test_data_and_forgets_deleted_checkpoints(
     imported_teacher, tmp_path, small_data):
   run = lambda folder: run_in_process("configs/evaluate.py", imported_teacher,
@@ -267,7 +285,7 @@ def test_evaluation_is_redone_for_other_test_data_and_forgets_deleted_checkpoint
   second = json.loads((imported_teacher / "results.json").read_text())["teacher"]
   assert second["test_data"] != first["test_data"] and second["top1"] < first["top1"]
   results = json.loads((imported_teacher / "results.json").read_text())
-  results["ptq_gone"] = {**second, "checkpoint": str(imported_teacher / "ptq_gone" / "0")}
+  results["ptq_gone"] = {**second, "checkpoint": "ptq_gone/0"}
   (imported_teacher / "results.json").write_text(json.dumps(results))
   assert run(small_data).returncode == 0
   third = json.loads((imported_teacher / "results.json").read_text())

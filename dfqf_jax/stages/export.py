@@ -184,7 +184,8 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
   """`export_<name>` -> result entry for every DIR/export/<name>/: top-1 on the test split
   of the integer model read back from the folder (dfqf_jax.integer). `splits`: dataset ->
   (test split, its fingerprint), as evaluate.TestSplits gives. An entry of `known` is reused
-  if it was computed from this very folder (model.json's mtime) on the same test data."""
+  if it was computed from this very folder, untouched since (the names, sizes and times of
+  its files), on the same test data."""
   root = os.path.join(workdir, EXPORT_DIR)
   results = {}
   for name in storage.listdir(root) if storage.isdir(root) else []:
@@ -193,10 +194,11 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
     if name.startswith(".") or not storage.isfile(graph_path):
       continue
     key = RESULT_PREFIX + name
-    written = storage.getmtime(graph_path)
+    checkpoint = f"{EXPORT_DIR}/{name}"  # relative to the workdir
+    files = storage.folder_signature(folder)
     cached = known.get(key)
-    if (cached and cached.get("checkpoint") == folder and cached.get("checkpoint_mtime") ==
-        written and cached.get("test_data") == splits[cached["dataset"]][1]
+    if (cached and cached.get("checkpoint") == checkpoint and cached.get("checkpoint_files") ==
+        files and cached.get("test_data") == splits[cached["dataset"]][1]
         and "lineage" in cached):
       results[key] = cached
       continue
@@ -205,8 +207,8 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
     top1 = common.top1(integer.IntegerResNet(graph), arrays, split, graph["mean"],
                        graph["std"], mesh, batch_size=min(1000, len(split)))
     results[key] = {
-        "top1": top1, "num_params": integer.num_params(graph), "checkpoint": folder,
-        "checkpoint_mtime": written, "step": graph["step"], "integer": True,
+        "top1": top1, "num_params": integer.num_params(graph), "checkpoint": checkpoint,
+        "checkpoint_files": files, "step": graph["step"], "integer": True,
         "test_data": split_fingerprint, "source_checkpoint": graph["source_checkpoint"],
         # the student checkpoint it was exported from (an export older than that record: none)
         "lineage": {name: graph["source_origin"]} if graph.get("source_origin") else {},

@@ -169,9 +169,8 @@ def run(config, workdir: str) -> None:
   student, variables = calibration.quantized_student(
       teacher_vars, teacher_meta["depth"], teacher_meta["num_classes"], spec)
   if checkpoints.latest_step(stage_dir) is None:  # a resumed run restores calibrated clips
-    batches = ptq.calibration_batches(config, teacher_meta, config.calibration_data,
-                                      rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
-    summaries = ptq.summarize(teacher_vars, teacher_meta, batches, [config.calibration])
+    summaries, _ = ptq.calibration_summaries(name, config, teacher_vars, teacher_meta,
+                                             [config.calibration], generator)
     variables = calibration.calibrate(variables, spec, config.calibration, summaries)
   total_steps = config.num_epochs * config.steps_per_epoch
   meta = common.classifier_meta(

@@ -15,6 +15,7 @@ that too (the student's BN running statistics are then updated twice per iterati
 """
 import functools
 import os
+import sys
 from typing import NamedTuple
 
 import jax
@@ -250,6 +251,8 @@ def run(config, workdir: str) -> None:
   lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
   meta = {**stage_meta(config, teacher_meta), "total_steps": total_steps, "lineage": lineage}
   checkpoints.check_lineage(stage_dir, "generator", lineage, config.on_stale_upstream)
+  print("generator: initializing the generator and the student (compiling)", file=sys.stderr,
+        flush=True)
   state, step_fn = create_state_and_step(config, teacher, mesh)
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
   state, start = training.resume(ckpt, stage_dir, state, meta, "generator")

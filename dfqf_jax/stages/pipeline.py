@@ -91,6 +91,21 @@ def stage_configs(config) -> list:
   return stages
 
 
+def describe(name: str, sub) -> str:
+  """What stage `name` of the pipeline runs, for its header line."""
+  if name == "teacher":
+    return f"import {sub.weights}" if "weights" in sub else (
+        f"train a ResNet-{sub.model.depth} on {sub.data.name}")
+  if name == "generator":
+    return (f"stage 1, the generator and a full-precision student "
+            f"({sub.num_epochs * sub.iters_per_epoch} steps)")
+  if name == "ptq":
+    return (f"PTQ baselines, {sub.bits} x calibration {sub.calibration} x protocol "
+            f"{sub.protocol} on {sub.calibration_data} images")
+  return (f"calibrate ({sub.calibration}) and fine-tune the {sub.bits} student, protocol "
+          f"{sub.protocol} ({sub.num_epochs * sub.steps_per_epoch} steps)")
+
+
 def validate(config) -> None:
   validation.common(config, splits=("test",))  # each stage checks the splits it reads
   if not validation.split_names(config.bits):
@@ -103,7 +118,7 @@ def validate(config) -> None:
 def run(config, workdir: str) -> dict:
   storage.makedirs(workdir)
   for name, run_stage, _, sub in stage_configs(config):
-    print(f"pipeline: {name}", flush=True)
+    print(f"pipeline: {name}: {describe(name, sub)}", flush=True)
     with signals.stop_on_signal(name):
       run_stage(sub, workdir)
   print("pipeline: evaluate (every model of the workdir on the test split)", flush=True)
