@@ -86,7 +86,7 @@ def _data_files(config, splits) -> None:
             f"it at a folder with {config.data.name}_train.npz and {config.data.name}_test.npz, "
             f"or leave it empty to download them into ${data.DATA_DIR_ENV}.")
   for split in splits:
-    data.check_labels(config.data.name, split, config.data.dir)
+    data.check_labels(config.data.name, split, data.source(config.data))
 
 
 def bits(config, field: str) -> None:

@@ -127,7 +127,7 @@ def run(config, workdir: str) -> dict:
   known = {}
   if storage.exists(path):
     known = json.loads(storage.read_text(path))
-  splits = TestSplits(config.data.dir)
+  splits = TestSplits(data.source(config.data))
   results = {}
   directories = checkpoint_dirs(workdir)
   main_process = training.is_main_process()

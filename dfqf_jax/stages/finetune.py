@@ -157,11 +157,11 @@ def run(config, workdir: str) -> None:
       config = with_generator_loss_weights(config, g_meta)
   checkpoints.check_lineage(stage_dir, name, lineage, config.on_stale_upstream)
   mesh = parallel.make_mesh()
-  test_split = data.load_split(teacher_meta["dataset"], "test", config.data.dir)
+  test_split = data.load_split(teacher_meta["dataset"], "test", data.source(config.data))
   train_split = val_split = data.Split(test_split.images[:0], test_split.labels[:0])
   if config.data_source == "real" or config.data.validation_size > 0:
     train_split, val_split = data.train_validation_split(
-        data.load_split(teacher_meta["dataset"], "train", config.data.dir),
+        data.load_split(teacher_meta["dataset"], "train", data.source(config.data)),
         config.data.validation_size, config.seed)
   mean, std = teacher_meta["mean"], teacher_meta["std"]
 

@@ -235,7 +235,7 @@ def held_out_training_images(config, dataset: str):
   """
   if config.data.validation_size <= 0:
     return None
-  train = data.load_split(dataset, "train", config.data.dir)
+  train = data.load_split(dataset, "train", data.source(config.data))
   return data.train_validation_split(train, config.data.validation_size, config.seed)[1]
 
 
@@ -244,7 +244,7 @@ def run(config, workdir: str) -> None:
   teacher, teacher_vars, teacher_meta = common.load_teacher(workdir, config.teacher_dir)
   common.check_teacher_depth(config, teacher_meta)
   mesh = parallel.make_mesh()
-  test_split = data.load_split(teacher_meta["dataset"], "test", config.data.dir)
+  test_split = data.load_split(teacher_meta["dataset"], "test", data.source(config.data))
   val_split = held_out_training_images(config, teacher_meta["dataset"])
 
   total_steps = total_steps_of(config)

@@ -17,8 +17,8 @@ from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, ptq,
 # Set once, on the pipeline, for every stage. configs/pipeline.py removes them from the stage
 # configs, so that --config.<stage>_stage.seed=3 is an unknown field (one error line) rather
 # than a value silently replaced here.
-PIPELINE_FIELDS = ("seed", "data.name", "data.dir", "data.validation_size", "model.depth",
-                   "compute_dtype")
+PIPELINE_FIELDS = ("seed", "data.name", "data.dir", "data.tfds", "data.validation_size",
+                   "model.depth", "compute_dtype")
 # Fine-tuning's adversarial generator (config.adversarial_generator) trains with stage 1's
 # loss weights and learning rate: the pipeline takes them from its generator stage's config
 # (the one a rerun of the pipeline would train the generator with).

@@ -65,10 +65,10 @@ def create_state_and_step(config, steps_per_epoch: int, mesh):
 def run(config, workdir: str) -> None:
   stage_dir = os.path.join(workdir, common.TEACHER_DIR)
   mesh = parallel.make_mesh()
-  train_split = data.load_split(config.data.name, "train", config.data.dir)
+  train_split = data.load_split(config.data.name, "train", data.source(config.data))
   train_split, val_split = data.train_validation_split(
       train_split, config.data.validation_size, config.seed)
-  test_split = data.load_split(config.data.name, "test", config.data.dir)
+  test_split = data.load_split(config.data.name, "test", data.source(config.data))
   mean, std = tuple(config.data.mean), tuple(config.data.std)
 
   per_epoch = data.steps_per_epoch(len(train_split), config.batch_size)
