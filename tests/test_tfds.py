@@ -3,10 +3,13 @@ through its manual-download path: dfqf_jax.tools.prepare_tfds) and read with
 --config.data.dir=tfds through tfds.data_source, without TensorFlow, gives the imported
 teacher the top-1 the .npz files give it.
 
-Preparing needs TensorFlow (tests/requirements-tfds.txt, which CI installs); without it
-these tests are skipped."""
-import importlib.util
+Preparing needs TensorFlow, which the project's environment does not hold (with TensorFlow
+installed, etils would serve gs:// through TensorFlow's gfile instead of gcsfs): it runs in
+the Python of $DFQF_TFDS_PYTHON or .venv-tfds/ (CI makes it: .ci/run, with
+tests/requirements-tfds.txt); without one these tests are skipped. The evaluation itself
+runs in this process, without TensorFlow."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,16 +19,19 @@ import pytest
 from cli import REPO, run_in_process
 from conftest import TEACHER_WEIGHTS, prepared_once
 
+TFDS_PYTHON = (os.environ.get("DFQF_TFDS_PYTHON") or
+               os.path.join(REPO, ".venv-tfds", "bin", "python"))
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("tensorflow") is None,
-    reason="preparing a TFDS dataset needs TensorFlow: pip install -r tests/requirements-tfds.txt")
+    not os.path.exists(TFDS_PYTHON),
+    reason="preparing a TFDS dataset needs a Python with TensorFlow: .venv-tfds/ (see .ci/run) "
+           "or $DFQF_TFDS_PYTHON")
 
 
 @pytest.fixture(scope="session")
 def tfds_data_dir(small_data, tmp_path_factory):
   """A TFDS data dir holding cifar10 3.0.2 (array_record) prepared from SMALL_DATA."""
   def build(folder):
-    result = subprocess.run([sys.executable, "-m", "dfqf_jax.tools.prepare_tfds",
+    result = subprocess.run([TFDS_PYTHON, "-m", "dfqf_jax.tools.prepare_tfds",
                              f"--npz-dir={small_data}", f"--data-dir={folder}"], cwd=REPO,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -47,7 +53,7 @@ def test_the_teacher_scores_on_a_tfds_dataset_what_it_scores_on_the_npz_files(
                          for f in ("tfds", "npz"))
   assert from_tfds["top1"] == from_npz["top1"] > 0.85  # the 91.73% teacher on 250 images
   assert from_tfds["test_data"] != from_npz["test_data"]  # TFDS shuffled them when preparing
-  assert "tensorflow" not in sys.modules  # read through array_record, not TensorFlow
+  assert "tensorflow" not in sys.modules  # read through array_record, without TensorFlow
 
 
 def test_a_tfds_dataset_of_other_classes_is_refused_before_any_work(tfds_data_dir, tmp_path):
