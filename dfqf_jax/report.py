@@ -12,6 +12,18 @@ from dfqf_jax import checkpoints, provenance, storage, training
 from dfqf_jax.errors import UserError, brief
 
 STAGE_DIRS = ("teacher", "generator")
+# Top-1 is in percent wherever a user reads it, and its fields say so: results.json's entries
+# (TOP1; DROP, in points against the workdir's teacher) and the training curves (*TOP1).
+TOP1 = "top1_percent"
+DROP = "drop_vs_teacher_points"
+
+
+def top1_percent(entry: dict) -> float | None:
+  """An entry's top-1 in percent: TOP1, or 100 x `top1`, the fraction that records written
+  before the unit was named hold."""
+  if TOP1 in entry:
+    return entry[TOP1]
+  return None if entry.get("top1") is None else 100 * entry["top1"]
 
 
 def hardware() -> str:
@@ -102,10 +114,11 @@ def plot_curves(workdir: str, path: str) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
   written = []
   for stage, series in curves(workdir).items():
-    keys = [k for k in series if k.endswith("top1")] + [k for k in series
-                                                        if k.startswith("loss")]
+    keys = [k for k in series if k.endswith(TOP1)] + [k for k in series
+                                                             if k.startswith("loss")]
     if not keys:
       continue
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
@@ -113,7 +126,9 @@ def plot_curves(workdir: str, path: str) -> list[str]:
       steps, values = zip(*series[key])
       ax.plot(steps, values, marker="o" if len(steps) == 1 else None)  # one point: visible
       ax.set_title(key, fontsize=9)
-      ax.set_xlabel("step", fontsize=8)
+      ax.set_xlabel("training step", fontsize=8)
+      ax.set_ylabel("top-1 (%)" if key.endswith(TOP1) else "loss", fontsize=8)
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
       ax.tick_params(labelsize=7)
     fig.suptitle(stage, fontsize=10)
     fig.tight_layout()
@@ -128,14 +143,14 @@ def plot_curves(workdir: str, path: str) -> list[str]:
 def write_report(workdir: str, results: dict, schedule: str) -> str:
   """DIR/report.md: one table (teacher, PTQ baselines, DFQF students), grid and curves.
 
-  Also adds `drop_vs_teacher` (except to a `stale` entry, one built from upstream checkpoints
+  Also adds DROP (except to a `stale` entry, one built from upstream checkpoints
   the workdir no longer holds) and the hardware to each entry of DIR/results.json.
   """
-  teacher_top1 = results.get("teacher", {}).get("top1")
+  teacher_top1 = results.get("teacher", {}).get(TOP1)
   host = hardware()
   for name, entry in results.items():
     if teacher_top1 is not None and "stale" not in entry:
-      entry["drop_vs_teacher"] = teacher_top1 - entry["top1"]
+      entry[DROP] = teacher_top1 - entry[TOP1]
     entry["hardware"] = host
     entry["schedule"] = schedule  # (report --compare labels a smoke run's numbers)
   order = lambda n: (0 if n == "teacher" else 2 if n.startswith("ptq_") else 1, n)
@@ -149,9 +164,9 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
   for name in sorted(results, key=order):
     r = results[name]
     bits = f"{r['weight_bits']}/{r['act_bits']}" if "weight_bits" in r else "32/32"
-    drop = r.get("drop_vs_teacher")
+    drop = r.get(DROP)
     lines.append(
-        f"| {name} | {100 * r['top1']:.2f}% | {'' if drop is None else f'{100 * drop:.2f}'} "
+        f"| {name} | {r[TOP1]:.2f}% | {'' if drop is None else f'{drop:.2f}'} "
         f"| {bits} | {r.get('protocol', '')} | {r.get('calibration', '')} | "
         f"{r.get('steps', r.get('step', ''))} | {_seconds(r.get('stage_wall_seconds'))} | "
         f"{built_from(r)} |")
@@ -190,7 +205,7 @@ def ptq_table(results: dict) -> str:
     if name.startswith("ptq_"):
       bits = f"W{r['weight_bits']}A{r['act_bits']}"
       bit_widths.add((r["weight_bits"], bits))
-      cells[(r["calibration"], r["protocol"], bits)] = r["top1"]
+      cells[(r["calibration"], r["protocol"], bits)] = top1_percent(r)
   columns = [b for _, b in sorted(bit_widths, reverse=True)]
   rows = sorted({(c, p) for c, p, _ in cells})
   lines = ["| calibration | protocol | " + " | ".join(columns) + " |",
@@ -198,23 +213,24 @@ def ptq_table(results: dict) -> str:
   for calibration, protocol in rows:
     values = [cells.get((calibration, protocol, b)) for b in columns]
     lines.append(f"| {calibration} | {protocol} | " + " | ".join(
-        "" if v is None else f"{100 * v:.2f}" for v in values) + " |")
+        "" if v is None else f"{v:.2f}" for v in values) + " |")
   return "\n".join(lines)
 
 
 # Published data-free quantization results for ResNet-20 on CIFAR-10 under the standard
 # protocol (every layer at the target bits, per-channel weights), each paper's own table, all
-# against a 93.89% full-precision ResNet-20: method -> (W4A4 top-1, W3A3 top-1 or None).
-PUBLISHED_TEACHER_TOP1 = 0.9389
+# against a 93.89% full-precision ResNet-20: method -> (W4A4 top-1, W3A3 top-1 or None), in
+# percent.
+PUBLISHED_TEACHER_TOP1 = 93.89
 PUBLISHED_NETWORK = "ResNet-20"  # every published number below is ResNet-20 on CIFAR-10
-PUBLISHED = {"GDFQ": (0.9025, None), "Qimera": (0.9126, None), "IntraQ": (0.9149, 0.7707),
-             "AdaDFQ": (0.9231, 0.8489), "HAST": (0.9236, 0.8634), "TexQ": (0.9268, 0.8647),
-             "SynQ": (0.9276, 0.8811)}
+PUBLISHED = {"GDFQ": (90.25, None), "Qimera": (91.26, None), "IntraQ": (91.49, 77.07),
+             "AdaDFQ": (92.31, 84.89), "HAST": (92.36, 86.34), "TexQ": (92.68, 86.47),
+             "SynQ": (92.76, 88.11)}
 COMPARED_BITS = ((4, 4), (3, 3))
 
 
 def _points(value) -> str:
-  return "–" if value is None else f"{100 * value:.2f}"
+  return "–" if value is None else f"{value:.2f}"
 
 
 def _compute(record: dict, entry: dict) -> str:
@@ -246,7 +262,7 @@ def comparison_rows(records: dict) -> list[dict]:
   rows = []
   for path, record in records.items():
     results = record.get("results", record)  # a run record, or a workdir's results.json
-    teacher = results.get("teacher", {}).get("top1")
+    teacher = top1_percent(results.get("teacher", {}))
     for name, entry in sorted(results.items()):
       if not name.startswith("student_"):
         continue
@@ -255,14 +271,14 @@ def comparison_rows(records: dict) -> list[dict]:
         continue
       bits = (entry["weight_bits"], entry["act_bits"])
       start = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}", {})
-      ptq = None if "stale" in start else start.get("top1")
+      ptq = None if "stale" in start else top1_percent(start)
       depth = entry.get("depth", results.get("teacher", {}).get("depth"))
       network = "?" if depth is None else f"ResNet-{depth}"
       rows.append({"method": f"DFQF (ours) {name}", "network": network,
                    "protocol": entry["protocol"],
                    "schedule": schedule_of(record) or entry.get("schedule", ""),
-                   "teacher": teacher, "bits": bits, "top1": entry["top1"],
-                   "drop": None if teacher is None else teacher - entry["top1"],
+                   "teacher": teacher, "bits": bits, "top1": top1_percent(entry),
+                   "drop": None if teacher is None else teacher - top1_percent(entry),
                    "ptq_start": ptq, "compute": _compute(record, entry), "source": path})
   return rows
 
@@ -317,7 +333,7 @@ def load_record(path: str) -> dict:
     raise RecordError(f"{path} is not a JSON document{lines} ({brief(e)}); {fix}.") from None
   results = record.get("results", record) if isinstance(record, dict) else None
   if not isinstance(results, dict) or not results or not all(
-      isinstance(e, dict) and "top1" in e for e in results.values()):
+      isinstance(e, dict) and top1_percent(e) is not None for e in results.values()):
     raise RecordError(f"{path} holds no results (name -> an entry with its top-1); {fix}.")
   return record
 

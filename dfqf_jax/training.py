@@ -148,7 +148,8 @@ def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
   checked for NaN/Inf and written. Checkpoints are saved every `ckpt`'s interval, only right
   after a finite check, and at the end. SIGTERM/SIGINT let the current step finish, save it
   and stop (signals.py). evaluate(state, step) -> dict of monitoring metrics, every
-  `eval_every` steps (and at step 0 of a fresh run with `evaluate_start`). Closes the checkpoint manager at the end.
+  `eval_every` steps (and at step 0 of a fresh run with `evaluate_start`). Closes the
+  checkpoint manager at the end.
   Returns the final state; raises StoppedBySignal after saving if a signal arrived.
   """
   writer = MetricWriter(str(ckpt.directory), start_step)
@@ -222,7 +223,8 @@ def _run_steps(*, name, ckpt, state, start_step, total_steps, train_step, meta, 
         raise signals.stop(name, stop, step=done)
   ckpt.wait_until_finished()
   if is_main_process():
-    scores = "".join(f", {k} {v:.2%}" for k, v in evaluated.items() if k.endswith("top1"))
+    scores = "".join(f", {k} {v:.2f}%" for k, v in evaluated.items()
+                     if k.endswith("top1_percent"))
     print(f"{name}: finished at step {total_steps} in {ckpt.directory} "
           f"({total_steps - start_step} steps this run in {time.time() - started:.0f} s"
           f"{scores})")

@@ -45,7 +45,7 @@ def assert_stopped(result, workdir_path, name: str, signum: int):
 def test_ctrl_c_during_evaluation_writes_no_results(imported_workdir, tmp_path, monkeypatch,
                                                     small_data):
   run = copy_workdir(imported_workdir, tmp_path / "run")
-  signal_self_on_call(monkeypatch, common, "top1", signal.SIGINT)
+  signal_self_on_call(monkeypatch, common, "top1_percent", signal.SIGINT)
   result = run_in_process("configs/evaluate.py", run, f"--config.data.dir={small_data}")
   assert_stopped(result, run, "evaluate", signal.SIGINT)
   assert not (run / "results.json").exists()

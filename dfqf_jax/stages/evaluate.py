@@ -56,10 +56,10 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
     split, split_fingerprint = splits[entry["dataset"]]
     model = common.classifier_from_meta(entry)
     variables = common.variables_of(state, entry.get("path", ()))
-    top1 = common.top1(model, variables, split, entry["mean"], entry["std"], mesh)
+    top1 = common.top1_percent(model, variables, split, entry["mean"], entry["std"], mesh)
     described = {k: v for k, v in entry.items()
                  if k not in ("path", "mean", "std", "arch", checkpoints.ORIGIN)}
-    results[name] = {"top1": top1, "num_params": common.num_params(variables["params"]),
+    results[name] = {"top1_percent": top1, "num_params": common.num_params(variables["params"]),
                      "checkpoint": checkpoint, "checkpoint_files": files, "step": step,
                      "stage_wall_seconds": training.read_wall_time(directory),
                      "test_data": split_fingerprint, **described,
@@ -107,7 +107,7 @@ def with_staleness(results: dict, held: dict) -> dict:
   reasons = stale_reasons(results, held)
   marked = {}
   for name, entry in results.items():
-    dropped = ("stale", "drop_vs_teacher") if name in reasons else ("stale",)
+    dropped = ("stale", "drop_vs_teacher_points") if name in reasons else ("stale",)
     marked[name] = {k: v for k, v in entry.items() if k not in dropped}
     if name in reasons:
       marked[name]["stale"] = reasons[name]
@@ -154,6 +154,6 @@ def run(config, workdir: str) -> dict:
 def format_table(results: dict) -> str:
   lines = [f"{'model':<28} {'top-1':>8} {'params':>9} {'step':>7}"]
   for name, r in sorted(results.items()):
-    lines.append(f"{name:<28} {100 * r['top1']:>7.2f}% {r['num_params']:>9,} {r['step']:>7}"
+    lines.append(f"{name:<28} {r['top1_percent']:>7.2f}% {r['num_params']:>9,} {r['step']:>7}"
                  + (f"  stale: {r['stale']}" if "stale" in r else ""))
   return "\n".join(lines)

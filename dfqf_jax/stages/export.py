@@ -204,10 +204,10 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
       continue
     graph, arrays = integer.load(folder)
     split, split_fingerprint = splits[graph["dataset"]]
-    top1 = common.top1(integer.IntegerResNet(graph), arrays, split, graph["mean"],
+    top1 = common.top1_percent(integer.IntegerResNet(graph), arrays, split, graph["mean"],
                        graph["std"], mesh, batch_size=min(1000, len(split)))
     results[key] = {
-        "top1": top1, "num_params": integer.num_params(graph), "checkpoint": checkpoint,
+        "top1_percent": top1, "num_params": integer.num_params(graph), "checkpoint": checkpoint,
         "checkpoint_files": files, "step": graph["step"], "integer": True,
         "test_data": split_fingerprint, "source_checkpoint": graph["source_checkpoint"],
         # the student checkpoint it was exported from (an export older than that record: none)

@@ -39,7 +39,8 @@ def train_step(state: TeacherState, batch, mean, std):
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         batch_stats=batch_stats, opt_state=opt_state)
-  return state, {"loss": loss, "train_top1": top1_correct(logits, batch["labels"]).mean()}
+  return state, {"loss": loss,
+                 "train_top1_percent": 100 * top1_correct(logits, batch["labels"]).mean()}
 
 
 def create_state_and_step(config, steps_per_epoch: int, mesh):

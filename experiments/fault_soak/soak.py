@@ -138,7 +138,8 @@ def trial(index: int, rng: random.Random, work: str, data_dir: str, expected: di
   differences = sorted(f"{name}.{k}" for name in set(got) | set(want)
                        for k in COMPARED if got.get(name, {}).get(k) != want.get(name, {}).get(k))
   lock_left = os.path.exists(os.path.join(workdir, ".dfqf.lock"))
-  record = {"trial": index, "commit": COMMIT, "stage_aimed_at": stage, "signal": signal.Signals(signum).name,
+  record = {"trial": index, "commit": COMMIT, "stage_aimed_at": stage,
+            "signal": signal.Signals(signum).name,
             "delay_after_stage_start_s": delay, "last_line_before_signal": before,
             "finished_before_signal": finished_before, "interrupted_exit": interrupted_code,
             "stopped_line": stopped_lines[-1] if stopped_lines else "",
