@@ -111,8 +111,7 @@ def main(config, workdir_path: str) -> None:
       run(config, workdir_path)
     except signals.StoppedBySignal as stop:
       if config.record_to and config.stage != "pipeline" and stop.step is not None:
-        with signals.deferred():
-          record(config, workdir_path, started)  # the record says where the stage stopped
+        record(config, workdir_path, started)  # the record says where the stage stopped
       raise
     if config.record_to:
       record(config, workdir_path, started)
