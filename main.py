@@ -14,13 +14,15 @@ from ml_collections import config_flags
 
 from dfqf_jax import parallel, report, signals, storage, validation, workdir
 from dfqf_jax.errors import UserError
-from dfqf_jax.stages import (evaluate, export, finetune, generator, import_teacher, pipeline,
-                             ptq, teacher)
+from dfqf_jax.stages import (evaluate, export, finetune, gdfq, generator, import_teacher,
+                             pipeline, ptq, teacher, zeroq)
 
 STAGES = {
     "teacher": (teacher.run, validation.teacher),
     "import_teacher": (import_teacher.run, validation.import_teacher),
     "generator": (generator.run, validation.generator),
+    "zeroq": (zeroq.run, zeroq.validate),
+    "gdfq": (gdfq.run, gdfq.validate),
     "ptq": (ptq.run, validation.ptq),
     "finetune": (finetune.run, validation.finetune),
     "evaluate": (evaluate.run, validation.evaluate),

@@ -21,6 +21,9 @@ def get_config(arg: str = "w4a4"):
   config.calibration_batches = 10
   config.calibration_batch_size = 128
   config.data_source = "generated"  # generated | real (the real-data QAT bound)
+  # The generated images' source: dfqf (DIR/generator) | zeroq (DIR/zeroq's distilled set)
+  # | gdfq (DIR/gdfq_generator, trained alongside with GDFQ's student loss).
+  config.images = "dfqf"
   config.batch_size = 128
   config.steps_per_epoch = 391
   config.num_epochs = 40

@@ -23,7 +23,7 @@ Logging and checkpoint cadence, normalization and augmentation are per stage
 (--config.generator_stage.log_every_steps=10). Fine-tuning's adversarial-generator loss
 weights and learning rate are the generator stage's (--config.generator_stage.lambda_bn=...).
 """
-from configs import finetune, generator, import_teacher, ptq, teacher
+from configs import finetune, gdfq, generator, import_teacher, ptq, teacher, zeroq
 from configs.common import base_config
 from dfqf_jax.stages.pipeline import (FROM_GENERATOR_STAGE, PIPELINE_FIELDS, STAGE_ONLY_FIELDS,
                                       remove_fields)
@@ -44,10 +44,18 @@ def get_config(schedule: str = "reference"):
   # --config.finetune_stage.protocol=dfqf,standard: four students). The PTQ table always
   # includes their bit widths and protocols (each student's starting point).
   config.bits = "w4a4"
+  # The students' image source: dfqf (stage 1's generator) | zeroq (distilled images,
+  # zeroq_stage) | gdfq (GDFQ's conditional generator, gdfq_stage; trained on in fine-tuning).
+  # Everything else is the same; only dfqf runs the PTQ table (it calibrates on stage 1's
+  # images); each student's metrics.jsonl logs its calibrated start at step 0.
+  config.images = "dfqf"
   config.teacher_stage = teacher.get_config("smoke" if schedule == "smoke" else "reference")
   config.import_stage = import_teacher.get_config()
   config.generator_stage = generator.get_config(
       {"smoke": "smoke", "budget": "cpu"}.get(schedule, "reference"))
+  sources_schedule = schedule if schedule in ("smoke", "budget") else "reference"
+  config.zeroq_stage = zeroq.get_config(sources_schedule)
+  config.gdfq_stage = gdfq.get_config(sources_schedule)
   smoke = ",smoke" if schedule == "smoke" else ""
   config.finetune_stage = finetune.get_config("w4a4" + smoke)
   config.ptq_stage = ptq.get_config(("w4a4" if smoke else "w8a8,w6a6,w4a4") + smoke)
@@ -66,9 +74,10 @@ def get_config(schedule: str = "reference"):
     ft = config.finetune_stage
     ft.steps_per_epoch, ft.num_epochs = 200, 10
     ft.checkpoint_every_steps = 200
-  for name in ("teacher_stage", "import_stage", "generator_stage", "finetune_stage",
-               "ptq_stage"):
+  for name in ("teacher_stage", "import_stage", "generator_stage", "zeroq_stage", "gdfq_stage",
+               "finetune_stage", "ptq_stage"):
     remove_fields(config[name], PIPELINE_FIELDS + ("on_stale_upstream",))  # always rebuild
   remove_fields(config.finetune_stage, FROM_GENERATOR_STAGE)  # set from generator_stage
+  remove_fields(config.finetune_stage, ("images",))  # set from config.images
   remove_fields(config, STAGE_ONLY_FIELDS)
   return config

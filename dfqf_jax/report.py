@@ -8,24 +8,10 @@ import sys
 
 import jax
 
-from dfqf_jax import checkpoints, provenance, storage, training
+from dfqf_jax import checkpoints, like_for_like, provenance, storage, top1, training
 from dfqf_jax.errors import UserError, brief
 
 STAGE_DIRS = ("teacher", "generator")
-# Top-1 is in percent wherever a user reads it, and its fields say so: results.json's entries
-# (TOP1; DROP, in points against the workdir's teacher) and the training curves (*TOP1).
-TOP1 = "top1_percent"
-DROP = "drop_vs_teacher_points"
-
-
-def top1_percent(entry: dict) -> float | None:
-  """An entry's top-1 in percent: TOP1, or 100 x `top1`, the fraction that records written
-  before the unit was named hold."""
-  if TOP1 in entry:
-    return entry[TOP1]
-  return None if entry.get("top1") is None else 100 * entry["top1"]
-
-
 def hardware() -> str:
   kind = jax.devices()[0].device_kind
   return (f"{jax.device_count()} x {kind} ({jax.default_backend()}), "
@@ -72,6 +58,10 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
       "stage_wall_seconds_total": round(sum(
           {os.path.dirname(r["checkpoint"]): r.get("stage_wall_seconds") or 0.0
            for r in results.values() if "checkpoint" in r}.values()), 1),
+      # Every stage folder's, also those that hold no classifier (ZeroQ's images).
+      "stage_folder_wall_seconds": {
+          entry: seconds for entry in storage.listdir(workdir)
+          if (seconds := training.read_wall_time(os.path.join(workdir, entry))) is not None},
       "curves": curves(workdir),
   }
   stopped = {stage: c[training.STOPPED_KEY][-1][0] for stage, c in record["curves"].items()
@@ -117,8 +107,8 @@ def plot_curves(workdir: str, path: str) -> list[str]:
   from matplotlib.ticker import MaxNLocator
   written = []
   for stage, series in curves(workdir).items():
-    keys = [k for k in series if k.endswith(TOP1)] + [k for k in series
-                                                             if k.startswith("loss")]
+    keys = [k for k in series if k.endswith(top1.METRIC_SUFFIX)] + [
+        k for k in series if k.startswith("loss")]
     if not keys:
       continue
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
@@ -127,7 +117,7 @@ def plot_curves(workdir: str, path: str) -> list[str]:
       ax.plot(steps, values, marker="o" if len(steps) == 1 else None)  # one point: visible
       ax.set_title(key, fontsize=9)
       ax.set_xlabel("training step", fontsize=8)
-      ax.set_ylabel("top-1 (%)" if key.endswith(TOP1) else "loss", fontsize=8)
+      ax.set_ylabel("top-1 (%)" if key.endswith(top1.METRIC_SUFFIX) else "loss", fontsize=8)
       ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
       ax.tick_params(labelsize=7)
     fig.suptitle(stage, fontsize=10)
@@ -143,14 +133,14 @@ def plot_curves(workdir: str, path: str) -> list[str]:
 def write_report(workdir: str, results: dict, schedule: str) -> str:
   """DIR/report.md: one table (teacher, PTQ baselines, DFQF students), grid and curves.
 
-  Also adds DROP (except to a `stale` entry, one built from upstream checkpoints
+  Also adds `drop_vs_teacher_points` (except to a `stale` entry, one built from upstream checkpoints
   the workdir no longer holds) and the hardware to each entry of DIR/results.json.
   """
-  teacher_top1 = results.get("teacher", {}).get(TOP1)
+  teacher_top1 = results.get("teacher", {}).get(top1.FIELD)
   host = hardware()
   for name, entry in results.items():
     if teacher_top1 is not None and "stale" not in entry:
-      entry[DROP] = teacher_top1 - entry[TOP1]
+      entry[top1.DROP_FIELD] = teacher_top1 - entry[top1.FIELD]
     entry["hardware"] = host
     entry["schedule"] = schedule  # (report --compare labels a smoke run's numbers)
   order = lambda n: (0 if n == "teacher" else 2 if n.startswith("ptq_") else 1, n)
@@ -164,9 +154,9 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
   for name in sorted(results, key=order):
     r = results[name]
     bits = f"{r['weight_bits']}/{r['act_bits']}" if "weight_bits" in r else "32/32"
-    drop = r.get(DROP)
+    drop = r.get(top1.DROP_FIELD)
     lines.append(
-        f"| {name} | {r[TOP1]:.2f}% | {'' if drop is None else f'{drop:.2f}'} "
+        f"| {name} | {r[top1.FIELD]:.2f}% | {'' if drop is None else f'{drop:.2f}'} "
         f"| {bits} | {r.get('protocol', '')} | {r.get('calibration', '')} | "
         f"{r.get('steps', r.get('step', ''))} | {_seconds(r.get('stage_wall_seconds'))} | "
         f"{built_from(r)} |")
@@ -205,7 +195,7 @@ def ptq_table(results: dict) -> str:
     if name.startswith("ptq_"):
       bits = f"W{r['weight_bits']}A{r['act_bits']}"
       bit_widths.add((r["weight_bits"], bits))
-      cells[(r["calibration"], r["protocol"], bits)] = top1_percent(r)
+      cells[(r["calibration"], r["protocol"], bits)] = top1.percent(r)
   columns = [b for _, b in sorted(bit_widths, reverse=True)]
   rows = sorted({(c, p) for c, p, _ in cells})
   lines = ["| calibration | protocol | " + " | ".join(columns) + " |",
@@ -262,7 +252,7 @@ def comparison_rows(records: dict) -> list[dict]:
   rows = []
   for path, record in records.items():
     results = record.get("results", record)  # a run record, or a workdir's results.json
-    teacher = top1_percent(results.get("teacher", {}))
+    teacher = top1.percent(results.get("teacher", {}))
     for name, entry in sorted(results.items()):
       if not name.startswith("student_"):
         continue
@@ -271,14 +261,16 @@ def comparison_rows(records: dict) -> list[dict]:
         continue
       bits = (entry["weight_bits"], entry["act_bits"])
       start = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}", {})
-      ptq = None if "stale" in start else top1_percent(start)
+      ptq = None if "stale" in start else top1.percent(start)
       depth = entry.get("depth", results.get("teacher", {}).get("depth"))
       network = "?" if depth is None else f"ResNet-{depth}"
-      rows.append({"method": f"DFQF (ours) {name}", "network": network,
+      source = like_for_like.SOURCE_NAMES[entry.get("images", "dfqf")]
+      method = "DFQF (ours)" if source == "DFQF" else f"{source} (this harness)"
+      rows.append({"method": f"{method} {name}", "network": network,
                    "protocol": entry["protocol"],
                    "schedule": schedule_of(record) or entry.get("schedule", ""),
-                   "teacher": teacher, "bits": bits, "top1": top1_percent(entry),
-                   "drop": None if teacher is None else teacher - top1_percent(entry),
+                   "teacher": teacher, "bits": bits, "top1": top1.percent(entry),
+                   "drop": None if teacher is None else teacher - top1.percent(entry),
                    "ptq_start": ptq, "compute": _compute(record, entry), "source": path})
   return rows
 
@@ -306,8 +298,9 @@ def comparison_table(records: dict) -> str:
   for method, tops in PUBLISHED.items():
     cells = [method, PUBLISHED_NETWORK, "standard", "the paper's",
              _points(PUBLISHED_TEACHER_TOP1)]
-    for top1 in tops:
-      cells += [_points(top1), _points(None if top1 is None else PUBLISHED_TEACHER_TOP1 - top1)]
+    for published in tops:
+      cells += [_points(published),
+                _points(None if published is None else PUBLISHED_TEACHER_TOP1 - published)]
     cells += ["", "published", "the paper's table"]
     lines.append("| " + " | ".join(cells) + " |")
   if any(row["schedule"].startswith("smoke") for row in rows):
@@ -333,7 +326,7 @@ def load_record(path: str) -> dict:
     raise RecordError(f"{path} is not a JSON document{lines} ({brief(e)}); {fix}.") from None
   results = record.get("results", record) if isinstance(record, dict) else None
   if not isinstance(results, dict) or not results or not all(
-      isinstance(e, dict) and top1_percent(e) is not None for e in results.values()):
+      isinstance(e, dict) and top1.percent(e) is not None for e in results.values()):
     raise RecordError(f"{path} holds no results (name -> an entry with its top-1); {fix}.")
   return record
 
@@ -361,6 +354,9 @@ def _main(argv: list[str]) -> int:
     print(ptq_table(record.get("results", record)))
     return 0
   table = comparison_table(loaded)
+  same_harness = like_for_like.table(loaded, schedule_of)
+  if same_harness:
+    table = f"{same_harness}\nEach beside the published numbers:\n\n{table}"
   print(table)
   if args.out:
     storage.write_atomically(args.out, table + "\n")

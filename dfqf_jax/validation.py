@@ -6,6 +6,7 @@ import jax
 from dfqf_jax import data, quant, storage
 from dfqf_jax.errors import UserError
 from dfqf_jax.models.resnet import DEPTHS
+from dfqf_jax.stages.sources import IMAGES
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -168,6 +169,11 @@ def finetune(config) -> None:
     raise ConfigError("finetune trains one student: give one value each for config.bits "
                       f"({config.bits!r}), config.protocol and config.calibration.")
   one_of(config, "data_source", ("generated", "real"))
+  one_of(config, "images", IMAGES)
+  if config.images != "dfqf" and (config.adversarial_generator or config.data_source == "real"):
+    raise ConfigError(f"config.images={config.images!r} fine-tunes on that source's images; "
+                      "config.adversarial_generator and config.data_source='real' are for "
+                      "DFQF's generator: leave them at False and 'generated'.")
   if config.adversarial_generator and config.data_source == "real":
     raise ConfigError("config.adversarial_generator=True trains the generator against the "
                       "student on generated images, but config.data_source='real' fine-tunes "

@@ -23,7 +23,7 @@ from dfqf_jax import losses as L
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import sample_latent
 from dfqf_jax.models.resnet import CifarResNet
-from dfqf_jax.stages import common, ptq
+from dfqf_jax.stages import common, gdfq, ptq, zeroq
 from dfqf_jax.stages import generator as stage1
 from dfqf_jax.validation import ADVERSARIAL_FIELDS, ConfigError
 
@@ -50,7 +50,8 @@ def with_generator_loss_weights(config, g_meta: dict):
 def stage_name(config, w: int, a: int) -> str:
   name = "qat_real" if config.data_source == "real" else "student"
   name += f"_w{w}a{a}"
-  return name if config.protocol == "dfqf" else f"{name}_{config.protocol}"
+  name = name if config.protocol == "dfqf" else f"{name}_{config.protocol}"
+  return name if config.images == "dfqf" else f"{name}_{config.images}"
 
 
 def student_optimizer(config, steps_per_epoch: int):
@@ -105,7 +106,7 @@ def kd_step(state: FinetuneState, x, teacher_vars):
 
 
 def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh,
-                          normalization=(data.CIFAR_MEAN, data.CIFAR_STD)):
+                          normalization=(data.CIFAR_MEAN, data.CIFAR_STD), source=None):
   """(initial state replicated on `mesh`, jitted step(state, inputs, teacher_vars)).
 
   generator: (module, variables) of stage 1, or None when fine-tuning on real images.
@@ -113,6 +114,8 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
   inputs: a PRNG key (generated images; with `adversarial_generator`, a stage-1 iteration
   against the quantized student) or, with data_source='real', a global uint8 image batch
   (normalized inside the step with the teacher's `normalization`, its (mean, std)).
+  source: a sources.ImageSource (config.images other than 'dfqf'), which supplies the
+  generator trained alongside (if any), the step's settings and the step (if not KD).
   The modules compute in config.compute_dtype; the step logs the learning rate.
   """
   dtype = common.compute_dtype(config)
@@ -125,14 +128,23 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
   hp = stage1.Hyper(config.batch_size, 0 if g_model is None else g_model.latent_dim,
                     config.lambda_is, config.lambda_bn, config.lambda_adv,
                     student_bn_train=config.student_bn_train)
+  g_opt_state = g_tx.init(g_vars["params"]) if g_tx else ()
+  if source is not None:
+    hp = source.hyper or hp
+    if source.generator is not None:
+      g_model, g_vars, g_opt_state, g_tx = source.generator
+      models = models._replace(generator=g_model.clone(dtype=dtype))
   # Fresh buffers: the step donates the state, and the student's arrays may be the teacher's.
-  g_vars, s_vars = jax.tree.map(lambda x: jnp.array(x, copy=True), (g_vars, s_vars))
+  g_vars, g_opt_state, s_vars = jax.tree.map(lambda x: jnp.array(x, copy=True),
+                                             (g_vars, g_opt_state, s_vars))
   state = jax.device_put(FinetuneState(
-      jnp.zeros((), jnp.int32), g_vars, g_tx.init(g_vars["params"]) if g_tx else (), s_vars,
+      jnp.zeros((), jnp.int32), g_vars, g_opt_state, s_vars,
       s_tx.init(s_vars["params"]), models, g_tx, s_tx, hp),
       parallel.replicated(mesh))
 
-  if config.adversarial_generator:
+  if source is not None:
+    step = source.step or (lambda state, x, tv: kd_step(state, x, tv))
+  elif config.adversarial_generator:
     step = functools.partial(stage1.train_step, mesh=mesh)
   elif config.data_source == "real":
     mean, std = map(tuple, normalization)
@@ -148,15 +160,18 @@ def run(config, workdir: str) -> None:
   stage_dir = os.path.join(workdir, name)
   teacher, teacher_vars, teacher_meta = common.load_teacher(workdir, config.teacher_dir)
   common.check_teacher_depth(config, teacher_meta)
-  generator = None
+  generator = source = None
   lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
-  if "generated" in (config.data_source, config.calibration_data):
+  mesh = parallel.make_mesh()
+  if config.images != "dfqf":
+    source = {"zeroq": zeroq, "gdfq": gdfq}[config.images].finetune_source(config, workdir, mesh)
+    lineage.update(source.lineage)
+  elif "generated" in (config.data_source, config.calibration_data):
     *generator, g_meta = stage1.load_generator(workdir, config.generator_dir)
     lineage["generator"] = g_meta[checkpoints.ORIGIN]
     if config.adversarial_generator:
       config = with_generator_loss_weights(config, g_meta)
   checkpoints.check_lineage(stage_dir, name, lineage, config.on_stale_upstream)
-  mesh = parallel.make_mesh()
   test_split = data.load_split(teacher_meta["dataset"], "test", data.source(config.data))
   train_split = val_split = data.Split(test_split.images[:0], test_split.labels[:0])
   if config.data_source == "real" or config.data.validation_size > 0:
@@ -169,8 +184,13 @@ def run(config, workdir: str) -> None:
   student, variables = calibration.quantized_student(
       teacher_vars, teacher_meta["depth"], teacher_meta["num_classes"], spec)
   if checkpoints.latest_step(stage_dir) is None:  # a resumed run restores calibrated clips
-    summaries, _ = ptq.calibration_summaries(name, config, teacher_vars, teacher_meta,
-                                             [config.calibration], generator)
+    ptq.announce_calibration(name, config, [config.calibration])
+    key = rng.key(config.seed, rng.CALIBRATION_LATENTS)
+    batches = (source.calibration_batches(config, key)
+               if source and config.calibration_data == "generated" else
+               ptq.calibration_batches(config, teacher_meta, config.calibration_data, key,
+                                       generator))
+    summaries = ptq.summarize(teacher_vars, teacher_meta, batches, [config.calibration])
     variables = calibration.calibrate(variables, spec, config.calibration, summaries)
   total_steps = config.num_epochs * config.steps_per_epoch
   meta = common.classifier_meta(
@@ -180,6 +200,8 @@ def run(config, workdir: str) -> None:
       data_source=config.data_source, adversarial_generator=config.adversarial_generator,
       student_bn_train=config.student_bn_train,
       steps=total_steps, batch_size=config.batch_size)
+  if source is not None:
+    meta["images"] = config.images
   meta.update(total_steps=total_steps, lineage=lineage)
   if config.adversarial_generator:
     meta["generator_loss_weights"] = {field: config[field] for field in ADVERSARIAL_FIELDS}
@@ -187,7 +209,7 @@ def run(config, workdir: str) -> None:
 
   state, step_fn = create_state_and_step(
       config, teacher, generator if config.data_source == "generated" else None,
-      (student, variables), mesh, (mean, std))
+      (student, variables), mesh, (mean, std), source)
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
   state, start = training.resume(ckpt, stage_dir, state, meta, name)
   teacher_vars = parallel.replicate(mesh, teacher_vars)
@@ -195,6 +217,8 @@ def run(config, workdir: str) -> None:
   rows = parallel.process_slice(config.batch_size)
 
   def do_step(state, step):
+    if source is not None:
+      return step_fn(state, source.inputs(step, base_key), teacher_vars)
     if config.data_source == "real":
       batch = data.train_batch(train_split, config.batch_size, config.seed, step, rows)
       return step_fn(state, parallel.global_batch(mesh, batch)["images"], teacher_vars)

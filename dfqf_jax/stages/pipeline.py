@@ -11,8 +11,8 @@ import ml_collections
 
 from dfqf_jax import quant as q
 from dfqf_jax import report, signals, storage, validation
-from dfqf_jax.stages import (evaluate, finetune, generator, import_teacher, ptq,
-                             teacher)
+from dfqf_jax.stages import (evaluate, finetune, gdfq, generator, import_teacher, ptq,
+                             sources, teacher, zeroq)
 
 # Set once, on the pipeline, for every stage. configs/pipeline.py removes them from the stage
 # configs, so that --config.<stage>_stage.seed=3 is an unknown field (one error line) rather
@@ -72,22 +72,30 @@ def stage_configs(config) -> list:
     stages.append(("teacher", import_teacher.run, validation.import_teacher, sub))
   else:
     stages.append(("teacher", teacher.run, validation.teacher, with_shared(config.teacher_stage)))
-  stages.append(("generator", generator.run, validation.generator,
-                 with_shared(config.generator_stage)))
+  if config.images == "zeroq":
+    stages.append(("zeroq", zeroq.run, zeroq.validate, with_shared(config.zeroq_stage)))
+  elif config.images == "gdfq":
+    stages.append(("gdfq", gdfq.run, gdfq.validate, with_shared(config.gdfq_stage)))
+  else:
+    stages.append(("generator", generator.run, validation.generator,
+                   with_shared(config.generator_stage)))
   students = [(q.bits_name(w, a), protocol) for w, a in validation.bit_pairs(config)
               for protocol in validation.split_names(config.finetune_stage.protocol)]
   for bits, protocol in students:
     sub = with_shared(config.finetune_stage)
-    sub.bits, sub.protocol = bits, protocol
+    sub.bits, sub.protocol, sub.images = bits, protocol, config.images
     for field, source in FROM_GENERATOR_STAGE.items():
       sub[field] = validation.field_value(config.generator_stage, source)
     name = f"finetune_{bits}" + ("" if protocol == "dfqf" else f"_{protocol}")
-    stages.append((name, finetune.run, validation.finetune, sub))
-  sub = with_shared(config.ptq_stage)  # always holds each student's starting point
-  sub.bits = _union(",".join(q.bits_name(w, a) for w, a in validation.bit_pairs(sub)),
-                    [bits for bits, _ in students])
-  sub.protocol = _union(sub.protocol, [protocol for _, protocol in students])
-  stages.append(("ptq", lambda c, w: ptq.run(c, w, evaluate_after=False), validation.ptq, sub))
+    stages.append((name + ("" if config.images == "dfqf" else f"_{config.images}"),
+                   finetune.run, validation.finetune, sub))
+  if config.images == "dfqf":  # (the PTQ table calibrates on stage 1's images)
+    sub = with_shared(config.ptq_stage)  # always holds each student's starting point
+    sub.bits = _union(",".join(q.bits_name(w, a) for w, a in validation.bit_pairs(sub)),
+                      [bits for bits, _ in students])
+    sub.protocol = _union(sub.protocol, [protocol for _, protocol in students])
+    stages.append(("ptq", lambda c, w: ptq.run(c, w, evaluate_after=False), validation.ptq,
+                   sub))
   return stages
 
 
@@ -99,15 +107,22 @@ def describe(name: str, sub) -> str:
   if name == "generator":
     return (f"stage 1, the generator and a full-precision student "
             f"({sub.num_epochs * sub.iters_per_epoch} steps)")
+  if name == "zeroq":
+    return (f"ZeroQ's distilled images, {sub.num_batches * sub.batch_size} images "
+            f"({zeroq.total_steps_of(sub)} steps)")
+  if name == "gdfq":
+    return f"GDFQ's conditional generator, warm-up ({sub.warmup_steps} steps)"
   if name == "ptq":
     return (f"PTQ baselines, {sub.bits} x calibration {sub.calibration} x protocol "
             f"{sub.protocol} on {sub.calibration_data} images")
-  return (f"calibrate ({sub.calibration}) and fine-tune the {sub.bits} student, protocol "
+  return (f"calibrate ({sub.calibration}) and fine-tune the {sub.bits} student on "
+          f"{sub.get('images', 'dfqf')} images, protocol "
           f"{sub.protocol} ({sub.num_epochs * sub.steps_per_epoch} steps)")
 
 
 def validate(config) -> None:
   validation.common(config, splits=("test",))  # each stage checks the splits it reads
+  validation.one_of(config, "images", sources.IMAGES)
   if not validation.split_names(config.bits):
     raise validation.ConfigError(f"config.bits={config.bits!r} names no student to fine-tune; "
                                  "give one or more of w<W>a<A>, e.g. --config.bits=w4a4.")

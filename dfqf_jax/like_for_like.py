@@ -1,0 +1,99 @@
+"""The like-for-like table: students that differ only in their images' source (DFQF's
+generator, ZeroQ's distilled set, GDFQ's conditional generator), over seeds.
+
+One row per source x bit widths x protocol within each (teacher, schedule) part: top-1 mean
+± sample standard deviation, min / max, each run's number with its seed, the `ft` PTQ start
+each student was fine-tuned from (its step-0 evaluation) and the compute per run (the image
+source's stage + the student's fine-tuning). Read from run records (`--config.record_to`).
+"""
+import os
+import re
+import statistics
+
+from dfqf_jax import top1
+
+SOURCE_STAGES = {"dfqf": "generator", "zeroq": "zeroq", "gdfq": "gdfq_generator"}
+SOURCE_NAMES = {"dfqf": "DFQF", "zeroq": "ZeroQ", "gdfq": "GDFQ"}
+
+
+def seed_of(record: dict) -> int:
+  """The pipeline seed the record's command set (--config.seed=N), else the default 0."""
+  match = re.search(r"--config\.seed=(\d+)", record.get("command", ""))
+  return int(match.group(1)) if match else 0
+
+
+def _start(record: dict, name: str):
+  """The student's step-0 test top-1 (its calibrated start, %), from the record's curves."""
+  points = top1.curve(record.get("curves", {}).get(name, {}), "test")
+  return next((value for step, value in points if step == 0), None)
+
+
+def runs(records: dict, schedule_of) -> list[dict]:
+  """One entry per fine-tuned student in the records (path -> run record); a student that
+  several records of one workdir hold is counted once; stale students are left out."""
+  found = {}
+  for path, record in records.items():
+    results = record.get("results", {})
+    teacher = results.get("teacher", {})
+    for name, entry in sorted(results.items()):
+      if not name.startswith("student_") or "stale" in entry:
+        continue
+      source = entry.get("images", "dfqf")
+      source_seconds = record.get("stage_folder_wall_seconds", {}).get(SOURCE_STAGES[source])
+      found.setdefault((record.get("workdir", path), name), {
+          "source": source, "bits": (entry["weight_bits"], entry["act_bits"]),
+          "protocol": entry["protocol"], "seed": seed_of(record), "top1": top1.percent(entry),
+          "start": _start(record, name), "finetune_seconds": entry.get("stage_wall_seconds"),
+          "source_seconds": source_seconds,
+          "part": (top1.percent(teacher), teacher.get("depth"), schedule_of(record)),
+          "hardware": record.get("hardware", "?"), "record": os.path.basename(path)})
+  return list(found.values())
+
+
+def _points(value) -> str:
+  return "–" if value is None else f"{value:.2f}"
+
+
+def _spread(values) -> str:
+  if not values:
+    return "–"
+  mean = f"{statistics.mean(values):.2f}"
+  return mean + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else " (1 run)")
+
+
+def _seconds(value) -> str:
+  return "?" if value is None else f"{value:.0f}"
+
+
+def table(records: dict, schedule_of) -> str:
+  """Markdown: one section per (teacher, schedule), one row per source x bits x protocol."""
+  rows = runs(records, schedule_of)
+  if not rows:
+    return ""
+  order = list(SOURCE_NAMES)
+  lines = []
+  for part in sorted({r["part"] for r in rows}, key=str):
+    teacher_top1, depth, schedule = part
+    in_part = [r for r in rows if r["part"] == part]
+    lines += [f"Like for like: teacher ResNet-{depth} {_points(teacher_top1)}% (the same for every "
+              f"run), schedule {schedule or '?'}, images' source the only change; "
+              f"{in_part[0]['hardware']}", "",
+              "| images | bits | protocol | runs | top-1 mean ± std | min / max | each run "
+              "(seed: top-1) | `ft` start (each run) | compute per run, s (source + "
+              "fine-tuning) |",
+              "|---|---|---|---:|---:|---:|---|---|---|"]
+    cells = sorted({(r["source"], r["bits"], r["protocol"]) for r in in_part},
+                   key=lambda c: (-c[1][0], order.index(c[0]), c[2]))
+    for source, bits, protocol in cells:
+      group = sorted((r for r in in_part if (r["source"], r["bits"], r["protocol"]) ==
+                      (source, bits, protocol)), key=lambda r: r["seed"])
+      tops = [r["top1"] for r in group]
+      lines.append(" | ".join([
+          f"| {SOURCE_NAMES[source]}", f"W{bits[0]}A{bits[1]}", protocol, str(len(group)),
+          _spread(tops), f"{_points(min(tops))} / {_points(max(tops))}",
+          ", ".join(f"{r['seed']}: {_points(r['top1'])}" for r in group),
+          ", ".join(_points(r["start"]) for r in group),
+          ", ".join(f"{_seconds(r['source_seconds'])} + {_seconds(r['finetune_seconds'])}"
+                    for r in group)]) + " |")
+    lines.append("")
+  return "\n".join(lines)

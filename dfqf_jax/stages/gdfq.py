@@ -1,0 +1,260 @@
+"""GDFQ's image source: a label-conditioned generator (models.conditional_generator).
+
+Per iteration: labels y ~ U{0..classes-1}, z ~ N(0, I), x = G(z | y) (G's BNs in training
+mode), t = T(x) (inference mode, its BN inputs recorded); G descends
+CE(t, y) + lambda_bns L_BNS (baselines.gdfq_generator_loss; Adam). This stage is GDFQ's
+warm-up: `warmup_steps` of these iterations with no student. Fine-tuning with images='gdfq'
+(`finetune_source`) goes on with them, G's optimizer state continued, and after each one the
+quantized student descends GDFQ's alpha T^2 KL + CE on the same (detached) x, t and y, as
+GDFQ's trainer does. The generator's lr decays at lr_milestones of its whole run (warm-up +
+fine-tuning), counted from the warm-up's first step; the warm-up itself keeps the
+initial lr (in GDFQ it ends long before the first milestone).
+"""
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from dfqf_jax import baselines, checkpoints, data, images, parallel, rng, training, validation
+from dfqf_jax.models.conditional_generator import ConditionalGenerator
+from dfqf_jax.models.generator import sample_latent
+from dfqf_jax.stages import common, sources
+from dfqf_jax.stages import generator as stage1
+
+STAGE_DIR = "gdfq_generator"
+SETTINGS = ("learning_rate", "b1", "b2", "lr_milestones", "lambda_bns", "temperature", "alpha",
+            "kd_reduction")
+
+
+@struct.dataclass
+class Hyper:
+  batch_size: int = struct.field(pytree_node=False)
+  latent_dim: int = struct.field(pytree_node=False)
+  num_classes: int = struct.field(pytree_node=False)
+  lambda_bns: float = struct.field(pytree_node=False)
+  temperature: float = struct.field(pytree_node=False)
+  alpha: float = struct.field(pytree_node=False)
+  kd_reduction: str = struct.field(pytree_node=False)
+  student_bn_train: bool = struct.field(pytree_node=False, default=False)
+
+
+class WarmupState(struct.PyTreeNode):
+  step: jax.Array
+  generator: dict  # {'params', 'batch_stats'}
+  g_opt_state: optax.OptState
+  models: stage1.Models = struct.field(pytree_node=False)  # (generator, teacher, None)
+  g_tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  hp: Hyper = struct.field(pytree_node=False)
+
+
+def generator_optimizer(settings: dict, total_steps: int | None = None):
+  """GDFQ's Adam for G; lr constant (total_steps None, the warm-up) or x0.1 at each of
+  lr_milestones x total_steps, counted by the optimizer's own step count."""
+  lr = settings["learning_rate"]
+  schedule = (optax.constant_schedule(lr) if total_steps is None else
+              training.step_decay(lr, [f * total_steps for f in settings["lr_milestones"]], 1))
+  return optax.adam(schedule, b1=settings["b1"], b2=settings["b2"]), schedule
+
+
+def hyper(config, num_classes: int, batch_size: int, student_bn_train: bool = False) -> Hyper:
+  """config: this stage's config, or the settings its checkpoint recorded."""
+  return Hyper(batch_size, config["latent_dim"], num_classes, config["lambda_bns"],
+               config["temperature"], config["alpha"], config["kd_reduction"],
+               student_bn_train)
+
+
+def sample_labels_and_latents(key, hp: Hyper, mesh=None):
+  z_key, y_key = jax.random.split(key)
+  z = sample_latent(z_key, hp.batch_size, hp.latent_dim)
+  labels = jax.random.randint(y_key, (hp.batch_size,), 0, hp.num_classes)
+  if mesh is not None:
+    z = jax.lax.with_sharding_constraint(z, parallel.batch_sharding(mesh))
+    labels = jax.lax.with_sharding_constraint(labels, parallel.batch_sharding(mesh))
+  return z, labels
+
+
+def generator_update(state, key, teacher_vars, mesh=None):
+  """GDFQ's generator iteration on any state with WarmupState's fields. Returns (G's
+  variables, its optimizer state, (x, t, y) before the update, metrics)."""
+  hp, generator, teacher = state.hp, state.models.generator, state.models.teacher
+  z, labels = sample_labels_and_latents(key, hp, mesh)
+
+  def loss_fn(params):
+    x, updates = generator.apply({"params": params, "batch_stats": state.generator["batch_stats"]},
+                                 z, labels, train=True, mutable=["batch_stats"])
+    t, layers = baselines.teacher_bn_inputs(teacher, teacher_vars, x)
+    loss, ce, bns = baselines.gdfq_generator_loss(t, labels, layers, hp.lambda_bns)
+    return loss, (x, t, updates["batch_stats"], {"loss_g": loss, "loss_g_ce": ce,
+                                                 "loss_bns": bns})
+
+  (_, (x, t, stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.generator["params"])
+  updates, g_opt_state = state.g_tx.update(grads, state.g_opt_state, state.generator["params"])
+  variables = {"params": optax.apply_updates(state.generator["params"], updates),
+               "batch_stats": stats}
+  metrics["teacher_label_agreement"] = (jnp.argmax(t, -1) == labels).mean()
+  return variables, g_opt_state, (x, t, labels), metrics
+
+
+def initial_generator(generator: ConditionalGenerator, key) -> dict:
+  variables = generator.init(key, jnp.zeros((2, generator.latent_dim)),
+                             jnp.zeros((2,), jnp.int32))
+  return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def warmup_step(state: WarmupState, key, teacher_vars, mesh=None):
+  variables, g_opt_state, _, metrics = generator_update(state, key, teacher_vars, mesh)
+  return state.replace(step=state.step + 1, generator=variables, g_opt_state=g_opt_state), metrics
+
+
+def finetune_step(state, key, teacher_vars, mesh=None):
+  """One GDFQ iteration of fine-tuning (a finetune.FinetuneState): G's update, then the
+  student's on the images, teacher logits and labels drawn before it."""
+  variables, g_opt_state, (x, t, labels), metrics = generator_update(state, key, teacher_vars,
+                                                                     mesh)
+  x, t = jax.lax.stop_gradient(x), jax.lax.stop_gradient(t)
+  hp, student = state.hp, state.models.student
+
+  def loss_fn(params):
+    s, stats = stage1.student_forward(student, params, state.student["batch_stats"], x,
+                                      hp.student_bn_train)
+    loss, kd, ce = baselines.gdfq_student_loss(s, t, labels, hp.temperature, hp.alpha,
+                                               hp.kd_reduction)
+    return loss, (s, stats, {"loss_s": loss, "loss_kd": kd, "loss_ce": ce})
+
+  (_, (s, s_stats, s_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.student["params"])
+  updates, s_opt_state = state.s_tx.update(grads, state.s_opt_state, state.student["params"])
+  student_vars = {"params": optax.apply_updates(state.student["params"], updates),
+                  "batch_stats": s_stats}
+  metrics.update(s_metrics, teacher_agreement=(jnp.argmax(s, -1) == jnp.argmax(t, -1)).mean())
+  return state.replace(step=state.step + 1, generator=variables, g_opt_state=g_opt_state,
+                       student=student_vars, s_opt_state=s_opt_state), metrics
+
+
+def stage_meta(config, teacher_meta) -> dict:
+  return {"arch": "gdfq_generator", "latent_dim": config.latent_dim,
+          "num_classes": teacher_meta["num_classes"],
+          "reference_quirks": config.reference_quirks,
+          "settings": {k: config[k] for k in SETTINGS},
+          "teacher": {k: teacher_meta[k] for k in ("depth", "dataset", "mean", "std")}}
+
+
+def _module(meta_or_config, num_classes: int) -> ConditionalGenerator:
+  return ConditionalGenerator(num_classes, meta_or_config["latent_dim"],
+                              meta_or_config["reference_quirks"])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _generate(generator, g_vars, key, count: int):
+  """`count` images G(z | y) (batch statistics, as in training) and their labels y."""
+  z_key, y_key = jax.random.split(key)
+  labels = jax.random.randint(y_key, (count,), 0, generator.num_classes)
+  x = generator.apply(g_vars, sample_latent(z_key, count, generator.latent_dim), labels,
+                      train=True, mutable=["batch_stats"])[0]
+  return x, labels
+
+
+def validate(config) -> None:
+  validation.common(config, splits=())
+  validation.divisible_batch(config, "batch_size")
+  for field in ("warmup_steps", "latent_dim", "learning_rate", "b1", "b2", "temperature"):
+    validation.positive(config, field)
+  for field in ("lambda_bns", "alpha"):
+    validation.positive(config, field, allow_zero=True)
+  validation.one_of(config, "kd_reduction", baselines.KD_REDUCTIONS)
+
+
+def run(config, workdir: str) -> None:
+  stage_dir = os.path.join(workdir, STAGE_DIR)
+  teacher, teacher_vars, teacher_meta = common.load_teacher(workdir, config.teacher_dir)
+  common.check_teacher_depth(config, teacher_meta)
+  mesh = parallel.make_mesh()
+  lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
+  meta = {**stage_meta(config, teacher_meta), "total_steps": config.warmup_steps,
+          "lineage": lineage}
+  checkpoints.check_lineage(stage_dir, STAGE_DIR, lineage, config.on_stale_upstream)
+  dtype = common.compute_dtype(config)
+  num_classes = teacher_meta["num_classes"]
+  generator = _module(config, num_classes)
+  models = stage1.Models(generator.clone(dtype=dtype), teacher.clone(dtype=dtype), None)
+  g_tx, schedule = generator_optimizer(config)
+  hp = hyper(config, num_classes, config.batch_size)
+
+  def init(key):
+    g_vars = initial_generator(generator, key)
+    return WarmupState(jnp.zeros((), jnp.int32), g_vars, g_tx.init(g_vars["params"]), models,
+                       g_tx, hp)
+
+  state = jax.jit(init, out_shardings=parallel.replicated(mesh))(rng.key(config.seed, rng.INIT))
+  ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
+  state, start = training.resume(ckpt, stage_dir, state, meta, STAGE_DIR)
+  step_fn = training.jit_step(functools.partial(warmup_step, mesh=mesh), schedule,
+                              "generator_learning_rate")
+  teacher_vars = parallel.replicate(mesh, teacher_vars)
+  base_key = rng.key(config.seed, rng.STAGE1_LATENTS)
+
+  def save_grid(state, step):
+    if training.is_main_process():
+      x, labels = _generate(generator, state.generator, rng.key(config.seed, rng.GRID_LATENTS),
+                            10 * num_classes)
+      pictures = images.denormalize(x, teacher_meta["mean"], teacher_meta["std"])
+      labels = np.asarray(labels)
+      images.save_png(os.path.join(stage_dir, "grid.png"),
+                      images.class_grid(pictures, labels, num_classes),
+                      labels=images.row_labels(labels, data.class_names(teacher_meta["dataset"])))
+    return {}
+
+  training.run_steps(name=STAGE_DIR, ckpt=ckpt, state=state, start_step=start,
+                     total_steps=config.warmup_steps,
+                     train_step=lambda s, step: step_fn(s, rng.step_key(base_key, step),
+                                                        teacher_vars),
+                     meta=meta, log_every=config.log_every_steps, loss_keys=("loss_g",),
+                     evaluate=save_grid, eval_every=config.warmup_steps)
+
+
+def _continued(fresh, saved):
+  """`saved` (a checkpoint's optimizer state, read back as plain containers) in the
+  structure of `fresh`, the same optimizer's initial state."""
+  leaves, fresh_leaves = jax.tree.leaves(saved), jax.tree.leaves(fresh)
+  if [np.shape(a) for a in leaves] != [np.shape(b) for b in fresh_leaves]:
+    raise checkpoints.CheckpointError("the GDFQ generator checkpoint's optimizer state does not "
+                                      "fit GDFQ's Adam; rerun the gdfq stage.")
+  return jax.tree.unflatten(jax.tree.structure(fresh), leaves)
+
+
+def finetune_source(config, workdir: str, mesh) -> sources.ImageSource:
+  """GDFQ's generator, warmed up in DIR/gdfq_generator, for a fine-tuning config."""
+  state, meta, _ = checkpoints.load_product(os.path.join(workdir, STAGE_DIR), STAGE_DIR)
+  if state["step"] != meta["total_steps"]:
+    raise checkpoints.CheckpointError(
+        f"the GDFQ warm-up in {os.path.join(workdir, STAGE_DIR)!r} stopped at step "
+        f"{state['step']} of {meta['total_steps']}; rerun the gdfq stage to finish it.")
+  settings = meta["settings"]
+  total = meta["total_steps"] + config.num_epochs * config.steps_per_epoch
+  if meta["total_steps"] > min(settings["lr_milestones"], default=1.0) * total:
+    print(f"warning: GDFQ's warm-up ({meta['total_steps']} steps) ran past its generator's "
+          f"first lr milestone ({min(settings['lr_milestones'])} of {total} steps) at the "
+          "initial lr; fine-tuning continues with the decayed lr.", file=sys.stderr)
+  module = _module(meta, meta["num_classes"])
+  g_tx, _ = generator_optimizer(settings, total)
+  g_vars = {"params": state["generator"]["params"],
+            "batch_stats": state["generator"]["batch_stats"]}
+  g_opt_state = _continued(g_tx.init(g_vars["params"]), state["g_opt_state"])
+  hp = hyper({**meta, **settings}, meta["num_classes"], config.batch_size,
+             config.student_bn_train)
+
+  def calibration_batches(config, key):
+    return [_generate(module, g_vars, jax.random.fold_in(key, i), config.calibration_batch_size)[0]
+            for i in range(config.calibration_batches)]
+
+  return sources.ImageSource(
+      lineage={STAGE_DIR: meta[checkpoints.ORIGIN]}, calibration_batches=calibration_batches,
+      generator=(module, g_vars, g_opt_state, g_tx), hyper=hp,
+      step=functools.partial(finetune_step, mesh=mesh),
+      inputs=lambda step, base_key: rng.step_key(base_key, step))

@@ -1,0 +1,69 @@
+"""The like-for-like table from run records: one row per image source x bits x protocol,
+mean ± std over seeds with every run's number, the `ft` start and the compute per run."""
+import json
+
+from dfqf_jax import like_for_like, report
+
+
+def record(source: str, seed: int, students: dict, workdir: str) -> dict:
+  """A run record of one pipeline invocation: students = name -> (bits, protocol, top-1,
+  step-0 top-1)."""
+  results = {"teacher": {"top1": 0.9173, "depth": 20}}
+  curves = {}
+  for name, (bits, protocol, top1, start) in students.items():
+    results[name] = {"top1": top1, "weight_bits": bits, "act_bits": bits,
+                     "protocol": protocol, "stage_wall_seconds": 100.0 + seed,
+                     **({} if source == "dfqf" else {"images": source})}
+    curves[name] = {"test_top1": [[0, start], [2000, top1]]}
+  stage = like_for_like.SOURCE_STAGES[source]
+  return {"command": f"python main.py --config=configs/pipeline.py:budget --config.seed={seed}",
+          "hardware": "2 x cpu", "workdir": workdir, "results": results, "curves": curves,
+          "stage_folder_wall_seconds": {stage: 50.0}}
+
+
+def test_each_cell_is_the_mean_and_spread_of_its_seeds_with_every_run_named():
+  records = {}
+  for seed, (a, b) in enumerate([(0.90, 0.85), (0.91, 0.86), (0.92, 0.87)]):
+    records[f"zeroq_{seed}.json"] = record(
+        "zeroq", seed, {"student_w4a4_standard_zeroq": (4, "standard", a, 0.80),
+                        "student_w3a3_standard_zeroq": (3, "standard", b, 0.50)}, f"z{seed}")
+  # a second record of seed 0's workdir holds the same student again: counted once
+  records["zeroq_0_again.json"] = record(
+      "zeroq", 0, {"student_w4a4_standard_zeroq": (4, "standard", 0.90, 0.80)}, "z0")
+  records["dfqf_0.json"] = record("dfqf", 0, {"student_w4a4": (4, "dfqf", 0.9092, 0.88)},
+                                  "d0")
+  text = like_for_like.table(records, report.schedule_of)
+  lines = text.splitlines()
+  assert lines[0].startswith("Like for like: teacher ResNet-20 91.73%")
+  assert "schedule budget" in lines[0]
+  rows = [l for l in lines if l.startswith("| ZeroQ") or l.startswith("| DFQF")]
+  assert rows[0] == ("| DFQF | W4A4 | dfqf | 1 | 90.92 (1 run) | 90.92 / 90.92 | 0: 90.92 | "
+                     "88.00 | 50 + 100 |")
+  assert rows[1] == ("| ZeroQ | W4A4 | standard | 3 | 91.00 ± 1.00 | 90.00 / 92.00 | "
+                     "0: 90.00, 1: 91.00, 2: 92.00 | 80.00, 80.00, 80.00 | "
+                     "50 + 100, 50 + 101, 50 + 102 |")
+  assert rows[2].startswith("| ZeroQ | W3A3 | standard | 3 | 86.00 ± 1.00 | 85.00 / 87.00 |")
+
+
+def test_compare_prints_the_like_for_like_table_above_the_published_numbers(tmp_path, capsys):
+  path = tmp_path / "gdfq_seed0.json"
+  path.write_text(json.dumps(record("gdfq", 0, {"student_w4a4_standard_gdfq": (
+      4, "standard", 0.89, 0.85)}, "g0")))
+  assert report._main(["--compare", str(path)]) == 0
+  out = capsys.readouterr().out
+  assert out.index("| GDFQ | W4A4 | standard | 1 | 89.00 (1 run)") < out.index(
+      "Each beside the published numbers") < out.index("| GDFQ (this harness) student_w4a4")
+  assert "| GDFQ | ResNet-20 | standard | the paper's | 93.89 | 90.25 |" in out
+
+
+def test_a_record_with_top1_in_percent_gives_the_same_table():
+  """The records above hold `top1` as a fraction, as those of experiments/ do; the project
+  now writes `top1_percent` and curves `test_top1_percent`: the same table."""
+  old = record("dfqf", 0, {"student_w4a4": (4, "dfqf", 0.9092, 0.88)}, "d0")
+  new = json.loads(json.dumps(old))
+  for entry in new["results"].values():
+    entry["top1_percent"] = 100 * entry.pop("top1")
+  new["curves"] = {name: {"test_top1_percent": [[s, 100 * v] for s, v in c["test_top1"]]}
+                   for name, c in old["curves"].items()}
+  assert like_for_like.table({"n.json": new}, report.schedule_of) == like_for_like.table(
+      {"n.json": old}, report.schedule_of)
