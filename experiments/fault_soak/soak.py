@@ -8,18 +8,22 @@ left.
 
 The pipeline is configs/pipeline.py:smoke with the imported ResNet-20 teacher, on
 SMALL_NPZ (default: tests' 250 test / 1,000 training images, written if missing), one CPU
-device. Trial i aims at stage STAGES[i % len(STAGES)]: it waits for the line that starts
-that stage (the pipeline's header, or fine-tuning's calibration line), sleeps a random part
-of the time that stage took in the uninterrupted run, then sends the trial's signal
-(alternately SIGKILL and SIGTERM, order shuffled by the seed). The kill point is recorded as
-the last line the run printed before the signal. Each trial appends one JSON line to --out
-as soon as it ends, so an interrupted soak keeps its trials and a rerun continues with the
-next trial number (the uninterrupted reference run is kept in --work and reused).
+device. Trial i aims at stage STAGES[i % len(STAGES)]. Its workdir starts with the
+uninterrupted run's folders of the stages before that one (UPSTREAM; none for the import),
+so that the run reaches the stage in seconds (the pipeline checks and skips the finished
+ones) and a trial costs the stage and what follows, not the whole pipeline. The trial waits
+for the line that starts the stage (the pipeline's header, or fine-tuning's calibration
+line), sleeps a random part of the time that stage took in the uninterrupted run, then
+sends SIGKILL or SIGTERM (drawn from the trial's seed). The kill point is recorded as the
+last line the run printed before the signal. Each trial appends one JSON line to --out as
+soon as it ends, so an interrupted soak keeps its trials and a rerun continues with the next
+trial number (the uninterrupted reference run is kept in --work and reused).
 """
 import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +43,14 @@ STAGES = {"import": "pipeline: teacher", "stage 1": "pipeline: generator",
           "report": "pipeline: report"}
 COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                         text=True).stdout.strip()
+# stage -> the reference's folders a trial aimed at it starts with (finished, untouched)
+UPSTREAM = {"import": (), "stage 1": ("teacher",),
+            "calibration": ("teacher", "generator"), "fine-tuning": ("teacher", "generator"),
+            "ptq": ("teacher", "generator", "student_w4a4"),
+            "evaluation": ("teacher", "generator", "student_w4a4", "ptq_w4a4_ft_dfqf",
+                           "ptq_w4a4_ft_standard", "ptq_w4a4_max_dfqf",
+                           "ptq_w4a4_max_standard")}
+UPSTREAM["report"] = UPSTREAM["evaluation"]
 # What must be identical, per model of results.json (wall times and hardware may differ).
 COMPARED = ("top1", "top1_percent", "step", "origin", "lineage", "test_data", "num_params",
             "checkpoint", "finished")
@@ -75,11 +87,11 @@ class Run:
     return code
 
 
-def stage_times(run: Run) -> dict[str, tuple[float, float]]:
-  """stage -> (start, end) in the uninterrupted run (end: the next stage's start)."""
+def stage_times(run: Run, end: float) -> dict[str, tuple[float, float]]:
+  """stage -> (start, end) in the uninterrupted run (end: the next stage's start, or the
+  run's `end`)."""
   starts = {stage: run.seen(line) for stage, line in STAGES.items()}
   ordered = sorted((t, s) for s, t in starts.items() if t is not None)
-  end = run.lines[-1][0] if run.lines else 0.0
   return {s: (t, ordered[i + 1][0] if i + 1 < len(ordered) else end)
           for i, (t, s) in enumerate(ordered)}
 
@@ -103,8 +115,9 @@ def reference(work: str, data_dir: str) -> tuple[dict, dict]:
                      "\n".join(l for _, l in run.lines[-30:]))
   with open(os.path.join(folder, "results.json")) as f:
     results = json.load(f)
-  kept = {"results": results, "stage_times": stage_times(run),
-          "wall_seconds": round(time.time() - run.started, 1)}
+  wall = time.time() - run.started
+  kept = {"results": results, "stage_times": stage_times(run, wall),
+          "wall_seconds": round(wall, 1)}
   with open(saved, "w") as f:
     json.dump(kept, f)
   return results, kept["stage_times"]
@@ -118,7 +131,10 @@ def trial(index: int, rng: random.Random, work: str, data_dir: str, expected: di
   delay = round(rng.uniform(0, max(0.5, end - start)), 2)
   workdir = os.path.join(work, f"trial_{index:03d}")
   if os.path.exists(workdir):
-    subprocess.run(["rm", "-rf", workdir], check=True)
+    shutil.rmtree(workdir)
+  os.makedirs(workdir)
+  for folder in UPSTREAM[stage]:
+    shutil.copytree(os.path.join(work, "reference", folder), os.path.join(workdir, folder))
   began = time.time()
   run = Run(workdir, data_dir)
   while run.seen(STAGES[stage]) is None and run.process.poll() is None:
@@ -139,6 +155,7 @@ def trial(index: int, rng: random.Random, work: str, data_dir: str, expected: di
                        for k in COMPARED if got.get(name, {}).get(k) != want.get(name, {}).get(k))
   lock_left = os.path.exists(os.path.join(workdir, ".dfqf.lock"))
   record = {"trial": index, "commit": COMMIT, "stage_aimed_at": stage,
+            "started_with": list(UPSTREAM[stage]),
             "signal": signal.Signals(signum).name,
             "delay_after_stage_start_s": delay, "last_line_before_signal": before,
             "finished_before_signal": finished_before, "interrupted_exit": interrupted_code,
@@ -147,7 +164,7 @@ def trial(index: int, rng: random.Random, work: str, data_dir: str, expected: di
             "identical": rerun_code == 0 and not differences, "differences": differences,
             "lock_left": lock_left, "seconds": round(time.time() - began, 1)}
   if record["identical"] and not lock_left:
-    subprocess.run(["rm", "-rf", workdir], check=True)  # kept only when it shows a failure
+    shutil.rmtree(workdir)  # kept only when it shows a failure
   return record
 
 
