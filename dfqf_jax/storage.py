@@ -123,10 +123,16 @@ def folder_signature(path) -> str:
   """A short hash of the name, size and modification time of every file under folder
   `path`: it changes when any file is rewritten, truncated, added or removed (what a
   result computed from the folder's contents must be recomputed after)."""
-  if is_remote(path):
-    root = _remote(path)
-    files = sorted((str(p.relative_to(root)), p.stat()) for p in root.rglob("*") if p.is_file())
-    rows = [f"{name}:{stat.length}:{stat.mtime}" for name, stat in files]
+  if is_remote(path):  # (gcsfs refuses recursive globs: walked folder by folder)
+    root, folders, rows = _remote(path), [_remote(path)], []
+    while folders:
+      for entry in folders.pop().iterdir():
+        if entry.is_dir():
+          folders.append(entry)
+        else:
+          stat = entry.stat()
+          rows.append(f"{entry.relative_to(root)}:{stat.length}:{stat.mtime}")
+    rows.sort()
   else:
     rows = []
     for folder, _, names in os.walk(path):
