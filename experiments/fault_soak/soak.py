@@ -16,8 +16,9 @@ for the line that starts the stage (the pipeline's header, or fine-tuning's cali
 line), sleeps a random part of the time that stage took in the uninterrupted run, then
 sends SIGKILL or SIGTERM (drawn from the trial's seed). The kill point is recorded as the
 last line the run printed before the signal. Each trial appends one JSON line to --out as
-soon as it ends, so an interrupted soak keeps its trials and a rerun continues with the next
-trial number (the uninterrupted reference run is kept in --work and reused).
+soon as it ends, so an interrupted soak keeps its trials and a rerun runs only the missing
+ones (the uninterrupted reference run is kept in --work and reused); --workers N runs N
+trials side by side (one process each, after the reference exists).
 """
 import argparse
 import json
@@ -175,18 +176,24 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--data-dir", default="")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "trials.jsonl"))
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--worker", type=int, default=0,
+                      help="with --workers N: run the trials i with i %% N == WORKER (start "
+                           "the N workers once the reference run is kept)")
+  parser.add_argument("--workers", type=int, default=1)
   args = parser.parse_args(argv)
   os.makedirs(args.work, exist_ok=True)
   data_dir = args.data_dir or write_small_data(SHARED_DATA, os.path.join(args.work, "data"))
   expected, times = reference(args.work, data_dir)
-  done = 0
+  done = set()
   if os.path.exists(args.out):
     with open(args.out) as f:
-      done = sum(1 for line in f if line.strip())
-  for index in range(done, args.trials):
+      done = {json.loads(line)["trial"] for line in f if line.strip()}
+  for index in range(args.trials):
+    if index % args.workers != args.worker or index in done:
+      continue
     record = trial(index, random.Random(args.seed * 1000 + index), args.work, data_dir,
                    expected, times)
-    with open(args.out, "a") as f:
+    with open(args.out, "a") as f:  # one write of one line: workers append side by side
       f.write(json.dumps(record) + "\n")
     print(json.dumps(record), flush=True)
   return 0
