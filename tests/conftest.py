@@ -133,3 +133,17 @@ def generator_workdir(imported_workdir, small_data, tmp_path_factory):
     assert result.returncode == 0, result.stderr[-2000:]
 
   return prepared_once(tmp_path_factory, "generator", build)
+
+
+@pytest.fixture(scope="session")
+def gdfq_workdir(imported_workdir, small_data, tmp_path_factory):
+  """imported_workdir plus GDFQ's smoke generator warm-up (4 iterations), made once per
+  session: copy it before running anything in it."""
+  from cli import run_in_process
+
+  def build(workdir):
+    copy_workdir(imported_workdir, workdir)
+    result = run_in_process("configs/gdfq.py:smoke", workdir, f"--config.data.dir={small_data}")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+  return prepared_once(tmp_path_factory, "gdfq", build)

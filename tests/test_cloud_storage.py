@@ -1,6 +1,7 @@
 """--workdir=gs://... end to end, against a Cloud Storage emulator on 127.0.0.1: the smoke
 pipeline killed in stage 1 and resumed there, then evaluated by a second process; what it
-wrote is read back through the emulator's own JSON API (not through our path layer)."""
+wrote is read back through the emulator's own JSON API (not through our path layer), and
+its models through dfqf_jax.load."""
 import json
 import os
 import re
@@ -131,6 +132,16 @@ def test_a_gs_workdir_is_written_resumed_and_read_back(emulator, small_data, tmp
     assert evaluated[name]["checkpoint"] == written[name]["checkpoint"], name  # cached
     assert not evaluated[name]["checkpoint"].startswith(("/", "gs:")), name  # in the workdir
   assert evaluated["teacher"]["top1_percent"] > 85  # the imported 91.73% teacher, 250 images
+
+  # 4. dfqf_jax.load reads models back from the gs:// workdir with results.json's numbers.
+  names = ("teacher", "student_w4a4")
+  read_back = subprocess.run(
+      [sys.executable, "-c", "import sys, dfqf_jax; print(*(dfqf_jax.load(sys.argv[1], n)"
+       ".top1_percent(sys.argv[2]) for n in sys.argv[3:]))", workdir, SMALL_DATA, *names],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert read_back.returncode == 0, read_back.stderr[-3000:]
+  assert [float(x) for x in read_back.stdout.split()] == [evaluated[n]["top1_percent"]
+                                                          for n in names]
 
 
 def test_a_bucket_that_does_not_exist_is_one_error(emulator, tmp_path):

@@ -24,6 +24,12 @@ STAGES = {
                                                         "--config.steps_per_epoch=4",
                                                         "--config.num_epochs=4",
                                                         "--config.eval_every_epochs=100"]),
+    # ZeroQ's distillation: 2 groups of 2 batches, 4 iterations each (the kill falls in the
+    # second group); fine-tuning with GDFQ's generator trained alongside.
+    "zeroq": ("configs/zeroq.py:smoke", []),
+    "student_w4a4_gdfq": ("configs/finetune.py:w4a4,smoke", ["--config.images=gdfq",
+                                                             "--config.steps_per_epoch=8",
+                                                             "--config.eval_every_epochs=100"]),
 }
 COMMON = [f"--config.data.dir={SMALL_DATA}", "--config.checkpoint_every_steps=4",
           "--config.log_every_steps=1"]
@@ -31,10 +37,11 @@ KILL_AFTER = 4  # steps: a checkpoint at or after it exists when the signal is s
 
 
 def prepare(workdir, stage, imported_workdir, generator_workdir):
-  """What the stage reads: the imported teacher, and for fine-tuning a (smoke) generator."""
-  if stage == "generator":
+  """What the stage reads: the imported teacher, and for fine-tuning a (smoke) generator
+  (generator_workdir: the one the stage's images come from)."""
+  if stage in ("generator", "zeroq"):
     copy_workdir(imported_workdir, workdir)
-  elif stage == "student_w4a4":
+  elif stage.startswith("student_"):
     copy_workdir(generator_workdir, workdir)
 
 
@@ -91,7 +98,7 @@ def assert_rerun_is_bit_identical_to_straight(stage, tmp_path, interrupted_at):
   expected, final_step = final_state(straight, stage)
   got, step = final_state(interrupted, stage)
   assert step == final_step
-  calibrated_start = [0] if stage == "student_w4a4" else []  # the PTQ starting point
+  calibrated_start = [0] if stage.startswith("student_") else []  # the PTQ starting point
   assert logged_steps(interrupted, stage) == calibrated_start + list(range(1, final_step + 1))
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b)
@@ -101,6 +108,22 @@ def assert_rerun_is_bit_identical_to_straight(stage, tmp_path, interrupted_at):
 def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(
     stage, tmp_path, small_data, imported_workdir, generator_workdir):
   """(The teacher's stage is interrupted by SIGTERM in the next test, with the same check.)"""
+  assert_sigkill_then_rerun_is_bit_identical(stage, tmp_path, imported_workdir,
+                                             generator_workdir)
+
+
+def test_zeroqs_distillation_resumes_bit_identically_after_sigkill(tmp_path, small_data,
+                                                                  imported_workdir):
+  assert_sigkill_then_rerun_is_bit_identical("zeroq", tmp_path, imported_workdir, None)
+
+
+def test_fine_tuning_with_gdfqs_generator_alongside_resumes_bit_identically_after_sigkill(
+    tmp_path, small_data, gdfq_workdir):
+  assert_sigkill_then_rerun_is_bit_identical("student_w4a4_gdfq", tmp_path, None, gdfq_workdir)
+
+
+def assert_sigkill_then_rerun_is_bit_identical(stage, tmp_path, imported_workdir,
+                                               generator_workdir):
   returncode, _, killed_at = run_straight_and_interrupted(
       stage, tmp_path, signal.SIGKILL, imported_workdir, generator_workdir)
   assert returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -54,9 +54,8 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
   results = {}
   for name, entry in common.classifiers_in(meta).items():
     split, split_fingerprint = splits[entry["dataset"]]
-    model = common.classifier_from_meta(entry)
     variables = common.variables_of(state, entry.get("path", ()))
-    top1 = common.top1_percent(model, variables, split, entry["mean"], entry["std"], mesh)
+    top1 = classifier_top1(entry, variables, split, mesh)
     described = {k: v for k, v in entry.items()
                  if k not in ("path", "mean", "std", "arch", checkpoints.ORIGIN)}
     results[name] = {"top1_percent": top1, "num_params": common.num_params(variables["params"]),
@@ -67,6 +66,13 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
                      checkpoints.ORIGIN: meta[checkpoints.ORIGIN],  # as lineages name it
                      "finished": meta[checkpoints.ORIGIN]["finished"]}
   return results
+
+
+def classifier_top1(entry: dict, variables: dict, split: data.Split, mesh) -> float:
+  """Top-1 (%) on `split` of the classifier that `entry` (its checkpoint's description)
+  names, with `variables`: its results.json number (also dfqf_jax.load's top1_percent)."""
+  return common.top1_percent(common.classifier_from_meta(entry), variables, split,
+                             entry["mean"], entry["std"], mesh)
 
 
 def stale_reasons(results: dict, held: dict) -> dict[str, str]:

@@ -180,6 +180,13 @@ def run(config, workdir: str) -> dict:
 
 
 # --- evaluation of exports (called by stages/evaluate.py) ---
+def integer_top1(graph: dict, arrays: dict, split, mesh) -> float:
+  """Top-1 (%) on `split` of the integer model (graph, arrays) that integer.load gives: its
+  results.json number (also dfqf_jax.load's top1_percent)."""
+  return common.top1_percent(integer.IntegerResNet(graph), arrays, split, graph["mean"],
+                             graph["std"], mesh, batch_size=min(1000, len(split)))
+
+
 def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
   """`export_<name>` -> result entry for every DIR/export/<name>/: top-1 on the test split
   of the integer model read back from the folder (dfqf_jax.integer). `splits`: dataset ->
@@ -204,8 +211,7 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
       continue
     graph, arrays = integer.load(folder)
     split, split_fingerprint = splits[graph["dataset"]]
-    top1 = common.top1_percent(integer.IntegerResNet(graph), arrays, split, graph["mean"],
-                       graph["std"], mesh, batch_size=min(1000, len(split)))
+    top1 = integer_top1(graph, arrays, split, mesh)
     results[key] = {
         "top1_percent": top1, "num_params": integer.num_params(graph), "checkpoint": checkpoint,
         "checkpoint_files": files, "step": graph["step"], "integer": True,
