@@ -83,6 +83,15 @@ CASES = {
         ["config.adversarial_generator=True", "config.data_source='real'", "turn one"]),
     "several students in one finetune": ("configs/finetune.py:w4a4,w8a8", [],
                                          ["finetune trains one student"]),
+    "unknown image source": ("configs/pipeline.py:smoke", ["--config.images=dreams"],
+                             ["config.images='dreams'", "zeroq", "gdfq"]),
+    "zeroq images with the adversarial generator": (
+        "configs/finetune.py:w4a4,smoke",
+        ["--config.images=zeroq", "--config.adversarial_generator=True"],
+        ["config.images='zeroq'", "adversarial_generator"]),
+    "zeroq batches not a multiple of those at once": (
+        "configs/zeroq.py:smoke", ["--config.concurrent_batches=3"],
+        ["config.num_batches=4", "config.concurrent_batches=3"]),
     "pipeline with a bad stage field": ("configs/pipeline.py:smoke",
                                         ["--config.finetune_stage.learning_rate=-1"],
                                         ["config.learning_rate=-1"]),
