@@ -25,8 +25,8 @@ class ConfigError(UserError, ValueError):
 
 
 def split_names(text: str) -> list[str]:
-  """A comma-separated config value ('max,ft') as a list of names."""
-  return [t.strip() for t in str(text).split(",") if t.strip()]
+  """A comma-separated config value ('max,ft') as a list of names, each once."""
+  return list(dict.fromkeys(t.strip() for t in str(text).split(",") if t.strip()))
 
 
 def _fail(field, value, allowed):
@@ -76,7 +76,9 @@ def common(config, splits=("train", "test")) -> None:
 
 
 def _data_files(config, splits) -> None:
-  if config.data.dir and config.data.dir != data.TFDS:  # (the download cache fills itself)
+  """The splits the job reads exist (but in the download cache, which fills itself) and
+  their labels fit the dataset."""
+  if config.data.dir and config.data.dir != data.TFDS:
     for split in splits:
       path = os.path.join(config.data.dir, f"{config.data.name}_{split}.npz")
       if not storage.isfile(path):
@@ -84,6 +86,8 @@ def _data_files(config, splits) -> None:
             f"config.data.dir={config.data.dir!r} has no {config.data.name}_{split}.npz; point "
             f"it at a folder with {config.data.name}_train.npz and {config.data.name}_test.npz, "
             f"or leave it empty to download them into ${data.DATA_DIR_ENV}.")
+  for split in splits:
+    data.check_labels(config.data.name, split, data.source(config.data))
 
 
 def bits(config, field: str) -> None:
@@ -120,12 +124,18 @@ def generator(config) -> None:
     _fail("teacher_dir", config.teacher_dir, "a folder holding a teacher checkpoint")
 
 
-def _quantization(config) -> None:
+def bit_pairs(config, field: str = "bits") -> list[tuple[int, int]]:
+  """The (weight, activation) bit widths config.<field> names, each once ('W4A4,w4a4' is
+  [(4, 4)]), or one ConfigError."""
+  value = field_value(config, field)
   try:
-    pairs = quant.parse_bits(config.bits)
+    return quant.parse_bits(value)
   except ValueError as e:
-    raise ConfigError(f"config.bits={config.bits!r} is invalid: {e}") from None
-  for w, a in pairs:
+    raise ConfigError(f"config.{field}={value!r} is invalid: {e}") from None
+
+
+def _quantization(config) -> None:
+  for w, a in bit_pairs(config):
     for value in (w, a):
       if value not in quant.VALID_BITS:
         _fail("bits", config.bits, f"w<W>a<A> with W, A in {list(quant.VALID_BITS)}")
@@ -154,8 +164,8 @@ def ptq(config) -> None:
 def finetune(config) -> None:
   common(config, splits=("train", "test") if _needs_train_split(config) else ("test",))
   _quantization(config)
-  if len(config.bits.split(",")) != 1 or len(config.protocol.split(",")) != 1 or len(
-      config.calibration.split(",")) != 1:
+  if len(bit_pairs(config)) != 1 or len(split_names(config.protocol)) != 1 or len(
+      split_names(config.calibration)) != 1:
     raise ConfigError("finetune trains one student: give one value each for config.bits "
                       f"({config.bits!r}), config.protocol and config.calibration.")
   one_of(config, "data_source", ("generated", "real"))

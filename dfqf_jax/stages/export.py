@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 from flax import traverse_util
 
-from dfqf_jax import checkpoints, integer, storage, training, validation
+from dfqf_jax import checkpoints, integer, signals, storage, training, validation
 from dfqf_jax import quant as q
 from dfqf_jax.stages import common
 
@@ -163,7 +163,8 @@ def run(config, workdir: str) -> dict:
     with open(os.path.join(tmp, integer.STABLEHLO_FILE), "wb") as f:
       f.write(integer.serialize(graph, arrays, graph["mean"], graph["std"]))
     integer.load(tmp)  # readable and consistent before it takes the final name
-    (_upload if remote else _swap)(tmp, out, root, name)
+    with signals.deferred():  # the old export or the new one, never half of each
+      (_upload if remote else _swap)(tmp, out, root, name)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
@@ -180,17 +181,18 @@ def run(config, workdir: str) -> dict:
 
 # --- evaluation of exports (called by stages/evaluate.py) ---
 def integer_top1(graph: dict, arrays: dict, split, mesh) -> float:
-  """Top-1 on `split` of the integer model (graph, arrays) that integer.load gives: its
-  results.json number (also dfqf_jax.load's top1)."""
-  return common.top1(integer.IntegerResNet(graph), arrays, split, graph["mean"], graph["std"],
-                     mesh, batch_size=min(1000, len(split)))
+  """Top-1 (%) on `split` of the integer model (graph, arrays) that integer.load gives: its
+  results.json number (also dfqf_jax.load's top1_percent)."""
+  return common.top1_percent(integer.IntegerResNet(graph), arrays, split, graph["mean"],
+                             graph["std"], mesh, batch_size=min(1000, len(split)))
 
 
 def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
   """`export_<name>` -> result entry for every DIR/export/<name>/: top-1 on the test split
   of the integer model read back from the folder (dfqf_jax.integer). `splits`: dataset ->
   (test split, its fingerprint), as evaluate.TestSplits gives. An entry of `known` is reused
-  if it was computed from this very folder (model.json's mtime) on the same test data."""
+  if it was computed from this very folder, untouched since (the names, sizes and times of
+  its files), on the same test data."""
   root = os.path.join(workdir, EXPORT_DIR)
   results = {}
   for name in storage.listdir(root) if storage.isdir(root) else []:
@@ -199,10 +201,11 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
     if name.startswith(".") or not storage.isfile(graph_path):
       continue
     key = RESULT_PREFIX + name
-    written = storage.getmtime(graph_path)
+    checkpoint = f"{EXPORT_DIR}/{name}"  # relative to the workdir
+    files = storage.folder_signature(folder)
     cached = known.get(key)
-    if (cached and cached.get("checkpoint") == folder and cached.get("checkpoint_mtime") ==
-        written and cached.get("test_data") == splits[cached["dataset"]][1]
+    if (cached and cached.get("checkpoint") == checkpoint and cached.get("checkpoint_files") ==
+        files and cached.get("test_data") == splits[cached["dataset"]][1]
         and "lineage" in cached):
       results[key] = cached
       continue
@@ -210,8 +213,8 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
     split, split_fingerprint = splits[graph["dataset"]]
     top1 = integer_top1(graph, arrays, split, mesh)
     results[key] = {
-        "top1": top1, "num_params": integer.num_params(graph), "checkpoint": folder,
-        "checkpoint_mtime": written, "step": graph["step"], "integer": True,
+        "top1_percent": top1, "num_params": integer.num_params(graph), "checkpoint": checkpoint,
+        "checkpoint_files": files, "step": graph["step"], "integer": True,
         "test_data": split_fingerprint, "source_checkpoint": graph["source_checkpoint"],
         # the student checkpoint it was exported from (an export older than that record: none)
         "lineage": {name: graph["source_origin"]} if graph.get("source_origin") else {},

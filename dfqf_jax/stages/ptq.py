@@ -6,12 +6,13 @@ the result saved as DIR/ptq_w{W}a{A}_{calibration}_{protocol}[_real]; then the w
 is evaluated into DIR/results.json.
 """
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 
-from dfqf_jax import calibration, checkpoints, data, rng, training, validation
+from dfqf_jax import calibration, checkpoints, data, rng, signals, training, validation
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import sample_latent
 from dfqf_jax.stages import common, evaluate
@@ -32,7 +33,7 @@ def calibration_batches(config, teacher_meta, source: str, key, generator=None) 
     sample = jax.jit(lambda v, k: gen.apply(v, sample_latent(k, size, gen.latent_dim),
                                             train=True, mutable=["batch_stats"])[0])
     return [sample(g_vars, jax.random.fold_in(key, i)) for i in range(n)]
-  train = data.load_split(teacher_meta["dataset"], "train", config.data.dir)
+  train = data.load_split(teacher_meta["dataset"], "train", data.source(config.data))
   train, _ = data.train_validation_split(train, config.data.validation_size, config.seed)
   idx = np.random.default_rng(config.seed).permutation(len(train))[:n * size]
   return [data.normalize(train.images[idx[i * size:(i + 1) * size]], teacher_meta["mean"],
@@ -42,6 +43,13 @@ def calibration_batches(config, teacher_meta, source: str, key, generator=None) 
 def summarize(teacher_vars, teacher_meta, batches, methods) -> calibration.Summaries:
   return calibration.summarize(teacher_vars, teacher_meta["depth"],
                                teacher_meta["num_classes"], batches, methods)
+
+
+def announce_calibration(name: str, config, methods) -> None:
+  """The line before a calibration (tens of seconds: the teacher on every image)."""
+  images = config.calibration_batches * config.calibration_batch_size
+  print(f"{name}: calibrating the {', '.join(methods)} clips on {images:,} "
+        f"{config.calibration_data} images", file=sys.stderr, flush=True)
 
 
 def quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, summaries):
@@ -78,6 +86,7 @@ def run(config, workdir: str, evaluate_after: bool = True) -> dict | None:
   methods = validation.split_names(config.calibration)
   to_build = models_to_build(config, workdir, lineage, methods)
   if to_build:
+    announce_calibration("ptq", config, methods)
     batches = calibration_batches(config, teacher_meta, config.calibration_data,
                                   rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
     # every bit width, protocol and method: from one reading of the tensors
@@ -85,7 +94,8 @@ def run(config, workdir: str, evaluate_after: bool = True) -> dict | None:
     # The work the models share (loading, the calibration images, the summaries) is split
     # evenly among them, so that their wall times add up to this invocation's.
     shared_share = (time.time() - started) / len(to_build)
-    for w, a, protocol, method, name, stage_dir in to_build:
+    for i, (w, a, protocol, method, name, stage_dir) in enumerate(to_build):
+      print(f"ptq: {name} ({i + 1}/{len(to_build)})", file=sys.stderr, flush=True)
       started = time.time()
       spec = q.QuantSpec(w, a, protocol)
       _, variables = quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, summaries)
@@ -95,9 +105,10 @@ def run(config, workdir: str, evaluate_after: bool = True) -> dict | None:
           protocol=protocol, calibration=method, calibration_data=config.calibration_data,
           calibration_images=len(batches) * config.calibration_batch_size,
           total_steps=0, lineage=lineage)
-      mngr = checkpoints.manager(stage_dir)
-      checkpoints.save(mngr, 0, variables, meta, force=True)
-      mngr.wait_until_finished()
-      mngr.close()
-      training.add_wall_time(stage_dir, time.time() - started + shared_share)
+      with signals.deferred():  # a model saved is a model whose wall time is counted
+        mngr = checkpoints.manager(stage_dir)
+        checkpoints.save(mngr, 0, variables, meta, force=True)
+        mngr.wait_until_finished()
+        mngr.close()
+        training.add_wall_time(stage_dir, time.time() - started + shared_share)
   return evaluate.run(config, workdir) if evaluate_after else None
