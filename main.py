@@ -3,6 +3,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import sys
 import time
 
@@ -12,7 +13,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from dfqf_jax import parallel, report, storage, training, validation, workdir
+from dfqf_jax import parallel, report, signals, storage, validation, workdir
 from dfqf_jax.errors import UserError
 from dfqf_jax.stages import (evaluate, export, finetune, gdfq, generator, import_teacher,
                              pipeline, ptq, teacher, zeroq)
@@ -119,13 +120,25 @@ def main(config, workdir_path: str) -> None:
   with workdir_held(workdir_path):
     try:
       run(config, workdir_path)
-    except training.StoppedBySignal as stop:
-      if config.record_to and config.stage != "pipeline":
+    except signals.StoppedBySignal as stop:
+      if config.record_to and config.stage != "pipeline" and stop.step is not None:
         record(config, workdir_path, started)  # the record says where the stage stopped
-      print(f"stopped: {stop}", file=sys.stderr)
-      sys.exit(training.StoppedBySignal.EXIT_CODE)
+      raise
     if config.record_to:
       record(config, workdir_path, started)
+
+
+def unknown_field_message(error: str, overrides: list[str]) -> str:
+  """'--config.a.lerning_rate=1: the config has no field 'lerning_rate' (did you mean
+  'learning_rate'?)...' from ml_collections' (escaped, quoted) message about a missing field."""
+  words = re.findall(r"[A-Za-z_]\w*", error)
+  paths = {a: a.split("=")[0].removeprefix("--config.").split(".") for a in overrides}
+  culprit = next((a for a in overrides if words and words[0] in paths[a]), None)
+  field = words[0] if words else error
+  suggestion = re.search(r'Did you mean "(\w+)"', error)
+  return (f"{culprit or ' '.join(overrides)}: the config has no field {field!r}"
+          + (f" (did you mean {suggestion.group(1)!r}?)" if suggestion else "")
+          + "; see the config file for the field names.")
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
@@ -137,10 +150,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     cause = e.__cause__ or e
     if isinstance(cause, (AttributeError, KeyError)):
-      field = str(cause).strip("\"'")
-      culprit = next((a for a in overrides if field in a.split("=")[0]), " ".join(overrides))
-      message = (f"{culprit}: the config has no field {field!r}; see the config file for the "
-                 "field names.")
+      message = unknown_field_message(str(cause), overrides)
     else:
       message = str(cause).strip().splitlines()[-1].removeprefix("ValueError: ")
     print(f"error: {message}", file=sys.stderr)
@@ -148,12 +158,17 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
 
 
 def run(config, workdir_path: str) -> None:
-  """`main`, with a user error printed as one `error:` line and exit code 2."""
+  """`main`, with a user error printed as one `error:` line and exit code 2, and a stop by
+  SIGTERM/SIGINT anywhere as one `stopped:` line and exit code 143/130 (signals.py)."""
   try:
-    main(config, workdir_path)
+    with signals.stop_on_signal(config.stage):
+      main(config, workdir_path)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
     sys.exit(2)
+  except signals.StoppedBySignal as stop:
+    print(f"stopped: {stop}", file=sys.stderr)
+    sys.exit(stop.exit_code)
 
 
 def _main(argv) -> None:

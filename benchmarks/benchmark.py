@@ -36,7 +36,7 @@ from dfqf_jax.provenance import cpu_model, git_state  # noqa: E402  (no JAX impo
 STAGES = ("teacher", "generator", "finetune", "evaluate")
 IMPLS = ("jax", "torch")
 REFERENCE_STUDENT_PASSES = 2  # the reference's stage 1 runs the student twice per iteration
-EVALUATE_BATCH = 1000  # dfqf_jax.stages.classifiers.top1's batch
+EVALUATE_BATCH = 1000  # dfqf_jax.classifiers.top1_percent's batch
 
 
 def _names(allowed):

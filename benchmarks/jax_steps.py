@@ -126,7 +126,7 @@ def finetune_step(batch: int, dtype, mesh) -> Step:
 
 
 def evaluate_step(batch: int, dtype, mesh) -> Step:
-  """stages/classifiers.py `count_correct`: one evaluation batch of `top1()`."""
+  """classifiers.py `count_correct`: one evaluation batch of `top1_percent()`."""
   config = evaluate_config.get_config()
   model = _classifier(config, dtype)
   variables = _random_variables(model, mesh)

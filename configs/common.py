@@ -11,8 +11,12 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.name = "cifar10"
   # Folder with {name}_train.npz / {name}_test.npz; empty -> the download cache
-  # $DFQF_DATA_DIR (default ~/.cache/dfqf_jax), filled on first use; "tfds" -> TFDS.
+  # $DFQF_DATA_DIR (default ~/.cache/dfqf_jax), filled on first use; "tfds" -> the prepared
+  # TFDS dataset of data.tfds, read without TensorFlow (dfqf_jax/data.py).
   config.data.dir = ""
+  config.data.tfds = ml_collections.ConfigDict()
+  config.data.tfds.dataset = ""  # TFDS name ("cifar10", "cifar100:3.0.2"); "" = data.name
+  config.data.tfds.data_dir = ""  # TFDS data dir, local or gs://; "" = ~/tensorflow_datasets
   # Normalization the teacher expects (CIFAR statistics; the imported weights use ImageNet's).
   config.data.mean = data.CIFAR_MEAN
   config.data.std = data.CIFAR_STD

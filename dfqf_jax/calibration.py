@@ -9,6 +9,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +92,13 @@ def summarize(teacher_vars: dict, depth: int, num_classes: int, batches, methods
     for path, summary in _summarize_all(tensors, False, methods).items():
       relu_inputs.setdefault(path, []).append(summary)
   return Summaries(methods, _summarize_all(kernels, True, methods), relu_inputs)
+
+
+def announce(name: str, config, methods) -> None:
+  """The line before a calibration (tens of seconds: the teacher on every image)."""
+  images = config.calibration_batches * config.calibration_batch_size
+  print(f"{name}: calibrating the {', '.join(methods)} clips on {images:,} "
+        f"{config.calibration_data} images", file=sys.stderr, flush=True)
 
 
 def methods_of(spec: q.QuantSpec, method: str) -> list[str]:

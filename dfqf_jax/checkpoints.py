@@ -16,7 +16,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from dfqf_jax import storage
-from dfqf_jax.errors import UserError
+from dfqf_jax.errors import UserError, brief
 
 
 # Replica-parallel saving slices every replicated array on its devices before writing, and
@@ -78,15 +78,9 @@ def resume(mngr, directory: str, state, meta: dict):
     state, _ = restore(mngr, step, state)
   except Exception as e:
     raise CheckpointError(f"the checkpoint {os.path.join(directory, str(step))!r} cannot be "
-                          f"restored ({type(e).__name__}); it is incomplete or does not fit "
-                          "this config: delete it or use another --workdir.") from e
+                          f"restored ({brief(e)}); it is incomplete or does not fit this "
+                          "config: delete it or use another --workdir.") from e
   return state, step
-
-
-def written_at(checkpoint: str) -> float:
-  """When checkpoint folder DIR/<step> was saved: the time of the metadata file Orbax writes
-  in it (object stores keep no folder times)."""
-  return storage.getmtime(os.path.join(checkpoint, "_CHECKPOINT_METADATA"))
 
 
 def exists(directory: str) -> bool:
@@ -126,9 +120,8 @@ def load_product(directory: str, what: str) -> tuple[dict, dict, int]:
     finally:
       logging.set_verbosity(verbosity)
   except Exception as e:
-    raise CheckpointError(f"the {what} checkpoint {path!r} cannot be read ({type(e).__name__}: "
-                          f"{e}); it is incomplete or corrupted: delete it or rerun the stage."
-                          ) from e
+    raise CheckpointError(f"the {what} checkpoint {path!r} cannot be read ({brief(e)}); it is "
+                          "incomplete or corrupted: delete it or rerun the stage.") from e
   return state, {**meta, ORIGIN: origin(what, step, state, meta)}, step
 
 

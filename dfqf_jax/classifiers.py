@@ -44,14 +44,16 @@ def variables_of(state, path=()) -> dict:
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def count_correct(model, variables, images, labels, valid, mean, std):
-  """The number of valid images that `model` classifies right: one batch of `top1`."""
+  """The number of valid images that `model` classifies right: one batch of `top1_percent`."""
   logits = model.apply(variables, data.normalize(images, mean, std), train=False)
   correct = (jnp.argmax(logits, -1) == labels) & valid
   return correct.sum()
 
 
-def top1(model, variables, split: data.Split, mean, std, mesh, batch_size: int = 1000) -> float:
-  """Top-1 accuracy over a whole split, data-parallel; exact across devices and processes.
+def top1_percent(model, variables, split: data.Split, mean, std, mesh,
+                 batch_size: int = 1000) -> float:
+  """Top-1 accuracy over a whole split, in percent (the unit of every top-1 a user reads:
+  results.json, curves, tables); data-parallel, exact across devices and processes.
 
   The last batch is padded and masked. A split smaller than `batch_size` is one batch of
   its own size, rounded up to a multiple of the device count (not padded to `batch_size`).
@@ -74,12 +76,12 @@ def top1(model, variables, split: data.Split, mean, std, mesh, batch_size: int =
                                          "valid": valid[rows]})
     correct += count_correct(model, variables, batch["images"], batch["labels"],
                               batch["valid"], tuple(mean), tuple(std))
-  return float(correct) / len(split)
+  return 100.0 * float(correct) / len(split)
 
 
 def top1_evaluator(model, variables_of_state, splits: dict, mean, std, mesh,
                    steps_per_epoch: int, prefix: str = ""):
-  """evaluate(state, step) for training.run_steps: the epoch and `{prefix}{name}_top1` of
+  """evaluate(state, step) for training.run_steps: the epoch and `{prefix}{name}_top1_percent` of
   `model` with variables_of_state(state) on each non-empty split of `splits` (name -> split;
   None for none)."""
   def evaluate(state, step) -> dict:
@@ -87,7 +89,8 @@ def top1_evaluator(model, variables_of_state, splits: dict, mean, std, mesh,
     result = {"epoch": step / steps_per_epoch}
     for name, split in splits.items():
       if split is not None and len(split):
-        result[f"{prefix}{name}_top1"] = top1(model, variables, split, mean, std, mesh)
+        result[f"{prefix}{name}_top1_percent"] = top1_percent(model, variables, split, mean,
+                                                              std, mesh)
     return result
 
   return evaluate

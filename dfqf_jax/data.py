@@ -3,8 +3,16 @@
 The folder holds `{name}_train.npz` / `{name}_test.npz` with `images` uint8 [N, 32, 32, 3]
 and `labels`. It is config.data.dir when set (used as is, never downloaded into); otherwise
 the cache $DFQF_DATA_DIR (default ~/.cache/dfqf_jax), where a missing dataset is downloaded
-from its published archive, verified and converted (fetch.py). data.dir=tfds reads TFDS
-instead (which needs TensorFlow to prepare the dataset). The whole split stays in host memory. Training batches are a deterministic function of
+from its published archive, verified and converted (fetch.py).
+
+data.dir=tfds reads a prepared TFDS dataset instead (`Tfds`: config.data.tfds.dataset, e.g.
+'cifar10' or 'cifar100:3.0.2', default data.name; config.data.tfds.data_dir, local or gs://,
+default TFDS's ~/tensorflow_datasets) through `tfds.data_source`: array_record files, read
+without TensorFlow. Preparing it needs TensorFlow (`tfds build cifar10 --file_format
+array_record`, or dfqf_jax.tools.prepare_tfds from local .npz files); a TFRecord-only
+preparation is refused with that fix (tfds.load would need TensorFlow at run time).
+
+The whole split stays in host memory. Training batches are a deterministic function of
 (seed, step): a per-epoch permutation, then random crop (4-pixel zero padding) and
 horizontal flip drawn for the whole global batch, so the data order and augmentation do not
 depend on the number of devices or processes, and a resumed run sees exactly the batches
@@ -18,7 +26,7 @@ import zipfile
 import numpy as np
 
 from dfqf_jax import fetch, rng, storage
-from dfqf_jax.errors import UserError
+from dfqf_jax.errors import UserError, brief
 
 DATASETS = {"cifar10": 10, "cifar100": 100}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -55,29 +63,68 @@ def class_names(name: str) -> tuple[str, ...]:
       f"class {i}" for i in range(num_classes(name)))
 
 
-def resolve_dir(configured: str | None) -> str:
-  """The folder (or TFDS) a run reads: data.dir when set, else the download cache."""
+@dataclasses.dataclass(frozen=True)
+class Tfds:
+  """A prepared TFDS dataset (data.dir=tfds): its TFDS name ('' = data.name; 'name:version'
+  pins a version) and TFDS data dir ('' = TFDS's default; local or gs://)."""
+  dataset: str = ""
+  data_dir: str = ""
+
+
+def source(data_config) -> "str | Tfds":
+  """What config.data says to read: a folder of .npz files ('' = the download cache), or a
+  `Tfds` when data.dir is 'tfds'."""
+  if data_config.dir != TFDS:
+    return data_config.dir
+  tfds_config = data_config.get("tfds") or {}
+  return Tfds(tfds_config.get("dataset", ""), tfds_config.get("data_dir", ""))
+
+
+def resolve_dir(configured: "str | Tfds | None") -> "str | Tfds":
+  """The folder (or TFDS dataset) a run reads: data.dir when set, else the download cache."""
+  if configured == TFDS:
+    return Tfds()
   return configured or fetch.cache_dir()
 
 
-def load_split(name: str, split: str, data_dir: str | None) -> Split:
-  """Loads `split` ('train' or 'test') of dataset `name` into memory, checked: uint8 images
-  [N, 32, 32, 3], one integer label per image, each in [0, num_classes)."""
-  classes = num_classes(name)
+def load_split(name: str, split: str, data_dir: "str | Tfds | None") -> Split:
+  """Loads `split` ('train' or 'test') of dataset `name` into memory from `data_dir` (see
+  `source`), checked: uint8 images [N, 32, 32, 3], one integer label per image, each in
+  [0, num_classes)."""
   folder = resolve_dir(data_dir)
-  if folder == TFDS:
-    loaded, where = _load_tfds(name, split), f"TFDS {name}:{split}"
+  if isinstance(folder, Tfds):
+    loaded = _load_tfds(folder.dataset or name, split, folder.data_dir)
+    where = f"TFDS {folder.dataset or name}:{split}"
   else:
     where = os.path.join(folder, f"{name}_{split}.npz")
     if not data_dir and not storage.isfile(where):
       fetch.dataset(name, folder)
     loaded = _load_npz(name, split, folder)
-  labels = loaded.labels
+  _check_label_range(loaded.labels, name, where)
+  return loaded
+
+
+def _check_label_range(labels: np.ndarray, name: str, where: str) -> None:
+  classes = num_classes(name)
   if labels.size and (labels.min() < 0 or labels.max() >= classes):
     raise DataError(f"{where}: labels range over [{labels.min()}, {labels.max()}], but {name} "
                     f"has {classes} classes (labels 0..{classes - 1}); fix the file or choose "
                     "the matching data.name.")
-  return loaded
+
+
+def check_labels(name: str, split: str, data_dir: str | None) -> None:
+  """Before any work: the labels of an existing .npz split are integers in [0, num_classes)
+  (read alone: the images are checked when the split is loaded)."""
+  folder = resolve_dir(data_dir)
+  if isinstance(folder, Tfds):
+    return check_tfds(name, folder)
+  path = os.path.join(folder, f"{name}_{split}.npz")
+  if not storage.isfile(path):
+    return  # a missing download-cache file is fetched later
+  labels = read_npz(path, f"Replace it with a valid {name}_{split}.npz.", ("labels",)).get(
+      "labels")
+  if labels is not None and labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
+    _check_label_range(labels, name, path)
 
 
 def fingerprint(split: Split) -> str:
@@ -87,12 +134,13 @@ def fingerprint(split: Split) -> str:
   return digest.hexdigest()[:16]
 
 
-def read_npz(path: str, fix: str) -> dict:
-  """The arrays of an .npz file, or one DataError naming the file, the problem and `fix`:
-  not a readable archive (truncated, not a zip), or arrays that need pickle (refused)."""
+def read_npz(path: str, fix: str, keys=None) -> dict:
+  """The arrays of an .npz file (those of `keys` it holds, if given), or one DataError naming
+  the file, the problem and `fix`: not a readable archive (truncated, not a zip), or arrays
+  that need pickle (refused)."""
   try:
     with storage.open_file(path, "rb") as file, np.load(file, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files}
+      return {k: f[k] for k in f.files if keys is None or k in keys}
   except ValueError as e:  # object arrays would need pickle
     raise DataError(f"{path} holds arrays that need pickle ({e}); save plain numeric arrays "
                     f"with numpy.savez. {fix}") from None
@@ -124,16 +172,48 @@ def _load_npz(name: str, split: str, data_dir: str) -> Split:
   return Split(images, labels.astype(np.int32))
 
 
-def _load_tfds(name: str, split: str) -> Split:
+def _tfds_builder(dataset: str, data_dir: str):
+  """TFDS's builder of a prepared `dataset` in `data_dir`, or one DataError with the fix."""
+  import tensorflow_datasets as tfds
+  where = data_dir or "TFDS's default data dir (~/tensorflow_datasets)"
+  prepare = (f"prepare it with TensorFlow installed (tfds build {dataset.split(':')[0]} "
+             f"--data_dir {data_dir or '~/tensorflow_datasets'} --file_format array_record, or "
+             "python -m dfqf_jax.tools.prepare_tfds from local .npz files)")
   try:
-    import tensorflow_datasets as tfds
-    source = tfds.data_source(name, split=split)
-    records = [source[i] for i in range(len(source))]
-  except Exception as e:  # TFDS raises many types when the dataset is not prepared.
-    raise DataError(
-        f"TFDS could not serve {name}/{split} ({type(e).__name__}: {e}); prepare it with "
-        "TensorFlow installed (pip install tensorflow), or leave data.dir empty to download "
-        f"{name} without TFDS.") from e
+    builder = tfds.builder(dataset, data_dir=data_dir or None)
+  except Exception as e:  # TFDS raises many types for unknown names and unreadable folders
+    raise DataError(f"TFDS has no dataset {dataset!r} in {where} ({brief(e)}); {prepare}, or "
+                    "set config.data.tfds.dataset/data_dir to where it is.") from None
+  if not builder.is_prepared():
+    raise DataError(f"TFDS {dataset!r} is not prepared in {where}; {prepare}.")
+  formats = {builder.info.file_format.value} | set(
+      f.value for f in getattr(builder.info, "alternative_file_formats", []))
+  if "array_record" not in formats:
+    raise DataError(f"TFDS {dataset!r} in {where} is prepared as {sorted(formats)}, which "
+                    f"needs TensorFlow to read; {prepare}.")
+  return builder
+
+
+def check_tfds(name: str, source_: Tfds) -> None:
+  """A prepared TFDS dataset whose labels are those of data.name."""
+  dataset = source_.dataset or name
+  label = _tfds_builder(dataset, source_.data_dir).info.features["label"]
+  if label.num_classes != num_classes(name):
+    raise DataError(f"TFDS {dataset!r} has {label.num_classes} classes but data.name={name!r} "
+                    f"has {num_classes(name)}; set config.data.tfds.dataset to a {name} "
+                    "dataset or choose the matching data.name.")
+
+
+def _load_tfds(dataset: str, split: str, data_dir: str) -> Split:
+  """A split of a prepared TFDS dataset, read through tfds.data_source (no TensorFlow)."""
+  _tfds_builder(dataset, data_dir)
+  import tensorflow_datasets as tfds
+  try:
+    records = tfds.data_source(dataset, split=split, data_dir=data_dir or None)
+    records = records.__getitems__(list(range(len(records))))
+  except Exception as e:  # TFDS raises many types when the files cannot be read
+    raise DataError(f"TFDS could not read {dataset}/{split} ({brief(e)}); prepare it again "
+                    "(see dfqf_jax/data.py).") from None
   images = np.stack([r["image"] for r in records]).astype(np.uint8)
   labels = np.asarray([r["label"] for r in records], np.int32)
   return Split(images, labels)

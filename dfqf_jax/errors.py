@@ -4,3 +4,14 @@ exits with code 2. Subclasses name where the problem lies (config, data, checkpo
 
 class UserError(Exception):
   """Bad input or state the user can fix; the message names the problem and the fix."""
+
+
+def brief(error: Exception, limit: int = 300) -> str:
+  """'Type: the first line of its message' (cut at `limit` characters) of an error raised
+  deep inside a library (Orbax, tensorstore, gcsfs), whose messages can run to many lines;
+  its cause's when it says nothing itself."""
+  while not str(error).strip() and error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -10,6 +10,8 @@ import os
 import re
 import statistics
 
+from dfqf_jax import top1
+
 SOURCE_STAGES = {"dfqf": "generator", "zeroq": "zeroq", "gdfq": "gdfq_generator"}
 SOURCE_NAMES = {"dfqf": "DFQF", "zeroq": "ZeroQ", "gdfq": "GDFQ"}
 
@@ -21,8 +23,8 @@ def seed_of(record: dict) -> int:
 
 
 def _start(record: dict, name: str):
-  """The student's step-0 test top-1 (its calibrated start), from the record's curves."""
-  points = record.get("curves", {}).get(name, {}).get("test_top1", [])
+  """The student's step-0 test top-1 (its calibrated start, %), from the record's curves."""
+  points = top1.curve(record.get("curves", {}).get(name, {}), "test")
   return next((value for step, value in points if step == 0), None)
 
 
@@ -40,23 +42,23 @@ def runs(records: dict, schedule_of) -> list[dict]:
       source_seconds = record.get("stage_folder_wall_seconds", {}).get(SOURCE_STAGES[source])
       found.setdefault((record.get("workdir", path), name), {
           "source": source, "bits": (entry["weight_bits"], entry["act_bits"]),
-          "protocol": entry["protocol"], "seed": seed_of(record), "top1": entry["top1"],
+          "protocol": entry["protocol"], "seed": seed_of(record), "top1": top1.percent(entry),
           "start": _start(record, name), "finetune_seconds": entry.get("stage_wall_seconds"),
           "source_seconds": source_seconds,
-          "part": (teacher.get("top1"), teacher.get("depth"), schedule_of(record)),
+          "part": (top1.percent(teacher), teacher.get("depth"), schedule_of(record)),
           "hardware": record.get("hardware", "?"), "record": os.path.basename(path)})
   return list(found.values())
 
 
 def _points(value) -> str:
-  return "–" if value is None else f"{100 * value:.2f}"
+  return "–" if value is None else f"{value:.2f}"
 
 
 def _spread(values) -> str:
   if not values:
     return "–"
-  mean = f"{100 * statistics.mean(values):.2f}"
-  return mean + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else " (1 run)")
+  mean = f"{statistics.mean(values):.2f}"
+  return mean + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else " (1 run)")
 
 
 def _seconds(value) -> str:
@@ -71,9 +73,9 @@ def table(records: dict, schedule_of) -> str:
   order = list(SOURCE_NAMES)
   lines = []
   for part in sorted({r["part"] for r in rows}, key=str):
-    top1, depth, schedule = part
+    teacher_top1, depth, schedule = part
     in_part = [r for r in rows if r["part"] == part]
-    lines += [f"Like for like: teacher ResNet-{depth} {_points(top1)}% (the same for every "
+    lines += [f"Like for like: teacher ResNet-{depth} {_points(teacher_top1)}% (the same for every "
               f"run), schedule {schedule or '?'}, images' source the only change; "
               f"{in_part[0]['hardware']}", "",
               "| images | bits | protocol | runs | top-1 mean ± std | min / max | each run "

@@ -86,7 +86,7 @@ def is_clip(param_path) -> bool:
 
 
 def parse_bits(text: str) -> list[tuple[int, int]]:
-  """'w4a4' or 'w8a8,w4a4' -> [(8, 8), (4, 4)]."""
+  """'w4a4' or 'w8a8,W4A4' -> [(8, 8), (4, 4)]: any case, each pair once (in order)."""
   pairs = []
   for item in str(text).lower().split(","):
     item = item.strip()
@@ -96,7 +96,12 @@ def parse_bits(text: str) -> list[tuple[int, int]]:
     except ValueError:
       raise ValueError(f"bit widths {item!r} are not of the form w<bits>a<bits> (e.g. w4a4)."
                        ) from None
-  return pairs
+  return list(dict.fromkeys(pairs))
+
+
+def bits_name(w: int, a: int) -> str:
+  """(4, 4) -> 'w4a4', the one spelling of a bit-width pair in names and configs."""
+  return f"w{w}a{a}"
 
 
 PER_TENSOR, PER_CHANNEL = "per_tensor", "per_channel"  # weight granularities

@@ -2,7 +2,7 @@
 
     student = dfqf_jax.load("runs/smoke", "student_w4a4")
     logits = student(images)            # uint8 [N, 32, 32, 3] (or float in [0, 1])
-    student.top1("../shared/data")      # the number results.json has for it
+    student.top1_percent("../shared/data")  # the number results.json has for it
 
 A name is one `evaluate` writes into results.json: the teacher, every student and PTQ model,
 stage 1's full-precision student (`generator_student_fp`), every integer export
@@ -56,7 +56,8 @@ class Model:
 
 
 class Classifier(Model):
-  """A classifier: call it on images for logits; `top1` scores it as results.json does."""
+  """A classifier: call it on images for logits; `top1_percent` scores it as results.json
+  does."""
 
   @property
   def quant(self) -> q.QuantSpec | None:
@@ -68,9 +69,9 @@ class Classifier(Model):
     here with the model's own mean and std."""
     return _logits(self.module, self.variables, _normalized(batch, self.meta))
 
-  def top1(self, data_dir: str = "") -> float:
-    """Top-1 on the dataset's test split in `data_dir` (default: the download cache),
-    computed by the code that writes results.json."""
+  def top1_percent(self, data_dir: str = "") -> float:
+    """Top-1 (%) on the dataset's test split in `data_dir` (default: the download cache),
+    computed by the code that writes results.json's `top1_percent`."""
     split = data.load_split(self.meta["dataset"], "test", data_dir)
     return evaluate.classifier_top1(self.meta, self.variables, split, parallel.make_mesh())
 
@@ -83,7 +84,7 @@ class IntegerClassifier(Classifier):
     return q.QuantSpec(self.meta["weight_bits"], self.meta["act_bits"], self.meta["protocol"],
                        self.meta["edge_weight_bits"], self.meta.get("layer_rules", ""))
 
-  def top1(self, data_dir: str = "") -> float:
+  def top1_percent(self, data_dir: str = "") -> float:
     split = data.load_split(self.meta["dataset"], "test", data_dir)
     return evaluate.integer_top1(self.module.graph, self.variables, split, parallel.make_mesh())
 

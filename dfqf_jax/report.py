@@ -8,13 +8,12 @@ import sys
 
 import jax
 
-from dfqf_jax import checkpoints, like_for_like, provenance, storage, training
+from dfqf_jax import checkpoints, like_for_like, provenance, storage, top1, training
 from dfqf_jax import quant as q
+from dfqf_jax.errors import UserError, brief
 from dfqf_jax.models.resnet import layer_sizes
 
 STAGE_DIRS = ("teacher", "generator")
-
-
 def hardware() -> str:
   kind = jax.devices()[0].device_kind
   return (f"{jax.device_count()} x {kind} ({jax.default_backend()}), "
@@ -107,10 +106,11 @@ def plot_curves(workdir: str, path: str) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
   written = []
   for stage, series in curves(workdir).items():
-    keys = [k for k in series if k.endswith("top1")] + [k for k in series
-                                                        if k.startswith("loss")]
+    keys = [k for k in series if k.endswith(top1.METRIC_SUFFIX)] + [
+        k for k in series if k.startswith("loss")]
     if not keys:
       continue
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
@@ -118,7 +118,9 @@ def plot_curves(workdir: str, path: str) -> list[str]:
       steps, values = zip(*series[key])
       ax.plot(steps, values, marker="o" if len(steps) == 1 else None)  # one point: visible
       ax.set_title(key, fontsize=9)
-      ax.set_xlabel("step", fontsize=8)
+      ax.set_xlabel("training step", fontsize=8)
+      ax.set_ylabel("top-1 (%)" if key.endswith(top1.METRIC_SUFFIX) else "loss", fontsize=8)
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
       ax.tick_params(labelsize=7)
     fig.suptitle(stage, fontsize=10)
     fig.tight_layout()
@@ -133,15 +135,16 @@ def plot_curves(workdir: str, path: str) -> list[str]:
 def write_report(workdir: str, results: dict, schedule: str) -> str:
   """DIR/report.md: one table (teacher, PTQ baselines, DFQF students), grid and curves.
 
-  Also adds `drop_vs_teacher` (except to a `stale` entry, one built from upstream checkpoints
+  Also adds `drop_vs_teacher_points` (except to a `stale` entry, one built from upstream checkpoints
   the workdir no longer holds) and the hardware to each entry of DIR/results.json.
   """
-  teacher_top1 = results.get("teacher", {}).get("top1")
+  teacher_top1 = results.get("teacher", {}).get(top1.FIELD)
   host = hardware()
   for name, entry in results.items():
     if teacher_top1 is not None and "stale" not in entry:
-      entry["drop_vs_teacher"] = teacher_top1 - entry["top1"]
+      entry[top1.DROP_FIELD] = teacher_top1 - entry[top1.FIELD]
     entry["hardware"] = host
+    entry["schedule"] = schedule  # (report --compare labels a smoke run's numbers)
   order = lambda n: (0 if n == "teacher" else 2 if n.startswith("ptq_") else 1, n)
   lines = [f"# DFQF report ({schedule} schedule)", ""]
   if schedule == "smoke":
@@ -155,9 +158,9 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
     r = results[name]
     bits = f"{r['weight_bits']}/{r['act_bits']}" if "weight_bits" in r else "32/32"
     rules, average = quantization_of(r)
-    drop = r.get("drop_vs_teacher")
+    drop = r.get(top1.DROP_FIELD)
     lines.append(
-        f"| {name} | {100 * r['top1']:.2f}% | {'' if drop is None else f'{100 * drop:.2f}'} "
+        f"| {name} | {r[top1.FIELD]:.2f}% | {'' if drop is None else f'{drop:.2f}'} "
         f"| {bits} | {rules} | {average} | {r.get('protocol', '')} | "
         f"{r.get('calibration', '')} | "
         f"{r.get('steps', r.get('step', ''))} | {_seconds(r.get('stage_wall_seconds'))} | "
@@ -221,7 +224,7 @@ def ptq_table(results: dict) -> str:
       bit_widths.add((r["weight_bits"], bits))
       rules = layer_rules_of(r).replace("|", "\\|")
       protocol = r["protocol"] + (f" + {rules}" if rules else "")
-      cells[(r["calibration"], protocol, bits)] = r["top1"]
+      cells[(r["calibration"], protocol, bits)] = top1.percent(r)
   columns = [b for _, b in sorted(bit_widths, reverse=True)]
   rows = sorted({(c, p) for c, p, _ in cells})
   lines = ["| calibration | protocol | " + " | ".join(columns) + " |",
@@ -229,23 +232,24 @@ def ptq_table(results: dict) -> str:
   for calibration, protocol in rows:
     values = [cells.get((calibration, protocol, b)) for b in columns]
     lines.append(f"| {calibration} | {protocol} | " + " | ".join(
-        "" if v is None else f"{100 * v:.2f}" for v in values) + " |")
+        "" if v is None else f"{v:.2f}" for v in values) + " |")
   return "\n".join(lines)
 
 
 # Published data-free quantization results for ResNet-20 on CIFAR-10 under the standard
 # protocol (every layer at the target bits, per-channel weights), each paper's own table, all
-# against a 93.89% full-precision ResNet-20: method -> (W4A4 top-1, W3A3 top-1 or None).
-PUBLISHED_TEACHER_TOP1 = 0.9389
+# against a 93.89% full-precision ResNet-20: method -> (W4A4 top-1, W3A3 top-1 or None), in
+# percent.
+PUBLISHED_TEACHER_TOP1 = 93.89
 PUBLISHED_NETWORK = "ResNet-20"  # every published number below is ResNet-20 on CIFAR-10
-PUBLISHED = {"GDFQ": (0.9025, None), "Qimera": (0.9126, None), "IntraQ": (0.9149, 0.7707),
-             "AdaDFQ": (0.9231, 0.8489), "HAST": (0.9236, 0.8634), "TexQ": (0.9268, 0.8647),
-             "SynQ": (0.9276, 0.8811)}
+PUBLISHED = {"GDFQ": (90.25, None), "Qimera": (91.26, None), "IntraQ": (91.49, 77.07),
+             "AdaDFQ": (92.31, 84.89), "HAST": (92.36, 86.34), "TexQ": (92.68, 86.47),
+             "SynQ": (92.76, 88.11)}
 COMPARED_BITS = ((4, 4), (3, 3))
 
 
 def _points(value) -> str:
-  return "–" if value is None else f"{100 * value:.2f}"
+  return "–" if value is None else f"{value:.2f}"
 
 
 def _compute(record: dict, entry: dict) -> str:
@@ -277,7 +281,7 @@ def comparison_rows(records: dict) -> list[dict]:
   rows = []
   for path, record in records.items():
     results = record.get("results", record)  # a run record, or a workdir's results.json
-    teacher = results.get("teacher", {}).get("top1")
+    teacher = top1.percent(results.get("teacher", {}))
     for name, entry in sorted(results.items()):
       if not name.startswith("student_"):
         continue
@@ -287,16 +291,16 @@ def comparison_rows(records: dict) -> list[dict]:
       bits, rules = (entry["weight_bits"], entry["act_bits"]), layer_rules_of(entry)
       start = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}"
                           + (f"_{q.rules_slug(rules)}" if rules else ""), {})
-      ptq = None if "stale" in start else start.get("top1")
+      ptq = None if "stale" in start else top1.percent(start)
       depth = entry.get("depth", results.get("teacher", {}).get("depth"))
       network = "?" if depth is None else f"ResNet-{depth}"
       source = like_for_like.SOURCE_NAMES[entry.get("images", "dfqf")]
       method = "DFQF (ours)" if source == "DFQF" else f"{source} (this harness)"
       rows.append({"method": f"{method} {name}", "network": network,
                    "protocol": entry["protocol"] + (f" + {rules}" if rules else ""),
-                   "schedule": schedule_of(record),
-                   "teacher": teacher, "bits": bits, "top1": entry["top1"],
-                   "drop": None if teacher is None else teacher - entry["top1"],
+                   "schedule": schedule_of(record) or entry.get("schedule", ""),
+                   "teacher": teacher, "bits": bits, "top1": top1.percent(entry),
+                   "drop": None if teacher is None else teacher - top1.percent(entry),
                    "ptq_start": ptq, "compute": _compute(record, entry), "source": path})
   return rows
 
@@ -310,8 +314,11 @@ def comparison_table(records: dict) -> str:
   header += ["PTQ start (ft)", "compute", "source"]
   lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|" + "---:|" * (len(header) - 7)
            + "---|---|---|"]
-  for row in comparison_rows(records):
-    cells = [row["method"], row["network"], row["protocol"], row["schedule"],
+  rows = comparison_rows(records)
+  for row in rows:
+    smoke = row["schedule"].startswith("smoke")
+    cells = [row["method"] + (" (smoke run: not a result)" if smoke else ""),
+             row["network"], row["protocol"], row["schedule"],
              _points(row["teacher"])]
     for bits in COMPARED_BITS:
       mine = row["bits"] == bits
@@ -321,11 +328,37 @@ def comparison_table(records: dict) -> str:
   for method, tops in PUBLISHED.items():
     cells = [method, PUBLISHED_NETWORK, "standard", "the paper's",
              _points(PUBLISHED_TEACHER_TOP1)]
-    for top1 in tops:
-      cells += [_points(top1), _points(None if top1 is None else PUBLISHED_TEACHER_TOP1 - top1)]
+    for published in tops:
+      cells += [_points(published),
+                _points(None if published is None else PUBLISHED_TEACHER_TOP1 - published)]
     cells += ["", "published", "the paper's table"]
     lines.append("| " + " | ".join(cells) + " |")
+  if any(row["schedule"].startswith("smoke") for row in rows):
+    lines += ["", "Smoke runs train each stage for a few steps to show that the pipeline works; "
+              "their numbers say nothing about the method."]
   return "\n".join(lines)
+
+
+class RecordError(UserError, ValueError):
+  """A file given to the report that is not a run record or a workdir's results.json."""
+
+
+def load_record(path: str) -> dict:
+  """A run record or a workdir's results.json (name -> entry with its top-1), checked."""
+  fix = ("give a run record written with --config.record_to (e.g. "
+         "experiments/budget_resnet20/budget_cpu.json) or a workdir's results.json")
+  if not storage.isfile(path):
+    raise RecordError(f"no record at {path}; {fix}.")
+  try:
+    record = json.loads(storage.read_text(path))
+  except (ValueError, UnicodeDecodeError) as e:
+    lines = " (one JSON object per line: a log, not a record)" if path.endswith(".jsonl") else ""
+    raise RecordError(f"{path} is not a JSON document{lines} ({brief(e)}); {fix}.") from None
+  results = record.get("results", record) if isinstance(record, dict) else None
+  if not isinstance(results, dict) or not results or not all(
+      isinstance(e, dict) and top1.percent(e) is not None for e in results.values()):
+    raise RecordError(f"{path} holds no results (name -> an entry with its top-1); {fix}.")
+  return record
 
 
 def _main(argv: list[str]) -> int:
@@ -341,11 +374,11 @@ def _main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   if len(args.records) > 1 and not args.compare:
     parser.error("several RECORDs need --compare (one table over all of them)")
-  missing = [p for p in args.records if not storage.exists(p)]
-  if missing:
-    parser.error(f"no record at {', '.join(missing)}; give the path of a run record, "
-                 "e.g. experiments/budget_resnet20/budget_cpu.json")
-  loaded = {p: json.loads(storage.read_text(p)) for p in args.records}
+  try:
+    loaded = {p: load_record(p) for p in args.records}
+  except RecordError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if not args.compare:
     record = loaded[args.records[0]]
     print(ptq_table(record.get("results", record)))

@@ -10,10 +10,14 @@ flush, and an object write is already atomic (readers see the old object or the 
 so `write_atomically` writes it directly. Point gcsfs and Orbax's tensorstore at an emulator
 with STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL (tests/gcs.py does).
 """
+import hashlib
 import io
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import urllib.parse
 
 from etils import epath
 
@@ -38,6 +42,35 @@ def _remote(path) -> epath.Path:
   if filesystem is not None:  # (absent when TensorFlow's gfile serves gs://)
     filesystem(str(p)).invalidate_cache()
   return p
+
+
+REACH_TIMEOUT_SECONDS = 10.0
+
+
+def check_reachable(path) -> None:
+  """Raises OSError unless the Cloud Storage endpoint that `path` is served from accepts a
+  connection within REACH_TIMEOUT_SECONDS: gcsfs retries a refused or unresolved connection
+  for about a minute before it raises."""
+  url = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+  parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+  address = (parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
+  outcome = []
+
+  def connect():
+    try:
+      socket.create_connection(address, timeout=REACH_TIMEOUT_SECONDS).close()
+      outcome.append(None)
+    except OSError as e:
+      outcome.append(e)
+
+  thread = threading.Thread(target=connect, daemon=True)  # name resolution has no timeout
+  thread.start()
+  thread.join(REACH_TIMEOUT_SECONDS)
+  if not outcome:
+    raise TimeoutError(f"no answer from {address[0]}:{address[1]} within "
+                       f"{REACH_TIMEOUT_SECONDS:.0f} s")
+  if outcome[0] is not None:
+    raise OSError(f"cannot connect to {address[0]}:{address[1]} ({outcome[0]})")
 
 
 def exists(path) -> bool:
@@ -84,6 +117,31 @@ def getmtime(path) -> float:
 
 def getsize(path) -> int:
   return int(epath.Path(path).stat().length) if is_remote(path) else os.path.getsize(path)
+
+
+def folder_signature(path) -> str:
+  """A short hash of the name, size and modification time of every file under folder
+  `path`: it changes when any file is rewritten, truncated, added or removed (what a
+  result computed from the folder's contents must be recomputed after)."""
+  if is_remote(path):  # (gcsfs refuses recursive globs: walked folder by folder)
+    root, folders, rows = _remote(path), [_remote(path)], []
+    while folders:
+      for entry in folders.pop().iterdir():
+        if entry.is_dir():
+          folders.append(entry)
+        else:
+          stat = entry.stat()
+          rows.append(f"{entry.relative_to(root)}:{stat.length}:{stat.mtime}")
+    rows.sort()
+  else:
+    rows = []
+    for folder, _, names in os.walk(path):
+      for name in names:
+        stat = os.stat(os.path.join(folder, name))
+        rows.append(f"{os.path.relpath(os.path.join(folder, name), path)}:{stat.st_size}:"
+                    f"{stat.st_mtime_ns}")
+    rows.sort()
+  return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
 def open_file(path, mode: str = "r"):

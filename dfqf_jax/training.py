@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import signal
 import sys
 import time
 from typing import Callable
@@ -13,7 +12,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from dfqf_jax import checkpoints, storage
+from dfqf_jax import checkpoints, signals, storage
 from dfqf_jax.errors import UserError
 
 STOPPED_KEY = "stopped_by_signal"  # logged at the step where SIGTERM/SIGINT ended a run
@@ -21,19 +20,6 @@ STOPPED_KEY = "stopped_by_signal"  # logged at the step where SIGTERM/SIGINT end
 
 class NonFiniteLossError(UserError, FloatingPointError):
   """A loss became NaN or Inf; the last good checkpoint is kept."""
-
-
-class StoppedBySignal(Exception):
-  """SIGTERM/SIGINT stopped a stage after it saved its current step. The whole invocation
-  stops (a pipeline does not go on to build on an unfinished stage); main.py exits with
-  EXIT_CODE, and rerunning the same command continues."""
-
-  EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
-
-  def __init__(self, name: str, step: int):
-    super().__init__(f"{name}: stopped by signal at step {step}; its checkpoint is saved. "
-                     "Rerun the same command to continue.")
-    self.name, self.step = name, step
 
 
 def compute_dtype(config) -> jnp.dtype:
@@ -156,29 +142,6 @@ def check_finite(metrics: dict, step: int, loss_keys) -> None:
           "the last good checkpoint is kept. Lower the learning rate or the loss weights.")
 
 
-class _TermSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.received = False
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    self.received = True
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
               train_step: Callable, meta: dict, log_every: int, loss_keys=("loss",),
               evaluate: Callable | None = None, eval_every: int = 0,
@@ -188,14 +151,17 @@ def run_steps(*, name: str, ckpt, state, start_step: int, total_steps: int,
   train_step(state, step) -> (state, metrics) dispatches one jitted step without waiting
   for it. Metrics stay on device and are fetched every `log_every` steps (one transfer),
   checked for NaN/Inf and written. Checkpoints are saved every `ckpt`'s interval, only right
-  after a finite check, and at the end. SIGTERM/SIGINT save the current step and return
-  early. evaluate(state, step) -> dict of monitoring metrics, every `eval_every` steps (and
-  at step 0 of a fresh run with `evaluate_start`). Closes the checkpoint manager at the end.
+  after a finite check, and at the end. SIGTERM/SIGINT let the current step finish, save it
+  and stop (signals.py). evaluate(state, step) -> dict of monitoring metrics, every
+  `eval_every` steps (and at step 0 of a fresh run with `evaluate_start`). Closes the
+  checkpoint manager at the end.
   Returns the final state; raises StoppedBySignal after saving if a signal arrived.
   """
   writer = MetricWriter(str(ckpt.directory), start_step)
   try:
     if evaluate_start and evaluate is not None and start_step == 0:
+      if is_main_process():
+        print(f"{name}: evaluating the starting point", file=sys.stderr, flush=True)
       writer.write(0, evaluate(state, 0))
     return _run_steps(name=name, ckpt=ckpt, state=state, start_step=start_step,
                       total_steps=total_steps, train_step=train_step, meta=meta,
@@ -229,15 +195,15 @@ def _run_steps(*, name, ckpt, state, start_step, total_steps, train_step, meta, 
     print(f"{name}: compiling the step, then steps {start_step + 1}..{total_steps}",
           file=sys.stderr, flush=True)
   started = last_saved = time.time()
-  with _TermSignal() as term, tqdm(total=total_steps, initial=start_step, desc=name,
-                                   disable=not is_main_process(), dynamic_ncols=True,
-                                   mininterval=2.0) as bar:
+  with signals.stop_on_signal(name), signals.deferred() as received, tqdm(
+      total=total_steps, initial=start_step, desc=name, disable=not is_main_process(),
+      dynamic_ncols=True, mininterval=2.0) as bar:
     for step in range(start_step, total_steps):
       state, metrics = train_step(state, step)
       history.append(metrics)
       done = step + 1
-      stop = term.received  # read once: a signal arriving later is handled next step
-      save_now = ckpt.should_save(done) or done == total_steps or stop
+      stop = received[0] if received else None  # read once: a later signal waits a step
+      save_now = ckpt.should_save(done) or done == total_steps or stop is not None
       eval_now = evaluate is not None and eval_every > 0 and (
           done % eval_every == 0 or done == total_steps)
       if done % log_every == 0 or save_now or eval_now:
@@ -256,13 +222,14 @@ def _run_steps(*, name, ckpt, state, start_step, total_steps, train_step, meta, 
         add_wall_time(ckpt.directory, now - last_saved)
         last_saved = now
       bar.update(1)
-      if stop:
+      if stop is not None:
         writer.write(done, {STOPPED_KEY: 1.0})
         ckpt.wait_until_finished()
-        raise StoppedBySignal(name, done)
+        raise signals.stop(name, stop, step=done)
   ckpt.wait_until_finished()
   if is_main_process():
-    scores = "".join(f", {k} {v:.2%}" for k, v in evaluated.items() if k.endswith("top1"))
+    scores = "".join(f", {k} {v:.2f}%" for k, v in evaluated.items()
+                     if k.endswith("top1_percent"))
     print(f"{name}: finished at step {total_steps} in {ckpt.directory} "
           f"({total_steps - start_step} steps this run in {time.time() - started:.0f} s"
           f"{scores})")

@@ -25,8 +25,8 @@ class ConfigError(UserError, ValueError):
 
 
 def split_names(text: str) -> list[str]:
-  """A comma-separated config value ('max,ft') as a list of names."""
-  return [t.strip() for t in str(text).split(",") if t.strip()]
+  """A comma-separated config value ('max,ft') as a list of names, each once."""
+  return list(dict.fromkeys(t.strip() for t in str(text).split(",") if t.strip()))
 
 
 def _fail(field, value, allowed):
@@ -76,7 +76,9 @@ def common(config, splits=("train", "test")) -> None:
 
 
 def _data_files(config, splits) -> None:
-  if config.data.dir and config.data.dir != data.TFDS:  # (the download cache fills itself)
+  """The splits the job reads exist (but in the download cache, which fills itself) and
+  their labels fit the dataset."""
+  if config.data.dir and config.data.dir != data.TFDS:
     for split in splits:
       path = os.path.join(config.data.dir, f"{config.data.name}_{split}.npz")
       if not storage.isfile(path):
@@ -84,6 +86,8 @@ def _data_files(config, splits) -> None:
             f"config.data.dir={config.data.dir!r} has no {config.data.name}_{split}.npz; point "
             f"it at a folder with {config.data.name}_train.npz and {config.data.name}_test.npz, "
             f"or leave it empty to download them into ${data.DATA_DIR_ENV}.")
+  for split in splits:
+    data.check_labels(config.data.name, split, data.source(config.data))
 
 
 def bits(config, field: str) -> None:
@@ -121,8 +125,8 @@ def generator(config) -> None:
 
 
 def bit_pairs(config, field: str = "bits") -> list[tuple[int, int]]:
-  """The (weight, activation) bit widths config.<field> names, or one ConfigError: the one
-  reading of a bit-width field, for the checks here and for the stages."""
+  """The (weight, activation) bit widths config.<field> names, each once ('W4A4,w4a4' is
+  [(4, 4)]), or one ConfigError."""
   value = field_value(config, field)
   try:
     return quant.parse_bits(value)

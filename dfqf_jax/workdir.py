@@ -24,7 +24,7 @@ import threading
 import time
 
 from dfqf_jax import storage
-from dfqf_jax.errors import UserError
+from dfqf_jax.errors import UserError, brief
 
 LOCK_FILE = ".dfqf.lock"
 HEARTBEAT_SECONDS = 30.0
@@ -59,18 +59,23 @@ def check(workdir: str) -> None:
 
 
 def _check_remote(workdir: str) -> None:
-  """A remote workdir is writable if an object can be written in it (and removed)."""
-  if storage.isfile(workdir):
-    raise WorkdirError(f"--workdir={workdir!r} is an object; give a folder (new or existing).")
+  """A remote workdir is writable if an object can be written in it (and removed). Any
+  failure on the way (no network, no credentials, no bucket) is one WorkdirError."""
   probe = os.path.join(workdir, f".dfqf-write-test-{socket.gethostname()}-{os.getpid()}")
   try:
-    storage.write_atomically(probe, b"")
-    storage.remove(probe)
-  except Exception as e:  # gcsfs raises FileNotFoundError, OSError or HttpError subclasses
+    storage.check_reachable(workdir)
+    is_object = storage.isfile(workdir)
+    if not is_object:
+      storage.write_atomically(probe, b"")
+      storage.remove(probe)
+  except Exception as e:  # gcsfs raises FileNotFoundError, OSError, HttpError, auth errors
     bucket = workdir.split("://", 1)[1].split("/", 1)[0]
-    raise WorkdirError(f"--workdir={workdir!r} cannot be written ({type(e).__name__}: {e}); "
-                       f"check that the bucket {bucket!r} exists (gcloud storage buckets "
-                       "create) and that you may write to it.") from None
+    raise WorkdirError(f"--workdir={workdir!r} cannot be written ({brief(e)}); check the "
+                       "network, your credentials (gcloud auth application-default login), "
+                       f"that the bucket {bucket!r} exists (gcloud storage buckets create) and "
+                       "that you may write to it.") from None
+  if is_object:
+    raise WorkdirError(f"--workdir={workdir!r} is an object; give a folder (new or existing).")
 
 
 def _process_start(pid: int) -> str | None:

@@ -26,7 +26,7 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 SHARED_DATA = os.environ.get("DFQF_DATA_DIR") or os.path.join(REPO, "..", "shared", "data")
 TEACHER_WEIGHTS = os.path.join(SHARED_DATA, "resnet20-12fca82f_weights.npz")
-PUBLISHED_TOP1 = 0.9173  # that teacher's published CIFAR-10 test top-1 (SOURCES.md)
+PUBLISHED_TOP1 = 91.73  # that teacher's published CIFAR-10 test top-1, % (SOURCES.md)
 # A run given no data.dir reads the download cache: the shared files, never the network.
 os.environ.setdefault("DFQF_DATA_DIR", SHARED_DATA)
 
@@ -57,12 +57,17 @@ def small_data(shared_data):
   """SMALL_DATA: 250 test and 1,000 training images of ../shared/data, for runs whose
   numbers do not matter (evaluation dominates a smoke run). 250 is a multiple of neither 4
   nor 8: evaluations over several devices pad and mask their batch."""
-  os.makedirs(SMALL_DATA, exist_ok=True)
+  return write_small_data(shared_data, SMALL_DATA)
+
+
+def write_small_data(source: str, folder: str) -> str:
+  """`folder` with the small splits of `source` (see small_data), written if missing."""
+  os.makedirs(folder, exist_ok=True)
   for split, size in (("test", 250), ("train", 1000)):
-    path = os.path.join(SMALL_DATA, f"cifar10_{split}.npz")
+    path = os.path.join(folder, f"cifar10_{split}.npz")
     if not os.path.exists(path):
-      write_small_split(os.path.join(shared_data, f"cifar10_{split}.npz"), path, size)
-  return SMALL_DATA
+      write_small_split(os.path.join(source, f"cifar10_{split}.npz"), path, size)
+  return folder
 
 
 def copy_workdir(source, destination):

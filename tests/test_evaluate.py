@@ -7,7 +7,7 @@ def origin(stage: str, fingerprint: str, step: int = 10) -> dict:
 
 
 def entry(own: dict, **lineage) -> dict:
-  return {"top1": 0.9, "origin": own, "lineage": lineage}
+  return {"top1_percent": 90.0, "origin": own, "lineage": lineage}
 
 
 TEACHER, GENERATOR = origin("teacher", "t1", 0), origin("generator", "g2", 14)
@@ -23,7 +23,7 @@ def test_a_model_is_stale_iff_an_upstream_checkpoint_it_names_is_no_longer_the_w
       "ptq_w4a4_max_dfqf": entry(origin("ptq_w4a4_max_dfqf", "p1"),
                                  teacher=origin("teacher", "t0", 0)),
       # an export records the student checkpoint it came from
-      "export_student_w4a4": {"top1": 0.9, "lineage": {"student_w4a4": origin("student_w4a4",
+      "export_student_w4a4": {"top1_percent": 90.0, "lineage": {"student_w4a4": origin("student_w4a4",
                                                                               "s0")}},
   }
   reasons = evaluate.stale_reasons(results, held=results)
@@ -40,14 +40,14 @@ def test_a_model_is_stale_iff_an_upstream_checkpoint_it_names_is_no_longer_the_w
 def test_the_mark_replaces_an_old_one_and_a_stale_model_has_no_drop_against_the_teacher():
   results = {"teacher": entry(TEACHER),
              "student_w4a4": {**entry(origin("student_w4a4", "s1"), teacher=TEACHER),
-                              "stale": "an old reason", "drop_vs_teacher": 0.01},
+                              "stale": "an old reason", "drop_vs_teacher_points": 1.0},
              "student_w3a3": {**entry(origin("student_w3a3", "s2"),
                                       teacher=origin("teacher", "t0", 0)),
-                              "drop_vs_teacher": 0.04}}
+                              "drop_vs_teacher_points": 4.0}}
   marked = evaluate.with_staleness(results, held=results)
-  assert "stale" not in marked["student_w4a4"] and marked["student_w4a4"]["drop_vs_teacher"]
+  assert "stale" not in marked["student_w4a4"] and marked["student_w4a4"]["drop_vs_teacher_points"]
   assert marked["student_w3a3"]["stale"].startswith("built from teacher step 0 (t0)")
-  assert "drop_vs_teacher" not in marked["student_w3a3"]
+  assert "drop_vs_teacher_points" not in marked["student_w3a3"]
   assert "stale" in results["student_w4a4"]  # the input is not changed
 
 
@@ -57,7 +57,7 @@ def test_staleness_runs_down_the_chain_to_the_export_of_a_stale_student():
   student = origin("student_w4a4", "s1")
   results = {"generator_student_fp": entry(GENERATOR, teacher=TEACHER),
              "student_w4a4": entry(student, generator=origin("generator", "g1", 12)),
-             "export_student_w4a4": {"top1": 0.9, "lineage": {"student_w4a4": student}}}
+             "export_student_w4a4": {"top1_percent": 90.0, "lineage": {"student_w4a4": student}}}
   reasons = evaluate.stale_reasons(results, held=results)
   assert reasons["export_student_w4a4"] == (
       "built from student_w4a4, itself stale: " + reasons["student_w4a4"])

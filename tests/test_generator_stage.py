@@ -43,12 +43,13 @@ def test_one_iteration_moves_generator_up_and_student_down_the_adversarial_loss(
 
 def test_the_fp_student_is_measured_on_held_out_training_images(tmp_path, small_data,
                                                               imported_workdir):
-  """data.validation_size > 0: student_val_top1 (for comparing settings) beside the test top-1."""
+  """data.validation_size > 0: student_val_top1_percent (for comparing settings) beside the
+  test top-1."""
   tmp_path = copy_workdir(imported_workdir, tmp_path / "run")
   result = run_in_process("configs/generator.py:smoke", tmp_path, f"--config.data.dir={small_data}",
                     "--config.data.validation_size=200", "--config.num_epochs=1",
                     "--config.iters_per_epoch=1")
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / "generator" / "metrics.jsonl") as f:
-    evaluations = [row for row in map(json.loads, f) if "student_test_top1" in row]
-  assert evaluations and all(0 <= row["student_val_top1"] <= 1 for row in evaluations)
+    evaluations = [row for row in map(json.loads, f) if "student_test_top1_percent" in row]
+  assert evaluations and all(0 <= row["student_val_top1_percent"] <= 100 for row in evaluations)

@@ -54,3 +54,16 @@ def test_compare_prints_the_like_for_like_table_above_the_published_numbers(tmp_
   assert out.index("| GDFQ | W4A4 | standard | 1 | 89.00 (1 run)") < out.index(
       "Each beside the published numbers") < out.index("| GDFQ (this harness) student_w4a4")
   assert "| GDFQ | ResNet-20 | standard | the paper's | 93.89 | 90.25 |" in out
+
+
+def test_a_record_with_top1_in_percent_gives_the_same_table():
+  """The records above hold `top1` as a fraction, as those of experiments/ do; the project
+  now writes `top1_percent` and curves `test_top1_percent`: the same table."""
+  old = record("dfqf", 0, {"student_w4a4": (4, "dfqf", 0.9092, 0.88)}, "d0")
+  new = json.loads(json.dumps(old))
+  for entry in new["results"].values():
+    entry["top1_percent"] = 100 * entry.pop("top1")
+  new["curves"] = {name: {"test_top1_percent": [[s, 100 * v] for s, v in c["test_top1"]]}
+                   for name, c in old["curves"].items()}
+  assert like_for_like.table({"n.json": new}, report.schedule_of) == like_for_like.table(
+      {"n.json": old}, report.schedule_of)

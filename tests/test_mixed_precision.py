@@ -27,9 +27,9 @@ def test_bfloat16_compute_keeps_the_imported_teacher_accuracy(shared_data):
   test_models.py's (the published 91.73%, pinned there); only bfloat16 is evaluated here."""
   variables = convert.torch_resnet_to_flax(convert.load_state_dict_npz(TEACHER_WEIGHTS), 20, 10)
   test = data.load_split("cifar10", "test", shared_data)
-  top1 = classifiers.top1(CifarResNet(20, dtype=jnp.bfloat16), variables, test, data.IMAGENET_MEAN,
-                          data.IMAGENET_STD, parallel.make_mesh())
-  assert top1 == pytest.approx(PUBLISHED_TOP1, abs=0.003)
+  top1 = classifiers.top1_percent(CifarResNet(20, dtype=jnp.bfloat16), variables, test,
+                                  data.IMAGENET_MEAN, data.IMAGENET_STD, parallel.make_mesh())
+  assert top1 == pytest.approx(PUBLISHED_TOP1, abs=0.3)
 
 
 def test_bfloat16_stage_1_trains_and_checkpoints_float32(tmp_path, small_data, imported_workdir):

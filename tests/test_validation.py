@@ -5,12 +5,16 @@ they print and write is what a new process prints and writes, without its start-
 import json
 import os
 import shutil
+import socket
+import time
 
 import numpy as np
 import pytest
 
 from cli import run_in_process
 from conftest import SHARED_DATA, TEACHER_WEIGHTS, copy_workdir
+from dfqf_jax import validation
+from dfqf_jax.stages import ptq
 
 TEACHER_SMOKE = "configs/teacher.py:smoke"
 GENERATOR_SMOKE = "configs/generator.py:smoke"
@@ -42,6 +46,10 @@ CASES = {
                         ["config.data.name='mnist'", "cifar10"]),
     "data dir without files": (TEACHER_SMOKE, ["--config.data.dir=/nonexistent"],
                                ["no cifar10_train.npz", "DFQF_DATA_DIR"]),
+    "TFDS dataset not prepared": (TEACHER_SMOKE, ["--config.data.dir=tfds",
+                                                  "--config.data.tfds.data_dir=/nonexistent"],
+                                  ["TFDS 'cifar10' is not prepared in /nonexistent",
+                                   "dfqf_jax.tools.prepare_tfds"]),
     "batch not divisible by devices": (TEACHER_SMOKE, ["--config.batch_size=12"],
                                        ["config.batch_size=12", "multiple of the 8 devices"]),
     "non-positive learning rate": (TEACHER_SMOKE, ["--config.learning_rate=0"],
@@ -75,6 +83,15 @@ CASES = {
         ["config.adversarial_generator=True", "config.data_source='real'", "turn one"]),
     "several students in one finetune": ("configs/finetune.py:w4a4,w8a8", [],
                                          ["finetune trains one student"]),
+    "unknown image source": ("configs/pipeline.py:smoke", ["--config.images=dreams"],
+                             ["config.images='dreams'", "zeroq", "gdfq"]),
+    "zeroq images with the adversarial generator": (
+        "configs/finetune.py:w4a4,smoke",
+        ["--config.images=zeroq", "--config.adversarial_generator=True"],
+        ["config.images='zeroq'", "adversarial_generator"]),
+    "zeroq batches not a multiple of those at once": (
+        "configs/zeroq.py:smoke", ["--config.concurrent_batches=3"],
+        ["config.num_batches=4", "config.concurrent_batches=3"]),
     "pipeline with a bad stage field": ("configs/pipeline.py:smoke",
                                         ["--config.finetune_stage.learning_rate=-1"],
                                         ["config.learning_rate=-1"]),
@@ -139,6 +156,18 @@ def test_test_labels_out_of_range_are_rejected_before_evaluation(imported_teache
   assert not (imported_teacher / "results.json").exists()
 
 
+def test_test_labels_out_of_range_are_rejected_before_the_pipeline_imports_the_teacher(
+    tmp_path, small_data):
+  labels = np.load(os.path.join(small_data, "cifar10_test.npz"))["labels"].copy()
+  labels[7] = 10
+  folder = data_dir_with(tmp_path, small_data, "test", labels=labels)
+  result = run_in_process("configs/pipeline.py:smoke", tmp_path / "run",
+                          f"--config.data.dir={folder}",
+                          f"--config.teacher_weights={TEACHER_WEIGHTS}")
+  assert_clean_failure(result, tmp_path / "run", "cifar10_test.npz", "[0, 10]", "10 classes")
+  assert nothing_written(tmp_path / "run")
+
+
 def test_train_labels_out_of_range_are_rejected_before_training(tmp_path, small_data):
   labels = np.load(os.path.join(small_data, "cifar10_train.npz"))["labels"].copy()
   labels[3] = -1
@@ -191,9 +220,13 @@ def test_broken_teacher_weights_are_rejected_on_import(tmp_path, damage):
     ("configs/pipeline.py:smoke", ["--config.generator_stage.data.dir=/elsewhere"],
      ["no field 'dir'"]),
     ("configs/pipeline.py:smoke", ["--config.log_every_steps=5"], ["no field 'log_every_steps'"]),
+    ("configs/pipeline.py:smoke", ["--config.seed=1", "--config.finetune_stage.lerning_rate=0.01"],
+     ["error: --config.finetune_stage.lerning_rate=0.01: the config has no field "
+      "'lerning_rate' (did you mean 'learning_rate'?)"]),
 ], ids=["unknown field", "unknown nested field", "unknown config argument", "empty bits",
         "unknown stale-upstream policy", "stage field the pipeline sets",
-        "stage data field the pipeline sets", "pipeline field only stages have"])
+        "stage data field the pipeline sets", "pipeline field only stages have",
+        "misspelt field of a stage"])
 def test_config_errors(tmp_path, config, overrides, phrases, small_data):
   result = run_in_process(config, tmp_path / "run", f"--config.data.dir={small_data}", *overrides)
   assert_clean_failure(result, tmp_path / "run", *phrases)
@@ -222,6 +255,38 @@ def test_workdir_problems(tmp_path, kind, small_data):
   assert_clean_failure(result, workdir, *phrases)
 
 
+def test_an_unreachable_cloud_storage_is_one_line_within_seconds(monkeypatch, small_data):
+  """No network (here: nothing listens where Cloud Storage is served): one line naming the
+  fix, not gcsfs's minute of retries and an aiohttp traceback."""
+  with socket.socket() as free:
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+  started = time.time()
+  result = run_in_process(GENERATOR_SMOKE, "gs://bucket/run", f"--config.data.dir={small_data}")
+  assert time.time() - started < 15
+  assert_clean_failure(result, None, "--workdir='gs://bucket/run' cannot be written",
+                       f"cannot connect to 127.0.0.1:{port}", "check the network")
+
+
+def test_evaluation_never_reuses_the_result_of_a_checkpoint_damaged_since(imported_teacher,
+                                                                          small_data):
+  """A cached top-1 stands only while its checkpoint's files are as they were: the teacher's
+  arrays truncated after its evaluation are read again, and refused, not scored from cache."""
+  run = lambda: run_in_process("configs/evaluate.py", imported_teacher,
+                               f"--config.data.dir={small_data}")
+  assert run().returncode == 0
+  written = (imported_teacher / "results.json").read_bytes()
+  assert json.loads(written)["teacher"]["checkpoint"] == "teacher/0"  # relative to the workdir
+  arrays = max((p for p in (imported_teacher / "teacher" / "0").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  with open(arrays, "r+b") as f:
+    f.truncate(arrays.stat().st_size // 2)
+  assert_clean_failure(run(), imported_teacher, "the teacher checkpoint", "cannot be read",
+                       "corrupted")
+  assert (imported_teacher / "results.json").read_bytes() == written
+
+
 def test_evaluation_is_redone_for_other_test_data_and_forgets_deleted_checkpoints(
     imported_teacher, tmp_path, small_data):
   run = lambda folder: run_in_process("configs/evaluate.py", imported_teacher,
@@ -232,13 +297,14 @@ def test_evaluation_is_redone_for_other_test_data_and_forgets_deleted_checkpoint
       np.load(os.path.join(small_data, "cifar10_test.npz"))["labels"], 1))
   assert run(other).returncode == 0
   second = json.loads((imported_teacher / "results.json").read_text())["teacher"]
-  assert second["test_data"] != first["test_data"] and second["top1"] < first["top1"]
+  assert second["test_data"] != first["test_data"]
+  assert second["top1_percent"] < first["top1_percent"]
   results = json.loads((imported_teacher / "results.json").read_text())
-  results["ptq_gone"] = {**second, "checkpoint": str(imported_teacher / "ptq_gone" / "0")}
+  results["ptq_gone"] = {**second, "checkpoint": "ptq_gone/0"}
   (imported_teacher / "results.json").write_text(json.dumps(results))
   assert run(small_data).returncode == 0
   third = json.loads((imported_teacher / "results.json").read_text())
-  assert set(third) == {"teacher"} and third["teacher"]["top1"] == first["top1"]
+  assert set(third) == {"teacher"} and third["teacher"]["top1_percent"] == first["top1_percent"]
 
 
 def test_the_pipeline_sets_each_shared_value_once():
@@ -258,6 +324,27 @@ def test_the_pipeline_sets_each_shared_value_once():
   for sub in stages.values():
     assert (sub.seed, sub.data.validation_size, sub.model.depth) == (3, 5000, 20)
     assert sub.on_stale_upstream == "rebuild"
+
+
+def test_bit_widths_in_capitals_name_the_same_student_once():
+  """--config.bits=W4A4 is w4a4: one student and one PTQ starting point, not two models of
+  one name (Orbax's StepAlreadyExistsError after minutes of training)."""
+  from configs import pipeline as pipeline_config
+  from dfqf_jax.stages import pipeline
+  config = pipeline_config.get_config("smoke")
+  config.bits = "W4A4"
+  stages = {name: sub for name, _, _, sub in pipeline.stage_configs(config)}
+  assert [n for n in stages if n.startswith("finetune_")] == ["finetune_w4a4"]
+  assert stages["finetune_w4a4"].bits == "w4a4" and stages["ptq"].bits == "w4a4"
+  pipeline.validate(config)
+  config.ptq_stage.bits = "w4a4,W4A4"
+  config.ptq_stage.calibration = "max,ft,max"
+  ptq_config = [sub for name, _, _, sub in pipeline.stage_configs(config) if name == "ptq"][0]
+  models = ptq.models_to_build(ptq_config, "/nonexistent", {},
+                               validation.split_names(ptq_config.calibration))
+  names = [name for *_, name, _ in models]
+  assert len(names) == len(set(names)) and {(w, a) for w, a, *_ in models} == {(4, 4)}
+  assert {method for _, _, _, method, _, _ in models} == {"max", "ft"}
 
 
 def test_the_pipeline_fine_tunes_every_bit_width_under_every_protocol():

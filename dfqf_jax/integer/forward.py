@@ -144,7 +144,7 @@ def forward(graph: dict, arrays: dict, x):
 
 
 class IntegerResNet:
-  """A model object for `classifiers.top1`: `apply(arrays, x, train=False)` -> logits.
+  """A model object for `classifiers.top1_percent`: `apply(arrays, x, train=False)` -> logits.
   Hashable by its graph (a jit static argument); the arrays are traced arguments."""
 
   def __init__(self, graph: dict):

@@ -7,6 +7,9 @@ DIR/results.json, one entry per model, merged with what is already there.
 """
 import json
 import os
+import sys
+
+from tqdm import tqdm
 
 from dfqf_jax import checkpoints, classifiers, data, integer, parallel, storage, training
 
@@ -34,14 +37,16 @@ class TestSplits(dict):
 
 
 def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
-  """Evaluates the classifiers of the latest checkpoint in `directory`. An entry of `known`
-  (the existing results.json) is reused only if it was computed from this very checkpoint
-  (path and modification time) on this very test data (fingerprint of images and labels)."""
+  """Evaluates the classifiers of the latest checkpoint in `directory` (a folder of the
+  workdir). An entry of `known` (the existing results.json) is reused only if it was computed
+  from this very checkpoint, untouched since (its path in the workdir, and the names, sizes
+  and times of its files: a truncated or rewritten file is read and scored again, or
+  refused), on this very test data (fingerprint of images and labels)."""
   step = checkpoints.latest_step(directory)
-  checkpoint = os.path.join(directory, str(step))
-  written = checkpoints.written_at(checkpoint)
+  checkpoint = f"{os.path.basename(directory)}/{step}"  # relative to the workdir
+  files = storage.folder_signature(os.path.join(directory, str(step)))
   cached = {n: r for n, r in known.items()
-            if r.get("checkpoint") == checkpoint and r.get("checkpoint_mtime") == written
+            if r.get("checkpoint") == checkpoint and r.get("checkpoint_files") == files
             and r.get("test_data") == splits[r["dataset"]][1] and checkpoints.ORIGIN in r}
   if cached:  # the wall time may have grown since (a resumed stage)
     return {n: {**r, "stage_wall_seconds": training.read_wall_time(directory)}
@@ -54,8 +59,9 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
     top1 = classifier_top1(entry, variables, split, mesh)
     described = {k: v for k, v in entry.items()
                  if k not in ("path", "mean", "std", "arch", checkpoints.ORIGIN)}
-    results[name] = {"top1": top1, "num_params": classifiers.num_params(variables["params"]),
-                     "checkpoint": checkpoint, "checkpoint_mtime": written, "step": step,
+    results[name] = {"top1_percent": top1,
+                     "num_params": classifiers.num_params(variables["params"]),
+                     "checkpoint": checkpoint, "checkpoint_files": files, "step": step,
                      "stage_wall_seconds": training.read_wall_time(directory),
                      "test_data": split_fingerprint, **described,
                      "lineage": meta.get("lineage", {}),
@@ -65,24 +71,25 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
 
 
 def classifier_top1(entry: dict, variables: dict, split: data.Split, mesh) -> float:
-  """Top-1 on `split` of the classifier that `entry` (its checkpoint's description) names,
-  with `variables`: its results.json number (also dfqf_jax.load's top1)."""
-  return classifiers.top1(classifiers.classifier_from_meta(entry), variables, split,
-                          entry["mean"], entry["std"], mesh)
+  """Top-1 (%) on `split` of the classifier that `entry` (its checkpoint's description)
+  names, with `variables`: its results.json number (also dfqf_jax.load's top1_percent)."""
+  return classifiers.top1_percent(classifiers.classifier_from_meta(entry), variables, split,
+                                  entry["mean"], entry["std"], mesh)
 
 
 def integer_top1(graph: dict, arrays: dict, split, mesh) -> float:
-  """Top-1 on `split` of the integer model (graph, arrays) that integer.load gives: its
-  results.json number (also dfqf_jax.load's top1)."""
-  return classifiers.top1(integer.IntegerResNet(graph), arrays, split, graph["mean"],
-                          graph["std"], mesh, batch_size=min(1000, len(split)))
+  """Top-1 (%) on `split` of the integer model (graph, arrays) that integer.load gives: its
+  results.json number (also dfqf_jax.load's top1_percent)."""
+  return classifiers.top1_percent(integer.IntegerResNet(graph), arrays, split, graph["mean"],
+                                  graph["std"], mesh, batch_size=min(1000, len(split)))
 
 
 def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
   """`export_<name>` -> result entry for every DIR/export/<name>/: top-1 on the test split
   of the integer model read back from the folder (dfqf_jax.integer). `splits`: dataset ->
   (test split, its fingerprint), as TestSplits gives. An entry of `known` is reused
-  if it was computed from this very folder (model.json's mtime) on the same test data."""
+  if it was computed from this very folder, untouched since (the names, sizes and times of
+  its files), on the same test data."""
   root = os.path.join(workdir, integer.EXPORT_DIR)
   results = {}
   for name in storage.listdir(root) if storage.isdir(root) else []:
@@ -91,10 +98,11 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
     if name.startswith(".") or not storage.isfile(graph_path):
       continue
     key = EXPORT_PREFIX + name
-    written = storage.getmtime(graph_path)
+    checkpoint = f"{integer.EXPORT_DIR}/{name}"  # relative to the workdir
+    files = storage.folder_signature(folder)
     cached = known.get(key)
-    if (cached and cached.get("checkpoint") == folder and cached.get("checkpoint_mtime") ==
-        written and cached.get("test_data") == splits[cached["dataset"]][1]
+    if (cached and cached.get("checkpoint") == checkpoint and cached.get("checkpoint_files") ==
+        files and cached.get("test_data") == splits[cached["dataset"]][1]
         and "lineage" in cached):
       results[key] = cached
       continue
@@ -102,8 +110,8 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
     split, split_fingerprint = splits[graph["dataset"]]
     top1 = integer_top1(graph, arrays, split, mesh)
     results[key] = {
-        "top1": top1, "num_params": integer.num_params(graph), "checkpoint": folder,
-        "checkpoint_mtime": written, "step": graph["step"], "integer": True,
+        "top1_percent": top1, "num_params": integer.num_params(graph), "checkpoint": checkpoint,
+        "checkpoint_files": files, "step": graph["step"], "integer": True,
         "test_data": split_fingerprint, "source_checkpoint": graph["source_checkpoint"],
         # the student checkpoint it was exported from (an export older than that record: none)
         "lineage": {name: graph["source_origin"]} if graph.get("source_origin") else {},
@@ -150,7 +158,7 @@ def with_staleness(results: dict, held: dict) -> dict:
   reasons = stale_reasons(results, held)
   marked = {}
   for name, entry in results.items():
-    dropped = ("stale", "drop_vs_teacher") if name in reasons else ("stale",)
+    dropped = ("stale", "drop_vs_teacher_points") if name in reasons else ("stale",)
     marked[name] = {k: v for k, v in entry.items() if k not in dropped}
     if name in reasons:
       marked[name]["stale"] = reasons[name]
@@ -170,16 +178,23 @@ def run(config, workdir: str) -> dict:
   known = {}
   if storage.exists(path):
     known = json.loads(storage.read_text(path))
-  splits = TestSplits(config.data.dir)
+  splits = TestSplits(data.source(config.data))
   results = {}
-  for directory in checkpoint_dirs(workdir):
+  directories = checkpoint_dirs(workdir)
+  main_process = training.is_main_process()
+  if main_process:
+    print(f"evaluate: the models of {len(directories)} checkpoint folders and the exports of "
+          f"{workdir}, on the test split (a result whose checkpoint is unchanged is reused)",
+          file=sys.stderr, flush=True)
+  for directory in tqdm(directories, desc="evaluate", unit="folder", disable=not main_process,
+                        dynamic_ncols=True, mininterval=1.0):
     results.update(evaluate_dir(directory, splits, mesh, known))
   results.update(evaluate_exports(workdir, splits, mesh, known))  # DIR/export/<name>
   if not results:
     raise checkpoints.CheckpointError(f"no checkpoint found in {workdir!r}; run a stage first.")
   # Entries of checkpoints that are gone (deleted, rebuilt) are dropped.
-  merged = with_staleness({**{n: r for n, r in known.items()
-                              if r.get("checkpoint") and storage.isdir(r["checkpoint"])},
+  merged = with_staleness({**{n: r for n, r in known.items() if r.get("checkpoint") and
+                              storage.isdir(os.path.join(workdir, r["checkpoint"]))},
                            **results}, held=results)
   if training.is_main_process():
     storage.write_atomically(path, json.dumps(merged, indent=2, sort_keys=True))
@@ -190,6 +205,6 @@ def run(config, workdir: str) -> dict:
 def format_table(results: dict) -> str:
   lines = [f"{'model':<28} {'top-1':>8} {'params':>9} {'step':>7}"]
   for name, r in sorted(results.items()):
-    lines.append(f"{name:<28} {100 * r['top1']:>7.2f}% {r['num_params']:>9,} {r['step']:>7}"
+    lines.append(f"{name:<28} {r['top1_percent']:>7.2f}% {r['num_params']:>9,} {r['step']:>7}"
                  + (f"  stale: {r['stale']}" if "stale" in r else ""))
   return "\n".join(lines)

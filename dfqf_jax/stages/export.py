@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 from flax import traverse_util
 
-from dfqf_jax import checkpoints, classifiers, integer, storage, training, validation
+from dfqf_jax import checkpoints, classifiers, integer, signals, storage, training, validation
 from dfqf_jax import quant as q
 
 EXPORT_DIR = integer.EXPORT_DIR
@@ -138,7 +138,8 @@ def run(config, workdir: str) -> dict:
     with open(os.path.join(tmp, integer.STABLEHLO_FILE), "wb") as f:
       f.write(integer.serialize(graph, arrays, graph["mean"], graph["std"]))
     integer.load(tmp)  # readable and consistent before it takes the final name
-    (_upload if remote else _swap)(tmp, out, root, name)
+    with signals.deferred():  # the old export or the new one, never half of each
+      (_upload if remote else _swap)(tmp, out, root, name)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)

@@ -194,17 +194,18 @@ def run(config, workdir: str, sources: dict | None = None) -> None:
     if config.adversarial_generator:
       config = with_generator_loss_weights(config, g_meta)
   checkpoints.check_lineage(stage_dir, name, lineage, config.on_stale_upstream)
-  test_split = data.load_split(teacher_meta["dataset"], "test", config.data.dir)
+  test_split = data.load_split(teacher_meta["dataset"], "test", data.source(config.data))
   train_split = val_split = data.Split(test_split.images[:0], test_split.labels[:0])
   if config.data_source == "real" or config.data.validation_size > 0:
     train_split, val_split = data.train_validation_split(
-        data.load_split(teacher_meta["dataset"], "train", config.data.dir),
+        data.load_split(teacher_meta["dataset"], "train", data.source(config.data)),
         config.data.validation_size, config.seed)
   mean, std = teacher_meta["mean"], teacher_meta["std"]
 
   student, variables = calibration.quantized_student(
       teacher_vars, teacher_meta["depth"], teacher_meta["num_classes"], spec)
   if checkpoints.latest_step(stage_dir) is None:  # a resumed run restores calibrated clips
+    calibration.announce(name, config, calibration.methods_of(spec, config.calibration))
     key = rng.key(config.seed, rng.CALIBRATION_LATENTS)
     batches = (source.calibration_batches(config, key)
                if source and config.calibration_data == "generated" else

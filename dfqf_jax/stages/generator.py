@@ -3,6 +3,7 @@ a full-precision student trained alongside, by `dfqf_jax.dfkd`'s iteration. The 
 the last generator."""
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -118,7 +119,7 @@ def held_out_training_images(config, dataset: str):
   """
   if config.data.validation_size <= 0:
     return None
-  train = data.load_split(dataset, "train", config.data.dir)
+  train = data.load_split(dataset, "train", data.source(config.data))
   return data.train_validation_split(train, config.data.validation_size, config.seed)[1]
 
 
@@ -127,13 +128,15 @@ def run(config, workdir: str) -> None:
   teacher, teacher_vars, teacher_meta = classifiers.load_teacher(workdir, config.teacher_dir)
   classifiers.check_teacher_depth(config, teacher_meta)
   mesh = parallel.make_mesh()
-  test_split = data.load_split(teacher_meta["dataset"], "test", config.data.dir)
+  test_split = data.load_split(teacher_meta["dataset"], "test", data.source(config.data))
   val_split = held_out_training_images(config, teacher_meta["dataset"])
 
   total_steps = total_steps_of(config)
   lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
   meta = {**stage_meta(config, teacher_meta), "total_steps": total_steps, "lineage": lineage}
   checkpoints.check_lineage(stage_dir, "generator", lineage, config.on_stale_upstream)
+  print("generator: initializing the generator and the student (compiling)", file=sys.stderr,
+        flush=True)
   state, step_fn = create_state_and_step(config, teacher, mesh)
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
   state, start = training.resume(ckpt, stage_dir, state, meta, "generator")

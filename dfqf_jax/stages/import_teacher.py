@@ -4,7 +4,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dfqf_jax import checkpoints, classifiers, convert, data
+from dfqf_jax import checkpoints, classifiers, convert, data, signals
 
 
 def run(config, workdir: str) -> None:
@@ -25,9 +25,10 @@ def run(config, workdir: str) -> None:
         f"{stage_dir!r} already holds a teacher from {saved_meta.get('source')!r}; use "
         "another --workdir (existing checkpoints are never overwritten).")
   state = jax.tree.map(jnp.asarray, variables)
-  mngr = checkpoints.manager(stage_dir)
-  checkpoints.save(mngr, 0, state, meta, force=True)
-  mngr.wait_until_finished()
-  mngr.close()
+  with signals.deferred():
+    mngr = checkpoints.manager(stage_dir)
+    checkpoints.save(mngr, 0, state, meta, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
   print(f"teacher: imported {config.weights} ({classifiers.num_params(state['params']):,} "
         f"parameters) into {stage_dir}")

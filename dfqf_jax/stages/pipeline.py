@@ -11,15 +11,15 @@ import functools
 import ml_collections
 
 from dfqf_jax import quant as q
-from dfqf_jax import report, storage, validation
+from dfqf_jax import report, signals, storage, validation
 from dfqf_jax.stages import (evaluate, finetune, gdfq, generator, import_teacher, ptq, teacher,
                              zeroq)
 
 # Set once, on the pipeline, for every stage. configs/pipeline.py removes them from the stage
 # configs, so that --config.<stage>_stage.seed=3 is an unknown field (one error line) rather
 # than a value silently replaced here.
-PIPELINE_FIELDS = ("seed", "data.name", "data.dir", "data.validation_size", "model.depth",
-                   "compute_dtype")
+PIPELINE_FIELDS = ("seed", "data.name", "data.dir", "data.tfds", "data.validation_size",
+                   "model.depth", "compute_dtype")
 # Fine-tuning's adversarial generator (config.adversarial_generator) trains with stage 1's
 # loss weights and learning rate: the pipeline takes them from its generator stage's config
 # (the one a rerun of the pipeline would train the generator with).
@@ -83,7 +83,7 @@ def stage_configs(config) -> list:
   else:
     stages.append(("generator", generator.run, validation.generator,
                    with_shared(config.generator_stage)))
-  students = [(bits, protocol) for bits in validation.split_names(config.bits)
+  students = [(q.bits_name(w, a), protocol) for w, a in validation.bit_pairs(config)
               for protocol in validation.split_names(config.finetune_stage.protocol)]
   for bits, protocol in students:
     sub = with_shared(config.finetune_stage)
@@ -98,11 +98,33 @@ def stage_configs(config) -> list:
                    sub))
   if config.images == "dfqf":  # (the PTQ table calibrates on stage 1's images)
     sub = with_shared(config.ptq_stage)  # always holds each student's starting point
-    sub.bits = _union(sub.bits, [bits for bits, _ in students])
+    sub.bits = _union(",".join(q.bits_name(w, a) for w, a in validation.bit_pairs(sub)),
+                      [bits for bits, _ in students])
     sub.protocol = _union(sub.protocol, [protocol for _, protocol in students])
     sub.rules = config.rules
     stages.append(("ptq", ptq.run, validation.ptq, sub))
   return stages
+
+
+def describe(name: str, sub) -> str:
+  """What stage `name` of the pipeline runs, for its header line."""
+  if name == "teacher":
+    return f"import {sub.weights}" if "weights" in sub else (
+        f"train a ResNet-{sub.model.depth} on {sub.data.name}")
+  if name == "generator":
+    return (f"stage 1, the generator and a full-precision student "
+            f"({sub.num_epochs * sub.iters_per_epoch} steps)")
+  if name == "zeroq":
+    return (f"ZeroQ's distilled images, {sub.num_batches * sub.batch_size} images "
+            f"({zeroq.total_steps_of(sub)} steps)")
+  if name == "gdfq":
+    return f"GDFQ's conditional generator, warm-up ({sub.warmup_steps} steps)"
+  if name == "ptq":
+    return (f"PTQ baselines, {sub.bits} x calibration {sub.calibration} x protocol "
+            f"{sub.protocol} on {sub.calibration_data} images")
+  return (f"calibrate ({sub.calibration}) and fine-tune the {sub.bits} student on "
+          f"{sub.get('images', 'dfqf')} images, protocol "
+          f"{sub.protocol} ({sub.num_epochs * sub.steps_per_epoch} steps)")
 
 
 def validate(config) -> None:
@@ -112,8 +134,13 @@ def validate(config) -> None:
 def run(config, workdir: str) -> dict:
   storage.makedirs(workdir)
   for name, run_stage, _, sub in stage_configs(config):
-    print(f"pipeline: {name}")
-    run_stage(sub, workdir)
-  results = evaluate.run(config, workdir)
-  report.write_report(workdir, results, config.schedule)
+    print(f"pipeline: {name}: {describe(name, sub)}", flush=True)
+    with signals.stop_on_signal(name):
+      run_stage(sub, workdir)
+  print("pipeline: evaluate (every model of the workdir on the test split)", flush=True)
+  with signals.stop_on_signal("evaluate"):
+    results = evaluate.run(config, workdir)
+  print("pipeline: report (report.md, its table and curves)", flush=True)
+  with signals.stop_on_signal("report"):
+    report.write_report(workdir, results, config.schedule)
   return results

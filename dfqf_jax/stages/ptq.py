@@ -6,10 +6,11 @@ the result saved as DIR/ptq_w{W}a{A}_{calibration}_{protocol}[_real]. The job
 (configs/ptq.py) then evaluates the workdir into DIR/results.json (main.py).
 """
 import os
+import sys
 import time
 
-from dfqf_jax import (calibration, checkpoints, classifiers, image_sources, rng, training,
-                      validation)
+from dfqf_jax import (calibration, checkpoints, classifiers, image_sources, rng, signals,
+                      training, validation)
 from dfqf_jax import quant as q
 
 
@@ -53,6 +54,7 @@ def run(config, workdir: str) -> None:
   methods = validation.split_names(config.calibration)
   to_build = models_to_build(config, workdir, lineage, methods)
   if to_build:
+    calibration.announce("ptq", config, methods)
     batches = image_sources.calibration_batches(
         config, teacher_meta, config.calibration_data,
         rng.key(config.seed, rng.CALIBRATION_LATENTS), generator)
@@ -64,7 +66,8 @@ def run(config, workdir: str) -> None:
     # The work the models share (loading, the calibration images, the summaries) is split
     # evenly among them, so that their wall times add up to this invocation's.
     shared_share = (time.time() - started) / len(to_build)
-    for spec, method, name, stage_dir in to_build:
+    for i, (spec, method, name, stage_dir) in enumerate(to_build):
+      print(f"ptq: {name} ({i + 1}/{len(to_build)})", file=sys.stderr, flush=True)
       started = time.time()
       _, variables = quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, summaries)
       meta = classifiers.classifier_meta(
@@ -74,8 +77,9 @@ def run(config, workdir: str) -> None:
           calibration_data=config.calibration_data,
           calibration_images=len(batches) * config.calibration_batch_size,
           total_steps=0, lineage=lineage)
-      mngr = checkpoints.manager(stage_dir)
-      checkpoints.save(mngr, 0, variables, meta, force=True)
-      mngr.wait_until_finished()
-      mngr.close()
-      training.add_wall_time(stage_dir, time.time() - started + shared_share)
+      with signals.deferred():  # a model saved is a model whose wall time is counted
+        mngr = checkpoints.manager(stage_dir)
+        checkpoints.save(mngr, 0, variables, meta, force=True)
+        mngr.wait_until_finished()
+        mngr.close()
+        training.add_wall_time(stage_dir, time.time() - started + shared_share)

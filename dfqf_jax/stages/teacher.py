@@ -38,7 +38,8 @@ def train_step(state: TeacherState, batch, mean, std):
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         batch_stats=batch_stats, opt_state=opt_state)
-  return state, {"loss": loss, "train_top1": top1_correct(logits, batch["labels"]).mean()}
+  return state, {"loss": loss,
+                 "train_top1_percent": 100 * top1_correct(logits, batch["labels"]).mean()}
 
 
 def create_state_and_step(config, steps_per_epoch: int, mesh):
@@ -64,10 +65,10 @@ def create_state_and_step(config, steps_per_epoch: int, mesh):
 def run(config, workdir: str) -> None:
   stage_dir = os.path.join(workdir, classifiers.TEACHER_DIR)
   mesh = parallel.make_mesh()
-  train_split = data.load_split(config.data.name, "train", config.data.dir)
+  train_split = data.load_split(config.data.name, "train", data.source(config.data))
   train_split, val_split = data.train_validation_split(
       train_split, config.data.validation_size, config.seed)
-  test_split = data.load_split(config.data.name, "test", config.data.dir)
+  test_split = data.load_split(config.data.name, "test", data.source(config.data))
   mean, std = tuple(config.data.mean), tuple(config.data.std)
 
   per_epoch = data.steps_per_epoch(len(train_split), config.batch_size)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # How the budget fine-tuning recipe was chosen: 200-step runs from the calibrated W4A4
-# start, compared on 5,000 training images held out as a validation split (val_top1),
+# start, compared on 5,000 training images held out as a validation split (val_top1_percent),
 # never on the test split. Each run writes experiments/finetune_bn/finetune_sweep_<variant>.json.
 # (Those records were made with SOURCE=runs/dfqf_cpu, the budget workdir of that time.)
 set -u  # a failed variant is reported and the sweep goes on

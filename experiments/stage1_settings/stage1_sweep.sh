@@ -48,12 +48,12 @@ print(f"{'setting':<16} {'steps':>6} {'val top-1 final':>16} {'val best (step)':
 for setting in sys.argv[2:]:
   name = setting.split("=", 1)[0]
   rows = read_metrics(os.path.join(out, name, "generator"))
-  evals = [r for r in rows if "student_val_top1" in r]
+  evals = [r for r in rows if "student_val_top1_percent" in r]
   bn = [r["loss_bn"] for r in rows if "loss_bn" in r]
   if not evals:
     print(f"{name:<16} failed or no evaluation: see {name}.log"); continue
-  best = max(evals, key=lambda r: r["student_val_top1"])
-  print(f"{name:<16} {evals[-1]['step']:>6} {evals[-1]['student_val_top1']:>16.4f} "
-        f"{best['student_val_top1']:>10.4f} ({best['step']:>5}) {bn[-1]:>10.3f} "
-        f"{evals[-1]['student_test_top1']:>16.4f}")
+  best = max(evals, key=lambda r: r["student_val_top1_percent"])
+  print(f"{name:<16} {evals[-1]['step']:>6} {evals[-1]['student_val_top1_percent']:>16.2f} "
+        f"{best['student_val_top1_percent']:>10.2f} ({best['step']:>5}) {bn[-1]:>10.3f} "
+        f"{evals[-1]['student_test_top1_percent']:>16.2f}")
 PY

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # How the 3-bit fine-tuning recipe was chosen: 400-step W3A3 (dfqf protocol)
 # runs from the calibrated start with the budget generator, compared on 5,000 training
-# images held out as a validation split (val_top1), never on the test split. The baseline
+# images held out as a validation split (val_top1_percent), never on the test split. The baseline
 # is the budget recipe (BNs frozen, lr 1e-3 constant, clip lr 1e-4); each variant changes
 # one switch (bn_train: the student's BNs in training mode, so their statistics are
 # re-estimated on generated images, as in the reference; adversarial_generator_bn_train
 # changes both). Each run writes
-# experiments/w3a3_recipe/w3a3_sweep_<variant>.json; val_top1 is in its curves.
+# experiments/w3a3_recipe/w3a3_sweep_<variant>.json; val_top1_percent is in its curves.
 set -u  # a failed variant is reported and the sweep goes on
 run="$(dirname "$0")/../short_finetune.sh"
 export BITS=w3a3

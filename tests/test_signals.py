@@ -1,0 +1,104 @@
+"""SIGTERM and SIGINT in every kind of stage: one `stopped:` line naming what stopped, exit
+143 (SIGTERM) or 130 (SIGINT, Ctrl-C), the workdir's lock released, nothing half-written;
+rerunning the same command finishes the job. (The training loop's stop, which saves its
+step first, is tested on a real process in test_resume.py and test_lineage.py.)
+
+Each test runs main.py's command line in this process (cli.run_in_process) and sends the
+signal to itself from inside the stage, at a chosen point, as a scheduler's `kill` would."""
+import os
+import signal
+
+import pytest
+
+from cli import run_in_process
+from configs import ptq as ptq_config
+from conftest import TEACHER_WEIGHTS, copy_workdir
+from dfqf_jax import checkpoints, convert, integer, training, workdir
+from dfqf_jax.stages import common, ptq
+
+PTQ = "configs/ptq.py:w4a4,smoke"  # 32 calibration images
+
+
+def signal_self_on_call(monkeypatch, module, name: str, signum: int, call: int = 1):
+  """module.name sends `signum` to this process on its `call`-th call, then does its work
+  (the signal is handled as soon as the call returns to Python)."""
+  original, calls = getattr(module, name), []
+
+  def wrapped(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == call:
+      os.kill(os.getpid(), signum)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, wrapped)
+
+
+def assert_stopped(result, workdir_path, name: str, signum: int):
+  assert result.returncode == 128 + signum, result.stderr[-2000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith("stopped: ")]
+  assert lines == [f"stopped: {name}: stopped by {signal.Signals(signum).name} before it "
+                   "finished; what it completed is saved. Rerun the same command to continue."]
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(os.path.join(workdir_path, workdir.LOCK_FILE))
+
+
+def test_ctrl_c_during_evaluation_writes_no_results(imported_workdir, tmp_path, monkeypatch,
+                                                    small_data):
+  run = copy_workdir(imported_workdir, tmp_path / "run")
+  signal_self_on_call(monkeypatch, common, "top1_percent", signal.SIGINT)
+  result = run_in_process("configs/evaluate.py", run, f"--config.data.dir={small_data}")
+  assert_stopped(result, run, "evaluate", signal.SIGINT)
+  assert not (run / "results.json").exists()
+  monkeypatch.undo()
+  assert run_in_process("configs/evaluate.py", run, f"--config.data.dir={small_data}"
+                        ).returncode == 0
+
+
+def test_sigterm_during_calibration_builds_no_ptq_model(generator_workdir, tmp_path,
+                                                        monkeypatch, small_data):
+  run = copy_workdir(generator_workdir, tmp_path / "run")
+  signal_self_on_call(monkeypatch, ptq, "summarize", signal.SIGTERM)
+  result = run_in_process(PTQ, run, f"--config.data.dir={small_data}")
+  assert_stopped(result, run, "ptq", signal.SIGTERM)
+  assert not [d for d in os.listdir(run) if d.startswith("ptq_")]
+
+
+def test_sigterm_while_a_ptq_model_is_saved_stops_after_it_is_whole(generator_workdir, tmp_path,
+                                                                     monkeypatch, small_data):
+  """The signal arrives while the first model is saved: that model is finished (checkpoint
+  and wall time) and no other is started (the rerun builds only the rest: the soak in
+  experiments/fault_soak/ reruns after every stop)."""
+  run = copy_workdir(generator_workdir, tmp_path / "run")
+  signal_self_on_call(monkeypatch, checkpoints, "save", signal.SIGTERM)
+  result = run_in_process(PTQ, run, f"--config.data.dir={small_data}",
+                          "--config.calibration=max", "--config.protocol=dfqf,standard")
+  assert_stopped(result, run, "ptq", signal.SIGTERM)
+  built = [d for d in os.listdir(run) if d.startswith("ptq_")]
+  assert len(built) == 1 and checkpoints.latest_step(run / built[0]) == 0
+  assert training.read_wall_time(run / built[0]) is not None
+
+
+@pytest.mark.parametrize("config", ["configs/import_teacher.py", "configs/pipeline.py:smoke"])
+def test_sigterm_during_the_teacher_import_writes_nothing(tmp_path, monkeypatch, small_data,
+                                                          config):
+  """Alone and as the pipeline's first stage (whose `stopped:` line names that stage)."""
+  signal_self_on_call(monkeypatch, convert, "torch_resnet_to_flax", signal.SIGTERM)
+  overrides = ([f"--config.weights={TEACHER_WEIGHTS}"] if "import" in config else
+               [f"--config.teacher_weights={TEACHER_WEIGHTS}", f"--config.data.dir={small_data}"])
+  result = run_in_process(config, tmp_path / "run", *overrides)
+  assert_stopped(result, tmp_path / "run", "import_teacher" if "import" in config else "teacher",
+                 signal.SIGTERM)
+  assert not any(files for _, _, files in os.walk(tmp_path / "run"))
+
+
+def test_sigterm_during_an_export_leaves_no_export(tmp_path, monkeypatch, generator_workdir,
+                                                   small_data):
+  run = copy_workdir(generator_workdir, tmp_path / "run")
+  config = ptq_config.get_config("w4a4,smoke")
+  config.data.dir, config.calibration, config.protocol = small_data, "max", "dfqf"
+  ptq.run(config, str(run), evaluate_after=False)
+  signal_self_on_call(monkeypatch, integer, "save", signal.SIGTERM)
+  result = run_in_process("configs/export.py", run, "--config.student=ptq_w4a4_max_dfqf",
+                          f"--config.data.dir={small_data}")
+  assert_stopped(result, run, "export", signal.SIGTERM)
+  assert not (run / "export").exists() or not os.listdir(run / "export")
