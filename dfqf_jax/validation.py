@@ -253,11 +253,11 @@ def export(config) -> None:
 
 def pipeline(config, stage_checks) -> None:
   """The pipeline's own fields, then each stage's config as the pipeline splits it:
-  `stage_checks` = (check, stage config) pairs."""
+  `stage_checks()` = (check, stage config) pairs (split once the own fields are valid)."""
   common(config, splits=("test",))  # each stage checks the splits it reads
   one_of(config, "images", IMAGES)
   if not split_names(config.bits):
     raise ConfigError(f"config.bits={config.bits!r} names no student to fine-tune; "
                       "give one or more of w<W>a<A>, e.g. --config.bits=w4a4.")
-  for check, sub in stage_checks:
+  for check, sub in stage_checks():
     check(sub)

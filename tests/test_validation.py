@@ -343,8 +343,9 @@ def test_bit_widths_in_capitals_name_the_same_student_once():
   models = ptq.models_to_build(ptq_config, "/nonexistent", {},
                                validation.split_names(ptq_config.calibration))
   names = [name for *_, name, _ in models]
-  assert len(names) == len(set(names)) and {(w, a) for w, a, *_ in models} == {(4, 4)}
-  assert {method for _, _, _, method, _, _ in models} == {"max", "ft"}
+  assert len(names) == len(set(names))
+  assert {(spec.weight_bits, spec.act_bits) for spec, *_ in models} == {(4, 4)}
+  assert {method for _, method, _, _ in models} == {"max", "ft"}
 
 
 def test_the_pipeline_fine_tunes_every_bit_width_under_every_protocol():

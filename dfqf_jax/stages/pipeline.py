@@ -128,7 +128,7 @@ def describe(name: str, sub) -> str:
 
 
 def validate(config) -> None:
-  validation.pipeline(config, [(check, sub) for _, _, check, sub in stage_configs(config)])
+  validation.pipeline(config, lambda: [(check, sub) for _, _, check, sub in stage_configs(config)])
 
 
 def run(config, workdir: str) -> dict:
