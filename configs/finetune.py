@@ -8,7 +8,7 @@ Needs DIR/teacher and DIR/generator. Reference settings (METHOD.md) by default.
 from ml_collections import config_dict
 
 from configs.common import base_config, bits_and_scale
-from dfqf_jax.validation import ADVERSARIAL_FIELDS
+from dfqf_jax.config_fields import ADVERSARIAL_FIELDS
 
 
 def get_config(arg: str = "w4a4"):

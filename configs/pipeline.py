@@ -25,8 +25,8 @@ weights and learning rate are the generator stage's (--config.generator_stage.la
 """
 from configs import finetune, gdfq, generator, import_teacher, ptq, teacher, zeroq
 from configs.common import base_config
-from dfqf_jax.stages.pipeline import (FROM_GENERATOR_STAGE, PIPELINE_FIELDS, STAGE_ONLY_FIELDS,
-                                      remove_fields)
+from dfqf_jax.config_fields import (ADVERSARIAL_FIELDS, PIPELINE_FIELDS, STAGE_ONLY_FIELDS,
+                                    remove_fields)
 
 
 SCHEDULES = ("smoke", "budget", "reference", "reference_frozen_bn")
@@ -80,7 +80,7 @@ def get_config(schedule: str = "reference"):
   for name in ("teacher_stage", "import_stage", "generator_stage", "zeroq_stage", "gdfq_stage",
                "finetune_stage", "ptq_stage"):
     remove_fields(config[name], PIPELINE_FIELDS + ("on_stale_upstream",))  # always rebuild
-  remove_fields(config.finetune_stage, FROM_GENERATOR_STAGE)  # set from generator_stage
+  remove_fields(config.finetune_stage, ADVERSARIAL_FIELDS)  # set from generator_stage
   remove_fields(config.finetune_stage, ("images",))  # set from config.images
   for name in ("finetune_stage", "ptq_stage"):
     remove_fields(config[name], ("rules",))  # set from config.rules

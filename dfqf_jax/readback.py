@@ -25,10 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfqf_jax import (checkpoints, classifiers, data, image_sources, images, integer, parallel,
-                      storage)
+                      scoring, storage)
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import Generator
-from dfqf_jax.stages import evaluate
 
 GENERATOR = "generator"  # the name (and stage folder) of stage 1's generator
 
@@ -73,7 +72,7 @@ class Classifier(Model):
     """Top-1 (%) on the dataset's test split in `data_dir` (default: the download cache),
     computed by the code that writes results.json's `top1_percent`."""
     split = data.load_split(self.meta["dataset"], "test", data_dir)
-    return evaluate.classifier_top1(self.meta, self.variables, split, parallel.make_mesh())
+    return scoring.classifier_top1(self.meta, self.variables, split, parallel.make_mesh())
 
 
 class IntegerClassifier(Classifier):
@@ -86,7 +85,7 @@ class IntegerClassifier(Classifier):
 
   def top1_percent(self, data_dir: str = "") -> float:
     split = data.load_split(self.meta["dataset"], "test", data_dir)
-    return evaluate.integer_top1(self.module.graph, self.variables, split, parallel.make_mesh())
+    return scoring.integer_top1(self.module.graph, self.variables, split, parallel.make_mesh())
 
 
 class GeneratorModel(Model):
@@ -125,7 +124,7 @@ def _catalog(workdir: str) -> dict[str, tuple[str, str]]:
   """name -> (kind, folder): 'classifier' and 'generator' in a stage folder, 'export' in
   DIR/export/<student>. Reads only the checkpoints' metadata."""
   catalog = {}
-  for directory in evaluate.checkpoint_dirs(workdir):
+  for directory in scoring.checkpoint_dirs(workdir):
     meta = checkpoints.read_meta(directory, checkpoints.latest_step(directory))
     if meta.get("arch") == "dafl_generator":
       catalog[os.path.basename(directory)] = (GENERATOR, directory)
@@ -135,7 +134,7 @@ def _catalog(workdir: str) -> dict[str, tuple[str, str]]:
   for student in storage.listdir(root) if storage.isdir(root) else []:
     folder = os.path.join(root, student)
     if not student.startswith(".") and storage.isfile(os.path.join(folder, integer.GRAPH_FILE)):
-      catalog[evaluate.EXPORT_PREFIX + student] = ("export", folder)
+      catalog[scoring.EXPORT_PREFIX + student] = ("export", folder)
   return catalog
 
 
@@ -180,7 +179,7 @@ def _load_export(name: str, folder: str) -> IntegerClassifier:
 
 def _upstream(workdir: str, lineage: dict) -> dict:
   """stage -> {origin, lineage} of every checkpoint of `workdir` that `lineage` names, and of
-  those they were built from, recursively (as evaluate.stale_reasons reads them)."""
+  those they were built from, recursively (as scoring.stale_reasons reads them)."""
   held, todo = {}, list(lineage)
   while todo:
     stage = todo.pop()
@@ -210,7 +209,7 @@ def _check_current(model, workdir: str) -> None:
         f"{', '.join(unfinished) or 'upstream stage'}; rerun the pipeline (it rebuilds it), "
         + fix)
   held = _upstream(workdir, model.lineage)
-  reason = evaluate.stale_reasons({**held, model.name: {"lineage": model.lineage}},
+  reason = scoring.stale_reasons({**held, model.name: {"lineage": model.lineage}},
                                   held).get(model.name)
   if reason:
     raise checkpoints.CheckpointError(

@@ -12,6 +12,10 @@ place), so a stop never leaves a partial one, and rerunning the same command con
 Exit codes follow the shell's convention, 128 + the signal's number: 143 for SIGTERM (what a
 scheduler or `kill` sends), 130 for SIGINT (Ctrl-C). Once a job is stopping, further
 signals are ignored, so that its cleanup runs to the end (SIGKILL still ends it at once).
+Outside the job (main.py's process once the job has finished, stopped or failed, while the
+interpreter shuts down) there is nothing left to stop: signals are ignored there
+(`ignore_outside_jobs`), so such a process exits with its job's own code, never killed
+half-way through its exit without a line.
 """
 import contextlib
 import signal
@@ -40,13 +44,25 @@ class _State:
   depth = 0  # nested stop_on_signal blocks
   names: list[str] = []  # what is running, innermost last (named in the `stopped:` line)
   stopping = False  # StoppedBySignal is on its way up: ignore further signals
+  pending: "StoppedBySignal | None" = None  # the stop raised (raise_if_stopped raises it again)
   deferred: list | None = None  # inside `deferred`: the signals received, handled at its end
 
 
 def stop(name: str, signum: int, step: int | None = None) -> StoppedBySignal:
   """The StoppedBySignal to raise for `signum`; from now on the job ignores signals."""
   _State.stopping = True
-  return StoppedBySignal(name, signum, step)
+  _State.pending = StoppedBySignal(name, signum, step)
+  return _State.pending
+
+
+def raise_if_stopped() -> None:
+  """Raises the stop a signal asked for again. A handler's exception raised inside a
+  callback whose exceptions Python only prints (a garbage-collection or weakref callback,
+  JAX's compilation-cache read) is lost there, and the job would go on ignoring signals; the
+  stages call this between units of work (steps, PTQ models, evaluated folders), and
+  stop_on_signal at its end."""
+  if _State.pending is not None:
+    raise _State.pending
 
 
 def _handle(signum, frame):
@@ -57,6 +73,13 @@ def _handle(signum, frame):
     _State.deferred.append(signum)
     return
   raise stop(_State.names[-1] if _State.names else "job", signum)
+
+
+def ignore_outside_jobs() -> None:
+  """SIGTERM/SIGINT ignored by this process except within `stop_on_signal` (main.py's entry
+  point; Python keeps an ignored signal ignored until the process has exited)."""
+  for sig in SIGNALS:
+    signal.signal(sig, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -71,13 +94,14 @@ def stop_on_signal(name: str):
       with contextlib.suppress(ValueError):  # not the main thread
         previous[sig] = signal.signal(sig, _handle)
     yield
+    raise_if_stopped()  # a stop lost in a callback: the job stops here at the latest
   finally:
     _State.names.pop()
     _State.depth -= 1
     for sig, handler in previous.items():
       signal.signal(sig, handler)
-    if _State.depth == 0:
-      _State.stopping = False  # the job is over (a test may run the next one)
+    if _State.depth == 0:  # the job is over (a test may run the next one)
+      _State.stopping, _State.pending = False, None
 
 
 @contextlib.contextmanager
@@ -95,3 +119,4 @@ def deferred():
     _State.deferred = None
   if received and not _State.stopping:
     _handle(received[0], None)
+  raise_if_stopped()

@@ -4,20 +4,13 @@ import os
 import jax
 
 from dfqf_jax import baselines, data, integer, quant, storage
+from dfqf_jax.config_fields import ADVERSARIAL_FIELDS
 from dfqf_jax.errors import UserError
 from dfqf_jax.image_sources import IMAGES
 from dfqf_jax.models.resnet import DEPTHS, layer_paths
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-# Fine-tuning's adversarial-generator settings -> the stage-1 config field each one is (its
-# loss weights and learning rate). Unset in fine-tuning, those the generator was trained with
-# (stages/finetune.with_generator_loss_weights); the pipeline sets them from its generator stage.
-ADVERSARIAL_FIELDS = {"lambda_is": "lambda_is", "lambda_bn": "lambda_bn",
-                      "lambda_adv": "lambda_adv",
-                      "generator_learning_rate": "generator.learning_rate"}
 
 
 class ConfigError(UserError, ValueError):

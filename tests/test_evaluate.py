@@ -1,4 +1,5 @@
 """Evaluation marks every model built from upstream checkpoints the workdir no longer holds."""
+from dfqf_jax import scoring
 from dfqf_jax.stages import evaluate
 
 
@@ -26,7 +27,7 @@ def test_a_model_is_stale_iff_an_upstream_checkpoint_it_names_is_no_longer_the_w
       "export_student_w4a4": {"top1_percent": 90.0, "lineage": {"student_w4a4": origin("student_w4a4",
                                                                               "s0")}},
   }
-  reasons = evaluate.stale_reasons(results, held=results)
+  reasons = scoring.stale_reasons(results, held=results)
   assert set(reasons) == {"student_w3a3", "ptq_w4a4_max_dfqf", "export_student_w4a4"}
   assert reasons["student_w3a3"] == ("built from generator step 12 (g1), but the workdir now "
                                      "holds generator step 14 (g2)")
@@ -34,7 +35,7 @@ def test_a_model_is_stale_iff_an_upstream_checkpoint_it_names_is_no_longer_the_w
   assert "student_w4a4 step 10 (s0)" in reasons["export_student_w4a4"]
   # Built from a stage this workdir has no checkpoint of (generator_dir elsewhere): not stale.
   del results["generator_student_fp"]
-  assert set(evaluate.stale_reasons(results, held=results)) == {"ptq_w4a4_max_dfqf", "export_student_w4a4"}
+  assert set(scoring.stale_reasons(results, held=results)) == {"ptq_w4a4_max_dfqf", "export_student_w4a4"}
 
 
 def test_the_mark_replaces_an_old_one_and_a_stale_model_has_no_drop_against_the_teacher():
@@ -58,7 +59,7 @@ def test_staleness_runs_down_the_chain_to_the_export_of_a_stale_student():
   results = {"generator_student_fp": entry(GENERATOR, teacher=TEACHER),
              "student_w4a4": entry(student, generator=origin("generator", "g1", 12)),
              "export_student_w4a4": {"top1_percent": 90.0, "lineage": {"student_w4a4": student}}}
-  reasons = evaluate.stale_reasons(results, held=results)
+  reasons = scoring.stale_reasons(results, held=results)
   assert reasons["export_student_w4a4"] == (
       "built from student_w4a4, itself stale: " + reasons["student_w4a4"])
 
@@ -69,6 +70,6 @@ def test_only_the_checkpoints_evaluated_now_say_what_the_workdir_holds():
   student = entry(origin("student_w4a4", "s1"), generator=GENERATOR)
   merged = {"generator_student_fp": entry(GENERATOR), "generator_student_fp_old": old_generator,
             "student_w4a4": student}
-  assert set(evaluate.stale_reasons(merged, held=merged)) == {"student_w4a4"}  # the old one
-  assert not evaluate.stale_reasons(merged, held={"generator_student_fp": entry(GENERATOR),
+  assert set(scoring.stale_reasons(merged, held=merged)) == {"student_w4a4"}  # the old one
+  assert not scoring.stale_reasons(merged, held={"generator_student_fp": entry(GENERATOR),
                                                   "student_w4a4": student})

@@ -4,10 +4,9 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from cli import run_in_process
-from conftest import PUBLISHED_TOP1, TEACHER_WEIGHTS, copy_workdir
+from conftest import TEACHER_WEIGHTS, copy_workdir
 from dfqf_jax import checkpoints, classifiers, convert, data, parallel
 from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
@@ -23,13 +22,19 @@ def test_bfloat16_models_keep_float32_parameters_and_outputs():
 
 
 def test_bfloat16_compute_keeps_the_imported_teacher_accuracy(shared_data):
-  """Measured: 91.73% in both dtypes on the 10,000 test images. The float32 number is
-  test_models.py's (the published 91.73%, pinned there); only bfloat16 is evaluated here."""
+  """On 2,000 test images (bfloat16 is emulated on a CPU, slowly): the same top-1 as float32
+  within 0.25 points (5 images). Measured on all 10,000: 91.73% in both dtypes; the float32
+  number is the published one (test_models.py)."""
   variables = convert.torch_resnet_to_flax(convert.load_state_dict_npz(TEACHER_WEIGHTS), 20, 10)
   test = data.load_split("cifar10", "test", shared_data)
-  top1 = classifiers.top1_percent(CifarResNet(20, dtype=jnp.bfloat16), variables, test,
-                                  data.IMAGENET_MEAN, data.IMAGENET_STD, parallel.make_mesh())
-  assert top1 == pytest.approx(PUBLISHED_TOP1, abs=0.3)
+  keep = np.random.default_rng(0).permutation(len(test))[:2000]
+  test = data.Split(test.images[keep], test.labels[keep])
+  top1 = {dtype: classifiers.top1_percent(CifarResNet(20, dtype=dtype), variables, test,
+                                          data.IMAGENET_MEAN, data.IMAGENET_STD,
+                                          parallel.make_mesh())
+          for dtype in (jnp.float32, jnp.bfloat16)}
+  assert top1[jnp.float32] > 88
+  assert abs(top1[jnp.bfloat16] - top1[jnp.float32]) <= 0.25, top1
 
 
 def test_bfloat16_stage_1_trains_and_checkpoints_float32(tmp_path, small_data, imported_workdir):

@@ -110,6 +110,16 @@ def test_every_model_of_the_workdir_is_listed_loaded_and_scored_as_in_results_js
   assert dfqf_jax.load(str(workdir), "teacher").quant is None
 
 
+def test_evaluation_scores_the_export_as_the_student_it_was_exported_from(workdir):
+  """The integer model read back from export/<student>/ scores what the fake-quantized
+  checkpoint scores (at most one of the 40 images differs: a rounding tie)."""
+  recorded = results(workdir)
+  entry = recorded[EXPORT]
+  assert entry["integer"] and (entry["weight_bits"], entry["act_bits"]) == (4, 4)
+  assert entry["checkpoint"] == "export/" + STUDENT  # relative to the workdir
+  assert abs(entry["top1_percent"] - recorded[STUDENT]["top1_percent"]) <= 100 / 40
+
+
 def test_uint8_and_float_images_give_the_same_logits(workdir, tiny_data):
   images = data.load_split("cifar10", "test", tiny_data).images[:8]  # the snippet test's
   for name in (STUDENT, EXPORT):

@@ -109,3 +109,21 @@ def test_a_record_written_before_top1_was_named_for_its_unit_reads_in_percent():
   rows = lambda r: [(row["top1"], row["drop"], row["ptq_start"], row["teacher"])
                     for row in report.comparison_rows({"r.json": r})]
   assert rows(old) == pytest.approx(rows(new)) and rows(new) == [(91.0, 1.0, 85.0, 92.0)]
+
+
+def test_curves_have_labelled_axes_and_whole_step_ticks(tmp_path, monkeypatch):
+  stage = tmp_path / "student_w4a4"
+  stage.mkdir()
+  rows = [{"step": s, "loss_kd": 1.0 / s, "test_top1_percent": 80.0 + s} for s in (1, 2, 3)]
+  (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  figures = []
+  monkeypatch.setattr(report.storage, "save_figure",
+                      lambda save, path: figures.append(save.__defaults__[0]))
+  assert report.plot_curves(str(tmp_path), str(tmp_path)) == ["curves_student_w4a4.png"]
+  axes = figures[0].axes
+  assert [(a.get_title(), a.get_xlabel(), a.get_ylabel()) for a in axes] == [
+      ("test_top1_percent", "training step", "top-1 (%)"),
+      ("loss_kd", "training step", "loss")]
+  for ax in axes:
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -7,12 +7,14 @@ Each test runs main.py's command line in this process (cli.run_in_process) and s
 signal to itself from inside the stage, at a chosen point, as a scheduler's `kill` would."""
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from cli import run_in_process
 from configs import ptq as ptq_config
-from conftest import TEACHER_WEIGHTS, copy_workdir
+from conftest import REPO, TEACHER_WEIGHTS, copy_workdir
 from dfqf_jax import calibration, checkpoints, classifiers, convert, integer, training, workdir
 from dfqf_jax.stages import ptq
 
@@ -102,3 +104,54 @@ def test_sigterm_during_an_export_leaves_no_export(tmp_path, monkeypatch, genera
                           f"--config.data.dir={small_data}")
   assert_stopped(result, run, "export", signal.SIGTERM)
   assert not (run / "export").exists() or not os.listdir(run / "export")
+
+
+def test_a_signal_while_the_process_exits_is_ignored_and_one_in_the_job_stops_it():
+  """main.py's process ignores SIGTERM outside the job (e.g. during the interpreter's exit
+  after the report), and the job inside stop_on_signal still stops with its line and code."""
+  program = """
+import atexit, os, signal, sys
+from dfqf_jax import signals
+signals.ignore_outside_jobs()
+atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))  # while the process exits
+os.kill(os.getpid(), signal.SIGTERM)  # before the job: nothing to stop
+try:
+  with signals.stop_on_signal("job"):
+    os.kill(os.getpid(), signal.SIGTERM)
+    sys.exit("not stopped")
+except signals.StoppedBySignal as stop:
+  print(stop.exit_code, stop)
+"""
+  result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("143 job: stopped by SIGTERM before it finished")
+
+
+def test_a_stop_lost_in_a_callback_still_stops_the_job():
+  """A signal handled inside a weakref callback (as inside a garbage-collection callback or
+  JAX's compilation-cache read) raises where Python only prints the exception; the job
+  stops anyway, at its next unit of work (signals.raise_if_stopped) or at its end."""
+  program = """
+import os, signal, weakref
+from dfqf_jax import signals
+class Buffer: pass
+def callback(_):  # the handler runs, and raises, inside the callback
+  os.kill(os.getpid(), signal.SIGTERM)
+  sum(range(10000))
+buffer = Buffer()
+reference = weakref.ref(buffer, callback)
+try:
+  with signals.stop_on_signal("job"):
+    del buffer
+    print("lost in the callback")
+    signals.raise_if_stopped()
+    print("not stopped")
+except signals.StoppedBySignal as stop:
+  print(stop.exit_code)
+"""
+  result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ["lost", "in", "the", "callback", "143"], result.stdout
+  assert "StoppedBySignal" in result.stderr  # what Python printed from the callback

@@ -13,7 +13,7 @@ import pytest
 
 from cli import run_in_process
 from conftest import SHARED_DATA, TEACHER_WEIGHTS, copy_workdir
-from dfqf_jax import validation
+from dfqf_jax import errors, validation
 from dfqf_jax.stages import ptq
 
 TEACHER_SMOKE = "configs/teacher.py:smoke"
@@ -380,3 +380,17 @@ def test_reference_frozen_bn_is_the_reference_schedule_with_the_students_bns_fro
   reference.pop("schedule")
   assert frozen == reference
   pipeline.validate(pipeline_config.get_config("reference_frozen_bn"))
+
+
+def test_a_library_error_is_named_by_its_root_cause_in_one_line():
+  try:
+    try:
+      try:
+        raise ValueError("OUT_OF_RANGE: byte range 0-4096 is not valid\n(tensorstore detail)")
+      except ValueError as e:
+        raise RuntimeError("") from e  # says nothing
+    except RuntimeError as e:
+      raise Exception("Encountered error while reading array index: ...") from e
+  except Exception as e:
+    assert errors.brief(e) == "ValueError: OUT_OF_RANGE: byte range 0-4096 is not valid"
+  assert errors.brief(KeyError()) == "KeyError"

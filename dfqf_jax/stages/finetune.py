@@ -24,7 +24,8 @@ from dfqf_jax import (calibration, checkpoints, classifiers, data, dfkd, image_s
 from dfqf_jax import losses as L
 from dfqf_jax import quant as q
 from dfqf_jax.models.resnet import CifarResNet, activation_layer
-from dfqf_jax.validation import ADVERSARIAL_FIELDS, ConfigError
+from dfqf_jax.config_fields import ADVERSARIAL_FIELDS
+from dfqf_jax.validation import ConfigError
 
 
 def with_generator_loss_weights(config, g_meta: dict):

@@ -11,8 +11,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from dfqf_jax import (checkpoints, classifiers, data, dfkd, image_sources, images, parallel, rng,
-                      training, validation)
+from dfqf_jax import (checkpoints, classifiers, config_fields, data, dfkd, image_sources, images,
+                      parallel, rng, training, validation)
 from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
 
@@ -89,7 +89,7 @@ def stage_meta(config, teacher_meta) -> dict:
           "reference_quirks": config.generator.reference_quirks,
           # fine-tuning's adversarial generator keeps training with these by default
           "loss_weights": {field: validation.field_value(config, source)
-                           for field, source in validation.ADVERSARIAL_FIELDS.items()},
+                           for field, source in config_fields.ADVERSARIAL_FIELDS.items()},
           "teacher": {k: teacher_meta[k] for k in ("depth", "dataset", "mean", "std")},
           "classifiers": {"generator_student_fp": student}}
 

@@ -12,39 +12,13 @@ import ml_collections
 
 from dfqf_jax import quant as q
 from dfqf_jax import report, signals, storage, validation
+from dfqf_jax.config_fields import ADVERSARIAL_FIELDS, PIPELINE_FIELDS, split_path
 from dfqf_jax.stages import (evaluate, finetune, gdfq, generator, import_teacher, ptq, teacher,
                              zeroq)
 
-# Set once, on the pipeline, for every stage. configs/pipeline.py removes them from the stage
-# configs, so that --config.<stage>_stage.seed=3 is an unknown field (one error line) rather
-# than a value silently replaced here.
-PIPELINE_FIELDS = ("seed", "data.name", "data.dir", "data.tfds", "data.validation_size",
-                   "model.depth", "compute_dtype")
-# Fine-tuning's adversarial generator (config.adversarial_generator) trains with stage 1's
-# loss weights and learning rate: the pipeline takes them from its generator stage's config
-# (the one a rerun of the pipeline would train the generator with).
-FROM_GENERATOR_STAGE = validation.ADVERSARIAL_FIELDS
-# Fields of every job config that the pipeline itself does not use (each stage has its own).
-STAGE_ONLY_FIELDS = ("log_every_steps", "checkpoint_every_steps", "on_stale_upstream",
-                     "data.mean", "data.std", "data.augment")
 # Fine-tuning's image sources other than stage 1's generator (config.images): each one's
 # ImageSource, from its own stage's product.
 IMAGE_SOURCES = {"zeroq": zeroq.finetune_source, "gdfq": gdfq.finetune_source}
-
-
-def _split(field: str) -> tuple[list[str], str]:
-  *parents, leaf = field.split(".")
-  return parents, leaf
-
-
-def remove_fields(config, fields) -> None:
-  """Deletes `fields` (dotted names) from `config` (used by configs/pipeline.py)."""
-  for field in fields:
-    parents, leaf = _split(field)
-    node = config
-    for parent in parents:
-      node = node[parent]
-    del node[leaf]
 
 
 def _union(names: str, more: list[str]) -> str:
@@ -59,7 +33,7 @@ def stage_configs(config) -> list:
     sub = copy.deepcopy(sub)
     sub.unlock()
     for field in PIPELINE_FIELDS:
-      parents, leaf = _split(field)
+      parents, leaf = split_path(field)
       node, source = sub, config
       for parent in parents:
         if parent not in node:
@@ -88,7 +62,7 @@ def stage_configs(config) -> list:
   for bits, protocol in students:
     sub = with_shared(config.finetune_stage)
     sub.bits, sub.protocol, sub.images = bits, protocol, config.images
-    for field, source in FROM_GENERATOR_STAGE.items():
+    for field, source in ADVERSARIAL_FIELDS.items():
       sub[field] = validation.field_value(config.generator_stage, source)
     sub.rules = config.rules
     spec = q.QuantSpec(protocol=protocol, layer_rules=config.rules)

@@ -67,6 +67,7 @@ def run(config, workdir: str) -> None:
     # evenly among them, so that their wall times add up to this invocation's.
     shared_share = (time.time() - started) / len(to_build)
     for i, (spec, method, name, stage_dir) in enumerate(to_build):
+      signals.raise_if_stopped()
       print(f"ptq: {name} ({i + 1}/{len(to_build)})", file=sys.stderr, flush=True)
       started = time.time()
       _, variables = quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, summaries)

@@ -77,8 +77,8 @@ def main() -> int:
   agreement = {f"{a}_vs_{b}": float(np.mean(classes[a] == classes[b]))
                for a, b in [("float32", "float64"), ("float32", "integer"),
                             ("float64", "integer")]}
-  top1 = {k: float(np.mean(v == split.labels)) for k, v in classes.items()}
-  print(f"class agreement: {agreement}; top-1: {top1}")
+  top1 = {k: 100 * float(np.mean(v == split.labels)) for k, v in classes.items()}
+  print(f"class agreement: {agreement}; top-1 (%): {top1}")
   x = data.normalize(split.images[:args.layer_images], graph["mean"], graph["std"])
   exact = integer.exact_layers(graph)
   layer_local = {}
@@ -102,7 +102,7 @@ def main() -> int:
   if args.out:
     record = {"command": " ".join(["python"] + sys.argv), "commit": report.git_commit(),
               "hardware": report.hardware(), "model": args.name, "class_agreement": agreement,
-              "top1": top1, "layer_local_images": args.layer_images,
+              "top1_percent": top1, "layer_local_images": args.layer_images,
               "layer_local": layer_local}
     storage.write_atomically(args.out, json.dumps(record, indent=1))
   return 0

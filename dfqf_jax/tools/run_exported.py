@@ -77,8 +77,8 @@ def main() -> int:
   for name, path in zip(names, args.artifacts):
     logits[name] = run_artifact(path, images)
     results[name] = {"artifact": path, "artifact_bytes": os.path.getsize(path),
-                     "top1": float(np.mean(logits[name].argmax(-1) == labels))}
-    print(f"{path}: top-1 {100 * results[name]['top1']:.2f}% on {len(labels):,} "
+                     "top1_percent": 100 * float(np.mean(logits[name].argmax(-1) == labels))}
+    print(f"{path}: top-1 {results[name]['top1_percent']:.2f}% on {len(labels):,} "
           f"{args.dataset} test images, {results[name]['artifact_bytes']:,} bytes")
     if name in expected_paths:
       expected = np.load(expected_paths[name])
