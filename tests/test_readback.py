@@ -25,6 +25,7 @@ pytestmark = pytest.mark.xdist_group("lineage")
 
 README_HEADING = "## Read a model back"
 STUDENT, EXPORT = "student_w4a4", "export_student_w4a4"
+SNIPPET_SCORES = ("teacher", STUDENT, EXPORT)  # the models the README snippet test scores
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_the_readme_snippet_reads_back_the_teacher_a_student_and_the_export(
     assert literal in snippet, literal  # what is substituted below
   images = data.load_split("cifar10", "test", tiny_data).images[:8]
   recorded = results(workdir)
-  for name in ("teacher", STUDENT, EXPORT):
+  for name in SNIPPET_SCORES:
     code = (snippet.replace('"runs/smoke"', repr(str(workdir)))
             .replace('"../shared/data"', repr(tiny_data))
             .replace(f'"{STUDENT}"', repr(name), 1))
@@ -101,7 +102,8 @@ def test_every_model_of_the_workdir_is_listed_loaded_and_scored_as_in_results_js
   assert dfqf_jax.list_models(str(workdir)) == sorted({*recorded, "generator"})
   for name, entry in recorded.items():
     model = dfqf_jax.load(str(workdir), name)
-    assert model.top1_percent(tiny_data) == entry["top1_percent"], name
+    if name not in SNIPPET_SCORES:  # (scored by the README snippet's test)
+      assert model.top1_percent(tiny_data) == entry["top1_percent"], name
     assert (model.step, model.finished, model.lineage) == (
         entry["step"], entry.get("finished", True), entry["lineage"]), name
     if "weight_bits" in entry:
