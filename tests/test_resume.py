@@ -8,10 +8,9 @@ import time
 import jax
 import numpy as np
 
-from cli import REPO, environment, main_command, run_in_process, run_main
+from cli import REPO, environment, main_command, run_main
 from conftest import SMALL_DATA, copy_workdir
 from dfqf_jax import checkpoints, report
-from test_signals import signal_self_on_call
 
 STAGES = {
     "teacher": ("configs/teacher.py:smoke", ["--config.num_steps=16",
@@ -104,7 +103,7 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path, s
                                                                     imported_workdir):
   """Stage 1. (The teacher's stage is interrupted by SIGTERM in a test below, with the same
   check; fine-tuning, the same loop over a FinetuneState, with GDFQ's generator trained
-  alongside, its largest state, by SIGTERM in this process.)"""
+  alongside, its largest state, below.)"""
   assert_sigkill_then_rerun_is_bit_identical("generator", tmp_path, imported_workdir, None)
 
 
@@ -113,31 +112,11 @@ def test_zeroqs_distillation_resumes_bit_identically_after_sigkill(tmp_path, sma
   assert_sigkill_then_rerun_is_bit_identical("zeroq", tmp_path, imported_workdir, None)
 
 
-def test_fine_tuning_with_gdfqs_generator_alongside_resumes_bit_identically_after_a_stop(
-    tmp_path, small_data, gdfq_workdir, monkeypatch):
-  """Fine-tuning's largest state (the student, GDFQ's generator trained alongside and both
-  optimizers) stopped by SIGTERM after its step-4 checkpoint, in this process (a process
-  stopped by SIGKILL resumes the same way: the stage-1 test above), then rerun: bit-identical
-  to an uninterrupted run."""
-  config, extra = STAGES["student_w4a4_gdfq"]
-  straight = copy_workdir(gdfq_workdir, tmp_path / "straight")
-  interrupted = copy_workdir(gdfq_workdir, tmp_path / "interrupted")
-  assert run_in_process(config, straight, *COMMON, *extra).returncode == 0
-  # (the first save is the calibrated start, step 0; the second is step 4)
-  signal_self_on_call(monkeypatch, checkpoints, "save", signal.SIGTERM, call=2)
-  stopped = run_in_process(config, interrupted, *COMMON, *extra)
-  assert stopped.returncode == 143, stopped.stderr[-2000:]
-  monkeypatch.undo()
-  saved = checkpoints.latest_step(interrupted / "student_w4a4_gdfq")
-  assert KILL_AFTER <= saved < 8
-  rerun = run_in_process(config, interrupted, *COMMON, *extra)
-  assert rerun.returncode == 0 and f"resuming from step {saved}" in rerun.stdout
-  expected, final_step = final_state(straight, "student_w4a4_gdfq")
-  got, step = final_state(interrupted, "student_w4a4_gdfq")
-  assert step == final_step == 8
-  assert logged_steps(interrupted, "student_w4a4_gdfq") == list(range(9))
-  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(a, b)
+def test_fine_tuning_with_gdfqs_generator_alongside_resumes_bit_identically_after_sigkill(
+    tmp_path, small_data, gdfq_workdir):
+  """Fine-tuning's largest state: the student, GDFQ's generator trained alongside and both
+  optimizers."""
+  assert_sigkill_then_rerun_is_bit_identical("student_w4a4_gdfq", tmp_path, None, gdfq_workdir)
 
 
 def assert_sigkill_then_rerun_is_bit_identical(stage, tmp_path, imported_workdir,
