@@ -7,6 +7,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from cli import REPO, environment, main_command, run_main
 from conftest import SMALL_DATA, copy_workdir
@@ -19,6 +20,10 @@ STAGES = {
                                                  "--config.iters_per_epoch=4",
                                                  "--config.batch_size=8",
                                                  "--config.eval_every_epochs=100"]),
+    "student_w4a4": ("configs/finetune.py:w4a4,smoke", ["--config.batch_size=8",
+                                                        "--config.steps_per_epoch=4",
+                                                        "--config.num_epochs=4",
+                                                        "--config.eval_every_epochs=100"]),
     # ZeroQ's distillation: 2 groups of 2 batches, 4 iterations each (the kill falls in the
     # second group); fine-tuning with GDFQ's generator trained alongside.
     "zeroq": ("configs/zeroq.py:smoke", []),
@@ -99,12 +104,12 @@ def assert_rerun_is_bit_identical_to_straight(stage, tmp_path, interrupted_at):
     np.testing.assert_array_equal(a, b)
 
 
-def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path, small_data,
-                                                                    imported_workdir):
-  """Stage 1. (The teacher's stage is interrupted by SIGTERM in a test below, with the same
-  check; fine-tuning, the same loop over a FinetuneState, with GDFQ's generator trained
-  alongside, its largest state, below.)"""
-  assert_sigkill_then_rerun_is_bit_identical("generator", tmp_path, imported_workdir, None)
+@pytest.mark.parametrize("stage", ["generator", "student_w4a4"])
+def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(
+    stage, tmp_path, small_data, imported_workdir, generator_workdir):
+  """(The teacher's stage is interrupted by SIGTERM in the next test, with the same check.)"""
+  assert_sigkill_then_rerun_is_bit_identical(stage, tmp_path, imported_workdir,
+                                             generator_workdir)
 
 
 def test_zeroqs_distillation_resumes_bit_identically_after_sigkill(tmp_path, small_data,
@@ -114,8 +119,6 @@ def test_zeroqs_distillation_resumes_bit_identically_after_sigkill(tmp_path, sma
 
 def test_fine_tuning_with_gdfqs_generator_alongside_resumes_bit_identically_after_sigkill(
     tmp_path, small_data, gdfq_workdir):
-  """Fine-tuning's largest state: the student, GDFQ's generator trained alongside and both
-  optimizers."""
   assert_sigkill_then_rerun_is_bit_identical("student_w4a4_gdfq", tmp_path, None, gdfq_workdir)
 
 
