@@ -23,10 +23,12 @@ import signal
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class StoppedBySignal(Exception):
+class StoppedBySignal(BaseException):
   """SIGTERM/SIGINT stopped `name` (at training step `step`, after saving it). The whole
   invocation stops (a pipeline does not go on to build on an unfinished stage); main.py exits
-  with `exit_code`, and rerunning the same command continues."""
+  with `exit_code`, and rerunning the same command continues. A BaseException, as
+  KeyboardInterrupt is: the `except Exception` around a library call (a checkpoint read that
+  turns any failure into "cannot be read") must not turn a stop into a user error."""
 
   def __init__(self, name: str, signum: int, step: int | None = None):
     where = f"at step {step}; its checkpoint is saved" if step is not None else (

@@ -15,7 +15,8 @@ import pytest
 from cli import run_in_process
 from configs import ptq as ptq_config
 from conftest import REPO, TEACHER_WEIGHTS, copy_workdir
-from dfqf_jax import calibration, checkpoints, classifiers, convert, integer, training, workdir
+from dfqf_jax import (calibration, checkpoints, classifiers, convert, integer, signals, training,
+                      workdir)
 from dfqf_jax.stages import ptq
 
 PTQ = "configs/ptq.py:w4a4,smoke"  # 32 calibration images
@@ -155,3 +156,18 @@ except signals.StoppedBySignal as stop:
   assert result.returncode == 0, result.stderr
   assert result.stdout.split() == ["lost", "in", "the", "callback", "143"], result.stdout
   assert "StoppedBySignal" in result.stderr  # what Python printed from the callback
+
+
+def test_a_stop_during_a_checkpoint_read_is_a_stop_not_a_damaged_checkpoint(
+    generator_workdir, tmp_path, monkeypatch, small_data):
+  """Reading a checkpoint turns any failure into 'cannot be read ... delete it'; a SIGTERM
+  arriving inside that read stops the job (exit 143) and blames no checkpoint."""
+  run = copy_workdir(generator_workdir, tmp_path / "run")
+
+  def restore_then_stop(*args, **kwargs):
+    raise signals.stop("ptq", signal.SIGTERM)  # as the handler raises it inside Orbax
+
+  monkeypatch.setattr(checkpoints.ocp.PyTreeCheckpointer, "restore", restore_then_stop)
+  result = run_in_process(PTQ, run, f"--config.data.dir={small_data}")
+  assert_stopped(result, run, "ptq", signal.SIGTERM)
+  assert "cannot be read" not in result.stderr
