@@ -35,6 +35,7 @@ def get_config(arg: str = "w4a4"):
   config.learning_rate = 0.001
   config.lr_milestones = ()  # epochs at which the weights' lr is multiplied by 0.1
   config.momentum = 0.9
+  config.nesterov = False  # True: Nesterov momentum (GDFQ's student optimizer; DFQF's is not)
   config.weight_decay = 5e-4
   config.clip_learning_rate = 0.0001
   # The student's BNs in training mode (the reference): their running statistics move to

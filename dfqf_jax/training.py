@@ -27,10 +27,12 @@ def compute_dtype(config) -> jnp.dtype:
   return jnp.dtype(config.compute_dtype)
 
 
-def sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 5e-4):
-  """PyTorch SGD: coupled L2 (added to the gradient before momentum), v = m v + g, p -= lr v."""
+def sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 5e-4,
+        nesterov: bool = False):
+  """PyTorch SGD: coupled L2 (added to the gradient before momentum), v = m v + g, p -= lr v;
+  with `nesterov`, p -= lr (g + m v) (PyTorch's nesterov=True, GDFQ's optimizer)."""
   return optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.sgd(learning_rate, momentum=momentum or None))
+                     optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
 
 
 def step_decay(base_lr: float, milestones: list[float], steps_per_epoch: int,

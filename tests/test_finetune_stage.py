@@ -5,13 +5,14 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import configs.finetune
 import configs.generator
 from cli import run_in_process
 from conftest import copy_workdir
-from dfqf_jax import calibration, checkpoints, image_sources, parallel
+from dfqf_jax import calibration, checkpoints, image_sources, parallel, training
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
@@ -90,3 +91,31 @@ def test_the_student_bns_are_frozen_or_re_estimated_as_configured_in_either_step
                                               after["batch_stats"]))
   assert stats_unchanged == (not student_bn_train)
   assert not jax.tree.all(jax.tree.map(np.array_equal, before["params"], after["params"]))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_weights_optimizer_is_pytorchs_sgd_with_or_without_nesterov(nesterov, monkeypatch):
+  """training.sgd against PyTorch's SGD update written out in NumPy (coupled weight decay,
+  momentum buffer b = m b + g, step g + m b with Nesterov, else b), three steps."""
+  lr, m, wd = 0.1, 0.9, 5e-4
+  p, grads = np.array([1.0, -2.0, 0.5]), [np.array([0.3, -0.1, 0.2]) * (i + 1) for i in range(3)]
+  expected, buffer = p.copy(), np.zeros(3)
+  for g in grads:
+    g = g + wd * expected
+    buffer = m * buffer + g
+    expected = expected - lr * (g + m * buffer if nesterov else buffer)
+  tx = training.sgd(lr, m, wd, nesterov)
+  params, state = jnp.asarray(p, jnp.float32), None
+  state = tx.init(params)
+  for g in grads:
+    updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+    params = params + updates
+  np.testing.assert_allclose(params, expected, rtol=1e-6)
+  # Fine-tuning builds it from config.nesterov (default False: DFQF's reference; GDFQ's True).
+  config = configs.finetune.get_config("w4a4,smoke")
+  assert config.nesterov is False
+  config.nesterov = nesterov
+  built = []
+  monkeypatch.setattr(training, "sgd", lambda *args: built.append(args) or optax.identity())
+  finetune.student_optimizer(config, 10, q.QuantSpec(4, 4, "dfqf"))
+  assert built[0][3] is nesterov

@@ -63,13 +63,15 @@ def clip_kind(spec: q.QuantSpec, param_path) -> str | None:
 
 
 def student_optimizer(config, steps_per_epoch: int, spec: q.QuantSpec):
-  """SGD with momentum and weight decay for weights; plain SGD for the clip values whose rule
-  says learned; the fixed ones keep their calibrated values."""
+  """SGD with momentum (Nesterov's with config.nesterov) and weight decay for weights; plain
+  SGD for the clip values whose rule says learned; the fixed ones keep their calibrated
+  values."""
   schedule = training.step_decay(config.learning_rate, config.lr_milestones, steps_per_epoch)
   groups = {None: "weight", q.LEARNED: "clip", q.FIXED: "fixed_clip"}
   label = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: groups[clip_kind(spec, tuple(k.key for k in path))], params)
-  transforms = {"weight": training.sgd(schedule, config.momentum, config.weight_decay),
+  transforms = {"weight": training.sgd(schedule, config.momentum, config.weight_decay,
+                                       config.nesterov),
                 "clip": optax.sgd(config.clip_learning_rate)}
   if any(rule.clip == q.FIXED for rule in spec.rules):
     transforms["fixed_clip"] = optax.set_to_zero()
