@@ -35,7 +35,8 @@ def test_a_model_is_stale_iff_an_upstream_checkpoint_it_names_is_no_longer_the_w
   assert "student_w4a4 step 10 (s0)" in reasons["export_student_w4a4"]
   # Built from a stage this workdir has no checkpoint of (generator_dir elsewhere): not stale.
   del results["generator_student_fp"]
-  assert set(scoring.stale_reasons(results, held=results)) == {"ptq_w4a4_max_dfqf", "export_student_w4a4"}
+  assert set(scoring.stale_reasons(results, held=results)) == {"ptq_w4a4_max_dfqf",
+                                                               "export_student_w4a4"}
 
 
 def test_the_mark_replaces_an_old_one_and_a_stale_model_has_no_drop_against_the_teacher():

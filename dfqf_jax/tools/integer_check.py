@@ -225,7 +225,8 @@ def main() -> int:
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "calibration": None if args.names else {
           "rule": "ft", "images": "128 real training images (one batch)", "seed": args.seed},
-      "criteria": {"class_agreement_min": MIN_AGREEMENT, "top1_gap_max_points": MAX_TOP1_GAP_POINTS},
+      "criteria": {"class_agreement_min": MIN_AGREEMENT,
+                   "top1_gap_max_points": MAX_TOP1_GAP_POINTS},
       "results": results,
   }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
