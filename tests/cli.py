@@ -4,6 +4,11 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# XLA's CPU backend with its older loop emitters instead of the fusion emitters: a third
+# less compilation (a smoke stage-1 step 4.4-5.2 s -> 2.5-3.2 s; a cold smoke pipeline 54 ->
+# 42 CPU seconds), and the same program. Every test process and main.py subprocess uses it;
+# the suite is mostly compilation.
+FAST_COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 
 def main_command(config: str, workdir, *overrides: str) -> list[str]:
@@ -19,9 +24,16 @@ def environment(devices: int = 1) -> dict:
   would fuse a multiply-add, so compare runs made with the same environment)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                      "--xla_backend_optimization_level=0")
+                      f"--xla_backend_optimization_level=0 {FAST_COMPILE_XLA_FLAGS}")
   env["JAX_PLATFORMS"] = "cpu"
   return env
+
+
+def test_process_environment() -> dict:
+  """The environment of a main.py subprocess that computes exactly what `run_in_process`
+  does in this test process (8 devices, JAX's optimizations mostly off: conftest.py): a run
+  interrupted in a subprocess then resumes bit-identically in this process."""
+  return {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 
 def run_main(config: str, workdir, *overrides: str, devices: int = 1,

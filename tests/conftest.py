@@ -5,17 +5,20 @@ import os
 import shutil
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from cli import FAST_COMPILE_XLA_FLAGS  # noqa: E402
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           f" --xla_force_host_platform_device_count=8 {FAST_COMPILE_XLA_FLAGS}"
+                           ).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Every test process (and every main.py it starts) shares compiled programs: the suite runs
 # the same stages many times, and compilation dominates a smoke-scale run. Every program is
 # cached, not only those that took over a second to compile (JAX's default): a smoke run
 # compiles dozens of small ones.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -7,7 +7,7 @@ import subprocess
 import jax
 import numpy as np
 
-from cli import REPO, environment, main_command, run_in_process, run_main
+from cli import REPO, environment, main_command, run_in_process
 from conftest import copy_workdir
 from configs import generator as generator_config
 from configs import teacher as teacher_config
@@ -28,7 +28,12 @@ from test_parallel import assert_same_update
 # the same fine-tuning step on 4 devices of one process and on 2 processes x 2 devices logs
 # loss_kd 6.2183 vs 5.9250 (w8a8: 5.7618 vs 5.7905) from images that agree to 1e-6, and so
 # does 1 device against 2 devices of one process; an order-1 difference is round-off there.
+# Each single-process run is this test process's (8 devices, in-process): it differs from
+# the 2 x 2 devices only by round-off, as does a run on 4 devices of one process.
 STAGES = {
+    # A ResNet-8 teacher from scratch (how a step is split does not depend on the depth).
+    "teacher": ("configs/teacher.py:smoke", ["--config.learning_rate=0.001",
+                                             "--config.model.depth=8"]),
     "generator": ("configs/generator.py:smoke", ["--config.num_epochs=1",
                                                  "--config.iters_per_epoch=1",
                                                  "--config.student.learning_rate=0.01"]),
@@ -43,7 +48,9 @@ def initial_state(stage: str) -> dict:
   """The stage's state before its first step (same seed and code as the runs)."""
   mesh = parallel.make_mesh(jax.devices()[:1])
   if stage == "teacher":
-    state, _ = stage0.create_state_and_step(teacher_config.get_config("smoke"), 1, mesh)
+    config = teacher_config.get_config("smoke")
+    config.model.depth = 8  # STAGES["teacher"]
+    state, _ = stage0.create_state_and_step(config, 1, mesh)
     return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   state, _ = stage1.create_state_and_step(generator_config.get_config("smoke"),
                                           CifarResNet(20), mesh)
@@ -97,16 +104,15 @@ def assert_same_run(stage: str, expected, got, start: dict) -> None:
         np.testing.assert_allclose(ra[key], rb[key], rtol=1e-3, atol=1e-5, err_msg=key)
 
 
-def test_stage_1_by_two_processes_matches_one_process_with_the_same_devices(
-    tmp_path, small_data, imported_workdir):
-  """Stage 1 gives the same result by 2 processes x 2 devices as by 1 process x 4 devices
-  for the same global batch, from the same imported teacher. The teacher's 2-process step
-  is the next test's."""
+def test_stage_1_by_two_processes_matches_one_process(tmp_path, small_data, imported_workdir):
+  """Stage 1 gives the same result by 2 processes x 2 devices as by this process's 8
+  devices for the same global batch, from the same imported teacher. The teacher's
+  2-process step is the next test's."""
   config, extra = STAGES["generator"]
   args = [f"--config.data.dir={small_data}", *extra]
   single = copy_workdir(imported_workdir, tmp_path / "single")
   multi = copy_workdir(imported_workdir, tmp_path / "multi")
-  result = run_main(config, single, *args, devices=4)
+  result = run_in_process(config, single, *args)
   assert result.returncode == 0, result.stderr[-3000:]
   run_two_processes(config, multi, *args)
   assert_same_run("generator", single, multi, initial_state("generator"))
@@ -114,20 +120,20 @@ def test_stage_1_by_two_processes_matches_one_process_with_the_same_devices(
 
 def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, small_data):
   """A teacher run by 2 processes x 2 devices stops at its step-1 checkpoint; the same
-  command in 1 process x 4 devices resumes it and ends at step 2 where an uninterrupted
+  command in this process (8 devices) resumes it and ends at step 2 where an uninterrupted
   1-process run does: a checkpoint does not depend on the number of processes that wrote
   it, and the 2-process step equals the 1-process one (its logged step-1 losses, and its
   update, on which step 2 builds). (Not bit-identical: step 1's gloo reduction rounds
   differently; measured relative difference of the update 2e-3. Learning rate 1e-3: at 1e-2
   step 2 amplifies it to 7e-3.)"""
-  config = "configs/teacher.py:smoke"
-  args = [f"--config.data.dir={small_data}", "--config.learning_rate=0.001"]
+  config, extra = STAGES["teacher"]
+  args = [f"--config.data.dir={small_data}", *extra]
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  result = run_main(config, straight, *args, "--config.num_steps=2", devices=4)
+  result = run_in_process(config, straight, *args, "--config.num_steps=2")
   assert result.returncode == 0, result.stderr[-3000:]
   run_two_processes(config, resumed, *args, "--config.num_steps=1")
   assert checkpoints.latest_step(resumed / "teacher") == 1
-  result = run_main(config, resumed, *args, "--config.num_steps=2", devices=4)
+  result = run_in_process(config, resumed, *args, "--config.num_steps=2")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "teacher: resuming from step 1" in result.stdout
   assert_same_run("teacher", straight, resumed, initial_state("teacher"))

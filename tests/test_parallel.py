@@ -21,6 +21,9 @@ from dfqf_jax.stages import teacher as stage0
 
 
 ONE, ALL = tuple(jax.devices()[:1]), tuple(jax.devices())  # runs are cached by these keys
+# Randomly initialized ResNet-8s (one block per stage): what is compared is how a step is
+# split over devices, which does not depend on the depth; a third of ResNet-20 to compile.
+DEPTH = 8
 pytestmark = pytest.mark.xdist_group("cached_runs")  # one worker computes each cached run
 
 
@@ -61,6 +64,7 @@ def run_teacher_steps(devices, num_steps=3, batch_size=32):
                      rng.integers(0, 10, 64).astype(np.int32))
   config = teacher_config.get_config("smoke")
   config.learning_rate, config.lr_milestones = 0.01, ()
+  config.model.depth = DEPTH
   state, step = stage0.create_state_and_step(config, steps_per_epoch=2, mesh=mesh)
   metrics = None
   for i in range(num_steps):
@@ -83,10 +87,10 @@ def test_teacher_steps_match_on_1_and_8_devices():
 @functools.lru_cache
 def run_generator_steps(devices, num_steps=2, batch_size=16, single_pass=True):
   mesh = parallel.make_mesh(devices)
-  teacher = CifarResNet(20)
+  teacher = CifarResNet(DEPTH)
   teacher_vars = parallel.replicate(
       mesh, initial_variables(teacher, 3, jnp.zeros((1, 32, 32, 3))))
-  generator, student = Generator(latent_dim=24), CifarResNet(20)
+  generator, student = Generator(latent_dim=24), CifarResNet(DEPTH)
   # SGD for G: Adam turns round-off in near-zero gradients into full-size steps, which
   # would hide what is compared here (the losses below are compared under Adam's inputs).
   g_tx, s_tx = optax.sgd(0.01), training.sgd(0.1)
@@ -133,15 +137,15 @@ def run_finetune_steps(devices, num_steps=2, batch_size=16):
   from dfqf_jax import quant as q
   from dfqf_jax.stages import finetune
   mesh = parallel.make_mesh(devices)
-  teacher = CifarResNet(20)
+  teacher = CifarResNet(DEPTH)
   teacher_vars = initial_variables(teacher, 3, jnp.zeros((1, 32, 32, 3)))
   spec = q.QuantSpec(4, 4, "dfqf")
-  student, variables = calibration.quantized_student(teacher_vars, 20, 10, spec)
+  student, variables = calibration.quantized_student(teacher_vars, DEPTH, 10, spec)
   generator = Generator(latent_dim=24)
   g_vars = initial_variables(generator, 4, jnp.zeros((2, 24)))
   x = [generator.apply(g_vars, jax.random.normal(jax.random.key(5), (16, 24)),
                        mutable=["batch_stats"])[0]]
-  summaries = calibration.summarize(teacher_vars, 20, 10, x, ["ft"])
+  summaries = calibration.summarize(teacher_vars, DEPTH, 10, x, ["ft"])
   variables = calibration.calibrate(variables, spec, "ft", summaries)
   config = finetune_config.get_config("w4a4")
   config.batch_size, config.learning_rate, config.lr_milestones = batch_size, 0.01, ()
@@ -190,7 +194,7 @@ def test_top1_over_8_devices_counts_each_image_once(batch_size):
   size): 8 of the 13 labels are the model's own predictions, the last image's among them,
   so a padding copy counted, or an image dropped, changes the result."""
   from dfqf_jax import classifiers
-  model = CifarResNet(20)
+  model = CifarResNet(DEPTH)
   variables = initial_variables(model, 0, jnp.zeros((1, 32, 32, 3)))
   images = np.random.default_rng(0).integers(0, 256, (13, 32, 32, 3), dtype=np.uint8)
   mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

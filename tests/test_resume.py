@@ -1,4 +1,8 @@
-"""Interrupted runs resume exactly: same steps, same data order, bit-identical parameters."""
+"""Interrupted runs resume exactly: same steps, same data order, bit-identical parameters.
+
+The run that is interrupted is a main.py subprocess; the uninterrupted run and the rerun
+are the same command in this test process, which computes exactly what that subprocess
+does (cli.test_process_environment)."""
 import json
 import os
 import signal
@@ -9,13 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from cli import REPO, environment, main_command, run_main
+from cli import REPO, main_command, run_in_process, test_process_environment
 from conftest import SMALL_DATA, copy_workdir
 from dfqf_jax import checkpoints, report
 
+# The teacher trains from scratch: a ResNet-8 (what resumes does not depend on the depth).
+TEACHER = ("configs/teacher.py:smoke", ["--config.model.depth=8"])
 STAGES = {
-    "teacher": ("configs/teacher.py:smoke", ["--config.num_steps=16",
-                                             "--config.batch_size=8"]),
+    "teacher": (TEACHER[0], [*TEACHER[1], "--config.num_steps=16", "--config.batch_size=8"]),
     "generator": ("configs/generator.py:smoke", ["--config.num_epochs=4",
                                                  "--config.iters_per_epoch=4",
                                                  "--config.batch_size=8",
@@ -59,7 +64,7 @@ def start_and_interrupt(workdir, stage, sig, after_step):
   """Starts the stage and sends `sig` once a checkpoint at or after `after_step` exists."""
   config, extra = STAGES[stage]
   process = subprocess.Popen(main_command(config, workdir, *COMMON, *extra), cwd=REPO,
-                             env=environment(), stdout=subprocess.PIPE,
+                             env=test_process_environment(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:
@@ -81,7 +86,7 @@ def run_straight_and_interrupted(stage, tmp_path, sig, imported_workdir=None,
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
   for workdir in (straight, interrupted):
     prepare(workdir, stage, imported_workdir, generator_workdir)
-  result = run_main(config, straight, *COMMON, *extra)
+  result = run_in_process(config, straight, *COMMON, *extra)
   assert result.returncode == 0, result.stderr[-2000:]
   returncode, stderr = start_and_interrupt(interrupted, stage, sig, KILL_AFTER)
   return returncode, stderr, checkpoints.latest_step(os.path.join(interrupted, stage))
@@ -92,7 +97,7 @@ def assert_rerun_is_bit_identical_to_straight(stage, tmp_path, interrupted_at):
   where the uninterrupted one did: every step logged once, bit-identical state."""
   config, extra = STAGES[stage]
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-  result = run_main(config, interrupted, *COMMON, *extra)
+  result = run_in_process(config, interrupted, *COMMON, *extra)
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"resuming from step {interrupted_at}" in result.stdout
   expected, final_step = final_state(straight, stage)
@@ -148,7 +153,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_is_bit_identical(tmp_path,
 def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                                  small_data):
   args = [*COMMON, "--config.num_steps=16", "--config.learning_rate=1e12"]
-  result = run_main("configs/teacher.py:smoke", tmp_path, *args, "--config.log_every_steps=5")
+  result = run_in_process(TEACHER[0], tmp_path, *TEACHER[1], *args, "--config.log_every_steps=5")
   assert result.returncode == 2, result.stderr[-2000:]
   error = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert len(error) == 1 and "'loss'" in error[0] and "by step" in error[0], result.stderr[-2000:]
@@ -161,8 +166,8 @@ def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_checkpoin
 
 
 def test_corrupted_checkpoint_is_reported_and_not_overwritten(tmp_path, small_data):
-  config, extra = STAGES["teacher"]
-  result = run_main(config, tmp_path, *COMMON, "--config.num_steps=4")
+  config, extra = TEACHER
+  result = run_in_process(config, tmp_path, *COMMON, *extra, "--config.num_steps=4")
   assert result.returncode == 0, result.stderr[-2000:]
   step_dir = os.path.join(tmp_path, "teacher", "4", "state")
   data_files = [os.path.join(root, f) for root, _, files in os.walk(step_dir) for f in files
@@ -171,7 +176,7 @@ def test_corrupted_checkpoint_is_reported_and_not_overwritten(tmp_path, small_da
     with open(path, "r+b") as f:
       f.truncate(100)
   snapshot = {p: os.path.getsize(p) for p in data_files}
-  result = run_main(config, tmp_path, *COMMON, "--config.num_steps=8")
+  result = run_in_process(config, tmp_path, *COMMON, *extra, "--config.num_steps=8")
   assert result.returncode == 2, result.stderr[-2000:]
   error = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert len(error) == 1 and "cannot be restored" in error[0] and "delete it" in error[0]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cli import environment, main_command, run_in_process
+from cli import main_command, run_in_process, test_process_environment
 from conftest import REPO, copy_workdir
 
 from dfqf_jax import checkpoints, workdir
@@ -68,8 +68,8 @@ def imported(imported_workdir, tmp_path):
 
 def start(workdir_path, *args):
   return subprocess.Popen(main_command(GENERATOR, workdir_path, *args), cwd=REPO,
-                          env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          env=test_process_environment(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_lock(path, process):

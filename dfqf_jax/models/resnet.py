@@ -16,7 +16,9 @@ import jax.numpy as jnp
 from dfqf_jax import quant as q
 from dfqf_jax.models.layers import BatchNorm, torch_default_uniform
 
-DEPTHS = (20, 32, 44, 56, 110)
+# 6n + 2 layers, n blocks per stage: the CIFAR ResNets of He et al. (2016), and ResNet-8 (one
+# block per stage) for quick checks: a third of ResNet-20's layers to compile and run.
+DEPTHS = (8, 20, 32, 44, 56, 110)
 QUANT_INPUTS = "quant_inputs"
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
