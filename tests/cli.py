@@ -29,7 +29,7 @@ def environment(devices: int = 1) -> dict:
   return env
 
 
-def test_process_environment() -> dict:
+def environment_of_the_test_process() -> dict:
   """The environment of a main.py subprocess that computes exactly what `run_in_process`
   does in this test process (8 devices, JAX's optimizations mostly off: conftest.py): a run
   interrupted in a subprocess then resumes bit-identically in this process."""

@@ -2,7 +2,7 @@
 
 The run that is interrupted is a main.py subprocess; the uninterrupted run and the rerun
 are the same command in this test process, which computes exactly what that subprocess
-does (cli.test_process_environment)."""
+does (cli.environment_of_the_test_process)."""
 import json
 import os
 import signal
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from cli import REPO, main_command, run_in_process, test_process_environment
+from cli import REPO, main_command, run_in_process, environment_of_the_test_process
 from conftest import SMALL_DATA, copy_workdir
 from dfqf_jax import checkpoints, report
 
@@ -64,7 +64,7 @@ def start_and_interrupt(workdir, stage, sig, after_step):
   """Starts the stage and sends `sig` once a checkpoint at or after `after_step` exists."""
   config, extra = STAGES[stage]
   process = subprocess.Popen(main_command(config, workdir, *COMMON, *extra), cwd=REPO,
-                             env=test_process_environment(), stdout=subprocess.PIPE,
+                             env=environment_of_the_test_process(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:

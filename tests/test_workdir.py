@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cli import main_command, run_in_process, test_process_environment
+from cli import main_command, run_in_process, environment_of_the_test_process
 from conftest import REPO, copy_workdir
 
 from dfqf_jax import checkpoints, workdir
@@ -68,7 +68,7 @@ def imported(imported_workdir, tmp_path):
 
 def start(workdir_path, *args):
   return subprocess.Popen(main_command(GENERATOR, workdir_path, *args), cwd=REPO,
-                          env=test_process_environment(), stdout=subprocess.PIPE,
+                          env=environment_of_the_test_process(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
