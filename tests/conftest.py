@@ -79,6 +79,63 @@ def copy_workdir(source, destination):
   return destination
 
 
+def pytest_addoption(parser):
+  parser.addoption(
+      "--cpu-seconds", metavar="JSONL",
+      help="append one line per test to JSONL: the CPU seconds of its test process and of the "
+           "subprocesses it waited for (unlike --durations, not inflated by the other workers)")
+
+
+def _cpu_seconds() -> tuple[float, float]:
+  """(this process, its waited-for children): user + system CPU seconds."""
+  import resource
+  own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                       resource.RUSAGE_CHILDREN))
+  return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """--cpu-seconds: where the suite's time goes (its fixtures' setup counts to the first
+  test that asks for them)."""
+  path = item.config.getoption("--cpu-seconds")
+  before = _cpu_seconds()
+  yield
+  if path:
+    import json
+    (own, children) = (b - a for a, b in zip(before, _cpu_seconds()))
+    with open(path, "a") as f:
+      f.write(json.dumps({"test": item.nodeid, "process_s": round(own, 2),
+                          "subprocesses_s": round(children, 2)}) + "\n")
+
+
+def _is_xdist_worker(config) -> bool:
+  return hasattr(config, "workerinput")
+
+
+def pytest_configure(config):
+  path = config.getoption("--cpu-seconds")
+  if path and not _is_xdist_worker(config):
+    open(path, "w").close()  # this run's tests only
+
+
+def pytest_terminal_summary(terminalreporter, config):
+  """--cpu-seconds: the 15 test files that took the most CPU seconds."""
+  path = config.getoption("--cpu-seconds")
+  if not path or _is_xdist_worker(config) or not os.path.exists(path):
+    return
+  import collections
+  import json
+  per_file = collections.Counter()
+  with open(path) as f:
+    for row in map(json.loads, f):
+      per_file[row["test"].split("::")[0]] += row["process_s"] + row["subprocesses_s"]
+  terminalreporter.write_sep("=", f"CPU seconds per test file ({sum(per_file.values()):.0f} "
+                             f"in all; per test: {path})")
+  for name, seconds in per_file.most_common(15):
+    terminalreporter.write_line(f"{seconds:8.1f}  {name}")
+
+
 def pytest_xdist_auto_num_workers(config):
   """`-n auto` (pytest.ini): one worker per usable core, at most 4 (each test process already
   runs XLA on several threads)."""
