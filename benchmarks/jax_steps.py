@@ -68,10 +68,10 @@ def _random_variables(model, mesh, seed: int = 0) -> dict:
   return init(jax.random.key(seed))
 
 
-def teacher_step(batch: int, dtype, mesh) -> Step:
+def teacher_step(batch: int, dtype, mesh, depth: int) -> Step:
   """stages/teacher.py: SGD step on a real-shaped uint8 batch, normalized in the step."""
   config = teacher_config.get_config()
-  config.compute_dtype = dtype.name
+  config.compute_dtype, config.model.depth = dtype.name, depth
   state, step = stage0.create_state_and_step(
       config, data.steps_per_epoch(CIFAR_TRAIN_SIZE, batch), mesh)
   rows = parallel.process_slice(batch)
@@ -80,14 +80,14 @@ def teacher_step(batch: int, dtype, mesh) -> Step:
   return Step(step, (state, images), True)
 
 
-def generator_step(batch: int, dtype, mesh, student_passes: int) -> Step:
+def generator_step(batch: int, dtype, mesh, depth: int, student_passes: int) -> Step:
   """stages/generator.py: one stage-1 iteration (G Adam step + student SGD step).
 
   student_passes=1 is the project's default (one backward pass gives both gradients);
   2 runs the student a second time on detached images, as the reference code does.
   """
   config = generator_config.get_config()
-  config.batch_size, config.compute_dtype = batch, dtype.name
+  config.batch_size, config.compute_dtype, config.model.depth = batch, dtype.name, depth
   config.single_student_pass = student_passes == 1
   teacher = _classifier(config, jnp.float32)
   state, step = stage1.create_state_and_step(config, teacher, mesh)
@@ -110,10 +110,10 @@ def _calibrated_student(config, teacher_vars, generator, g_vars):
                                     summaries)
 
 
-def finetune_step(batch: int, dtype, mesh) -> Step:
+def finetune_step(batch: int, dtype, mesh, depth: int) -> Step:
   """stages/finetune.py: one KD step of the W4A4 student on fresh generated images."""
   config = finetune_config.get_config("w4a4")
-  config.batch_size, config.compute_dtype = batch, dtype.name
+  config.batch_size, config.compute_dtype, config.model.depth = batch, dtype.name, depth
   teacher = _classifier(config, jnp.float32)
   generator = stage1.make_generator(generator_config.get_config())
   teacher_vars = _random_variables(teacher, mesh)
@@ -125,9 +125,10 @@ def finetune_step(batch: int, dtype, mesh) -> Step:
   return Step(step, (state, rng.key(config.seed, rng.FINETUNE_LATENTS), teacher_vars), True)
 
 
-def evaluate_step(batch: int, dtype, mesh) -> Step:
+def evaluate_step(batch: int, dtype, mesh, depth: int) -> Step:
   """classifiers.py `count_correct`: one evaluation batch of `top1_percent()`."""
   config = evaluate_config.get_config()
+  config.model.depth = depth
   model = _classifier(config, dtype)
   variables = _random_variables(model, mesh)
   rows = parallel.process_slice(batch)
@@ -139,12 +140,13 @@ def evaluate_step(batch: int, dtype, mesh) -> Step:
                tuple(config.data.mean), tuple(config.data.std)), False)
 
 
-def build(stage: str, batch: int, dtype: str, student_passes: int) -> Step:
+def build(stage: str, batch: int, dtype: str, student_passes: int, depth: int = 20) -> Step:
+  """The stage's step for a ResNet-`depth` (the benchmark's rows are ResNet-20's)."""
   parallel.use_cpu_cores()  # the devices main.py would use
   mesh = parallel.make_mesh()
   parallel.check_batch_size(f"--{stage}-batch", batch)
   dtype = jnp.dtype(dtype)
   if stage == "generator":
-    return generator_step(batch, dtype, mesh, student_passes)
+    return generator_step(batch, dtype, mesh, depth, student_passes)
   return {"teacher": teacher_step, "finetune": finetune_step,
-          "evaluate": evaluate_step}[stage](batch, dtype, mesh)
+          "evaluate": evaluate_step}[stage](batch, dtype, mesh, depth)
