@@ -1,7 +1,10 @@
 """Tests run on CPU with 8 forced host devices (set before jax is imported)."""
+import collections
 import contextlib
 import fcntl
+import json
 import os
+import resource
 import shutil
 import sys
 
@@ -82,13 +85,12 @@ def copy_workdir(source, destination):
 def pytest_addoption(parser):
   parser.addoption(
       "--cpu-seconds", metavar="JSONL",
-      help="append one line per test to JSONL: the CPU seconds of its test process and of the "
+      help="write one line per test to JSONL: the CPU seconds of its test process and of the "
            "subprocesses it waited for (unlike --durations, not inflated by the other workers)")
 
 
 def _cpu_seconds() -> tuple[float, float]:
   """(this process, its waited-for children): user + system CPU seconds."""
-  import resource
   own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
                                                        resource.RUSAGE_CHILDREN))
   return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
@@ -102,7 +104,6 @@ def pytest_runtest_protocol(item, nextitem):
   before = _cpu_seconds()
   yield
   if path:
-    import json
     (own, children) = (b - a for a, b in zip(before, _cpu_seconds()))
     with open(path, "a") as f:
       f.write(json.dumps({"test": item.nodeid, "process_s": round(own, 2),
@@ -124,8 +125,6 @@ def pytest_terminal_summary(terminalreporter, config):
   path = config.getoption("--cpu-seconds")
   if not path or _is_xdist_worker(config) or not os.path.exists(path):
     return
-  import collections
-  import json
   per_file = collections.Counter()
   with open(path) as f:
     for row in map(json.loads, f):

@@ -105,7 +105,7 @@ def test_the_weights_optimizer_is_pytorchs_sgd_with_or_without_nesterov(nesterov
     buffer = m * buffer + g
     expected = expected - lr * (g + m * buffer if nesterov else buffer)
   tx = training.sgd(lr, m, wd, nesterov)
-  params, state = jnp.asarray(p, jnp.float32), None
+  params = jnp.asarray(p, jnp.float32)
   state = tx.init(params)
   for g in grads:
     updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
