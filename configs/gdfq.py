@@ -19,6 +19,7 @@ def get_config(schedule: str = "reference"):
   config.batch_size = 128
   config.warmup_steps = 800  # warmup_epochs 4 x 200 iterations per epoch
   config.latent_dim = 100
+  config.width = 128  # the generator's channels (DFQF's generator, as GDFQ's)
   config.reference_quirks = True  # the generator's BN epsilon 0.8 (and DFQF's N(0, 0.02) init)
   config.learning_rate = 0.001  # lr_G, Adam
   config.b1 = 0.5
@@ -37,6 +38,7 @@ def get_config(schedule: str = "reference"):
     config.batch_size = 16
     config.warmup_steps = 4
     config.latent_dim = 32
+    config.width = 16  # deviation, smoke only
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
   elif schedule not in ("reference", "budget"):

@@ -21,6 +21,7 @@ def get_config(schedule: str = "reference"):
   config.single_student_pass = True
   config.generator = ml_collections.ConfigDict()
   config.generator.latent_dim = 1000
+  config.generator.width = 128  # channels of its first blocks (the last: half)
   config.generator.learning_rate = 0.005
   # Faithful mode: the reference code's BN epsilon 0.8 and N(0, 0.02) / N(1, 0.02) inits.
   config.generator.reference_quirks = True
@@ -49,6 +50,7 @@ def get_config(schedule: str = "reference"):
     config.iters_per_epoch = 2
     config.num_epochs = 2
     config.generator.latent_dim = 32
+    config.generator.width = 16  # deviation, smoke only: an eighth of the channels
     config.grid_images = 32
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2

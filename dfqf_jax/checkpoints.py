@@ -191,7 +191,7 @@ def check_lineage(directory: str, name: str, lineage: dict, on_stale: str) -> No
     multihost_utils.sync_global_devices(f"rebuild {directory}")
 
 
-IDENTITY_KEYS = ("arch", "depth", "dataset", "num_classes", "quant", "latent_dim")
+IDENTITY_KEYS = ("arch", "depth", "dataset", "num_classes", "quant", "latent_dim", "width")
 
 
 def check_compatible(saved: dict, expected: dict, directory: str) -> None:

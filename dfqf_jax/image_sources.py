@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from dfqf_jax import checkpoints, data, parallel
-from dfqf_jax.models.generator import Generator, sample_latent
+from dfqf_jax.models.generator import Generator, from_meta, sample_latent
 
 GENERATOR_DIR = "generator"  # stage 1's folder in the workdir
 
@@ -46,8 +46,7 @@ def load_generator(workdir: str, generator_dir: str = ""):
   or DIR/generator."""
   directory = generator_dir or os.path.join(workdir, GENERATOR_DIR)
   state, meta, _ = checkpoints.load_product(directory, "generator")
-  module = Generator(meta["latent_dim"], reference_quirks=meta["reference_quirks"])
-  return module, state["generator"], meta
+  return from_meta(meta), state["generator"], meta
 
 
 def generate(generator: Generator, g_vars, key, count: int, mesh=None):

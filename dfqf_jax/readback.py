@@ -27,7 +27,7 @@ import numpy as np
 from dfqf_jax import (checkpoints, classifiers, data, image_sources, images, integer, parallel,
                       scoring, storage)
 from dfqf_jax import quant as q
-from dfqf_jax.models.generator import Generator
+from dfqf_jax.models import generator as generator_model
 
 GENERATOR = "generator"  # the name (and stage folder) of stage 1's generator
 
@@ -159,8 +159,7 @@ def _load_checkpoint_model(name: str, kind: str, directory: str):
                 finished=meta[checkpoints.ORIGIN]["finished"],
                 path=os.path.join(directory, str(step)))
   if kind == GENERATOR:
-    module = Generator(meta["latent_dim"], reference_quirks=meta["reference_quirks"])
-    return GeneratorModel(module=module, variables=state["generator"], meta=meta, **fields)
+    return GeneratorModel(module=generator_model.from_meta(meta), variables=state["generator"], meta=meta, **fields)
   entry = {**classifiers.classifiers_in(meta)[name], checkpoints.ORIGIN: meta[checkpoints.ORIGIN],
            "total_steps": meta.get("total_steps")}
   return Classifier(module=classifiers.classifier_from_meta(entry), meta=entry,

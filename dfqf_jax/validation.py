@@ -39,6 +39,13 @@ def one_of(config, field: str, allowed) -> None:
     _fail(field, value, f"one of {list(allowed)}")
 
 
+def generator_width(config, field: str) -> None:
+  """The generator's channels: its last block has half as many, so at least 2 and even."""
+  value = field_value(config, field)
+  if not isinstance(value, int) or isinstance(value, bool) or value < 2 or value % 2:
+    _fail(field, value, "an even number >= 2 (the reference's 128)")
+
+
 def divisible_batch(config, field: str) -> None:
   positive(config, field)
   value, devices = field_value(config, field), jax.device_count()
@@ -113,6 +120,7 @@ def generator(config) -> None:
     positive(config, field)
   for field in ("student.momentum", "student.weight_decay"):
     positive(config, field, allow_zero=True)
+  generator_width(config, "generator.width")
   if config.teacher_dir and not storage.isdir(config.teacher_dir):
     _fail("teacher_dir", config.teacher_dir, "a folder holding a teacher checkpoint")
 
@@ -226,6 +234,7 @@ def gdfq(config) -> None:
     positive(config, field)
   for field in ("lambda_bns", "alpha"):
     positive(config, field, allow_zero=True)
+  generator_width(config, "width")
   one_of(config, "kd_reduction", baselines.KD_REDUCTIONS)
 
 

@@ -179,15 +179,37 @@ def imported_workdir(shared_data, tmp_path_factory):
   return prepared_once(tmp_path_factory, "imported", build)
 
 
+# The teacher of small_teacher_workdir and the generator workdirs built on it: a ResNet-8
+# trained one step from scratch. What a stage does with its teacher (resume, signals, what
+# its state holds) does not depend on the depth or on what the teacher knows, and a ResNet-8
+# costs a third of a ResNet-20 to trace, compile and run. The stages refuse a model.depth
+# other than their teacher's, so every stage run in those workdirs passes SMALL_TEACHER_ARGS.
+SMALL_TEACHER_ARGS = ("--config.model.depth=8",)
+
+
 @pytest.fixture(scope="session")
-def generator_workdir(imported_workdir, small_data, tmp_path_factory):
-  """imported_workdir plus the smoke stage-1 generator (4 iterations), made once per
-  session: copy it before running anything in it."""
+def small_teacher_workdir(small_data, tmp_path_factory):
+  """A workdir holding the ResNet-8 teacher (SMALL_TEACHER_ARGS), made once per session:
+  copy it before running anything in it."""
   from cli import run_in_process
 
   def build(workdir):
-    copy_workdir(imported_workdir, workdir)
-    result = run_in_process("configs/generator.py:smoke", workdir,
+    result = run_in_process("configs/teacher.py:smoke", workdir, *SMALL_TEACHER_ARGS,
+                            "--config.num_steps=1", f"--config.data.dir={small_data}")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+  return prepared_once(tmp_path_factory, "small_teacher", build)
+
+
+@pytest.fixture(scope="session")
+def generator_workdir(small_teacher_workdir, small_data, tmp_path_factory):
+  """small_teacher_workdir plus the smoke stage-1 generator (4 iterations), made once per
+  session: copy it before running anything in it (with SMALL_TEACHER_ARGS)."""
+  from cli import run_in_process
+
+  def build(workdir):
+    copy_workdir(small_teacher_workdir, workdir)
+    result = run_in_process("configs/generator.py:smoke", workdir, *SMALL_TEACHER_ARGS,
                             f"--config.data.dir={small_data}", "--config.eval_every_epochs=100")
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -195,14 +217,15 @@ def generator_workdir(imported_workdir, small_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gdfq_workdir(imported_workdir, small_data, tmp_path_factory):
-  """imported_workdir plus GDFQ's smoke generator warm-up (4 iterations), made once per
-  session: copy it before running anything in it."""
+def gdfq_workdir(small_teacher_workdir, small_data, tmp_path_factory):
+  """small_teacher_workdir plus GDFQ's smoke generator warm-up (4 iterations), made once per
+  session: copy it before running anything in it (with SMALL_TEACHER_ARGS)."""
   from cli import run_in_process
 
   def build(workdir):
-    copy_workdir(imported_workdir, workdir)
-    result = run_in_process("configs/gdfq.py:smoke", workdir, f"--config.data.dir={small_data}")
+    copy_workdir(small_teacher_workdir, workdir)
+    result = run_in_process("configs/gdfq.py:smoke", workdir, *SMALL_TEACHER_ARGS,
+                            f"--config.data.dir={small_data}")
     assert result.returncode == 0, result.stderr[-2000:]
 
   return prepared_once(tmp_path_factory, "gdfq", build)

@@ -11,7 +11,7 @@ import pytest
 import configs.finetune
 import configs.generator
 from cli import run_in_process
-from conftest import copy_workdir
+from conftest import SMALL_TEACHER_ARGS, copy_workdir
 from dfqf_jax import calibration, checkpoints, image_sources, parallel, training
 from dfqf_jax import quant as q
 from dfqf_jax.models.generator import Generator
@@ -24,7 +24,7 @@ def test_real_data_qat_keeps_no_generator_and_kd_on_generated_images_no_generato
     tmp_path, small_data, generator_workdir):
   workdir = copy_workdir(generator_workdir, tmp_path / "run")
   for source, stage in (("real", "qat_real_w4a4"), ("generated", "student_w4a4")):
-    result = run_in_process("configs/finetune.py:w4a4,smoke", workdir,
+    result = run_in_process("configs/finetune.py:w4a4,smoke", workdir, *SMALL_TEACHER_ARGS,
                             f"--config.data.dir={small_data}",
                             f"--config.data_source={source}")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,20 +10,24 @@ import types
 
 import pytest
 
-from cli import environment, main_command, run_in_process
+from cli import environment, main_command, run_main
 from conftest import REPO, TEACHER_WEIGHTS, prepared_once
 
 from dfqf_jax import checkpoints, training
 
 DOWNSTREAM_PREFIXES = ("student_", "ptq_")
 # One worker runs these tests: they share one prepared pipeline, which another worker would
-# wait for, idle.
+# wait for, idle. Its runs are main.py subprocesses on one device: the rerun reuses what the
+# stopped run compiled (the compilation cache), and a smoke pipeline costs less there than
+# on this process's 8 devices.
 pytestmark = pytest.mark.xdist_group("lineage")
 
 
-def pipeline_args(data_dir, *extra):
+def pipeline_args(data_dir, generator_epochs: int = 6) -> tuple[str, ...]:
+  """The smoke pipeline on the imported teacher, its generator 2 x `generator_epochs` steps
+  (long enough to be stopped in)."""
   return (f"--config.data.dir={data_dir}", f"--config.teacher_weights={TEACHER_WEIGHTS}",
-          *extra)
+          f"--config.generator_stage.num_epochs={generator_epochs}")
 
 
 def generator_origin(workdir) -> dict:
@@ -49,7 +53,7 @@ def pipeline_stopped_then_finished(tmp_path_factory, small_data):
   """The smoke pipeline with a 12-step generator, SIGTERM once the generator has saved a
   step, then the same command again; made once per session (shared by xdist workers, so
   never write into it: copy it)."""
-  args = pipeline_args(small_data, "--config.generator_stage.num_epochs=6")
+  args = pipeline_args(small_data)
 
   def build(workdir):
     workdir.mkdir(parents=True)
@@ -62,7 +66,7 @@ def pipeline_stopped_then_finished(tmp_path_factory, small_data):
     stopped = dict(returncode=process.returncode, stderr=stderr,
                    folders=sorted(os.listdir(workdir)),
                    stopped_at=checkpoints.latest_step(str(workdir / "generator")))
-    rerun = run_in_process("configs/pipeline.py:smoke", workdir, *args,
+    rerun = run_main("configs/pipeline.py:smoke", workdir, *args,
                            f"--config.record_to={workdir / 'record.json'}")
     outcome = {"stopped": stopped, "rerun": {"returncode": rerun.returncode,
                                              "stdout": rerun.stdout, "stderr": rerun.stderr}}
@@ -126,21 +130,21 @@ def test_a_generator_trained_further_makes_the_pipeline_rebuild_what_was_built_o
   workdir = tmp_path / "run"
   shutil.copytree(pipeline_stopped_then_finished[0], workdir)
   before = generator_origin(workdir)
-  more = run_in_process("configs/generator.py:smoke", workdir, f"--config.data.dir={small_data}",
+  more = run_main("configs/generator.py:smoke", workdir, f"--config.data.dir={small_data}",
                   "--config.num_epochs=7")
   assert more.returncode == 0, more.stderr[-2000:]
   after = generator_origin(workdir)
   assert after["step"] == 14 and after["fingerprint"] != before["fingerprint"]
 
   # A single stage stops and says how to fix it; the pipeline rebuilds.
-  alone = run_in_process("configs/finetune.py:w4a4", workdir, f"--config.data.dir={small_data}")
+  alone = run_main("configs/finetune.py:w4a4", workdir, f"--config.data.dir={small_data}")
   assert alone.returncode == 2
   error = [line for line in alone.stderr.splitlines() if line.startswith("error: ")]
   assert len(error) == 1, alone.stderr[-2000:]
   assert "was built from generator step 12" in error[0] and "now holds generator step 14" in error[0]
   assert "delete that folder" in error[0]
   # Evaluation alone scores the models left over and marks them, with no drop vs the teacher.
-  scored = run_in_process("configs/evaluate.py", workdir, f"--config.data.dir={small_data}")
+  scored = run_main("configs/evaluate.py", workdir, f"--config.data.dir={small_data}")
   assert scored.returncode == 0, scored.stderr[-2000:]
   with open(workdir / "results.json") as f:
     results = json.load(f)
@@ -151,8 +155,8 @@ def test_a_generator_trained_further_makes_the_pipeline_rebuild_what_was_built_o
     assert entry["stale"] == why and "drop_vs_teacher_points" not in entry, name
   assert "stale" not in results["teacher"] and "stale" not in results["generator_student_fp"]
   assert "student_w4a4" in scored.stdout and "stale: built from generator step 12" in scored.stdout
-  rerun = run_in_process("configs/pipeline.py:smoke", workdir,
-                         *pipeline_args(small_data, "--config.generator_stage.num_epochs=7"))
+  rerun = run_main("configs/pipeline.py:smoke", workdir,
+                         *pipeline_args(small_data, generator_epochs=7))
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "student_w4a4 in" in rerun.stdout and "rebuilding it" in rerun.stdout
   with open(workdir / "results.json") as f:

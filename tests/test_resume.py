@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from cli import REPO, main_command, run_in_process, environment_of_the_test_process
-from conftest import SMALL_DATA, copy_workdir
+from conftest import SMALL_DATA, SMALL_TEACHER_ARGS, copy_workdir
 from dfqf_jax import checkpoints, report
 
-# The teacher trains from scratch: a ResNet-8 (what resumes does not depend on the depth).
-TEACHER = ("configs/teacher.py:smoke", ["--config.model.depth=8"])
+# Every stage's teacher is a ResNet-8 (conftest.SMALL_TEACHER_ARGS, in COMMON): what resumes
+# does not depend on the depth. The teacher's own stage trains one from scratch.
+TEACHER = "configs/teacher.py:smoke"
 STAGES = {
-    "teacher": (TEACHER[0], [*TEACHER[1], "--config.num_steps=16", "--config.batch_size=8"]),
+    "teacher": (TEACHER, ["--config.num_steps=16", "--config.batch_size=8"]),
     "generator": ("configs/generator.py:smoke", ["--config.num_epochs=4",
                                                  "--config.iters_per_epoch=4",
                                                  "--config.batch_size=8",
@@ -37,15 +38,15 @@ STAGES = {
                                                              "--config.eval_every_epochs=100"]),
 }
 COMMON = [f"--config.data.dir={SMALL_DATA}", "--config.checkpoint_every_steps=4",
-          "--config.log_every_steps=1"]
+          "--config.log_every_steps=1", *SMALL_TEACHER_ARGS]
 KILL_AFTER = 4  # steps: a checkpoint at or after it exists when the signal is sent
 
 
-def prepare(workdir, stage, imported_workdir, generator_workdir):
-  """What the stage reads: the imported teacher, and for fine-tuning a (smoke) generator
+def prepare(workdir, stage, teacher_workdir, generator_workdir):
+  """What the stage reads: a teacher, and for fine-tuning a (smoke) generator
   (generator_workdir: the one the stage's images come from)."""
   if stage in ("generator", "zeroq"):
-    copy_workdir(imported_workdir, workdir)
+    copy_workdir(teacher_workdir, workdir)
   elif stage.startswith("student_"):
     copy_workdir(generator_workdir, workdir)
 
@@ -77,7 +78,7 @@ def start_and_interrupt(workdir, stage, sig, after_step):
   return process.returncode, stderr
 
 
-def run_straight_and_interrupted(stage, tmp_path, sig, imported_workdir=None,
+def run_straight_and_interrupted(stage, tmp_path, sig, teacher_workdir=None,
                                  generator_workdir=None):
   """The stage run uninterrupted in tmp_path/straight, and in tmp_path/interrupted sent `sig`
   once a checkpoint at or after KILL_AFTER exists; returns (returncode, stderr, the latest
@@ -85,7 +86,7 @@ def run_straight_and_interrupted(stage, tmp_path, sig, imported_workdir=None,
   config, extra = STAGES[stage]
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
   for workdir in (straight, interrupted):
-    prepare(workdir, stage, imported_workdir, generator_workdir)
+    prepare(workdir, stage, teacher_workdir, generator_workdir)
   result = run_in_process(config, straight, *COMMON, *extra)
   assert result.returncode == 0, result.stderr[-2000:]
   returncode, stderr = start_and_interrupt(interrupted, stage, sig, KILL_AFTER)
@@ -111,15 +112,15 @@ def assert_rerun_is_bit_identical_to_straight(stage, tmp_path, interrupted_at):
 
 @pytest.mark.parametrize("stage", ["generator", "student_w4a4"])
 def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(
-    stage, tmp_path, small_data, imported_workdir, generator_workdir):
+    stage, tmp_path, small_data, small_teacher_workdir, generator_workdir):
   """(The teacher's stage is interrupted by SIGTERM in the next test, with the same check.)"""
-  assert_sigkill_then_rerun_is_bit_identical(stage, tmp_path, imported_workdir,
+  assert_sigkill_then_rerun_is_bit_identical(stage, tmp_path, small_teacher_workdir,
                                              generator_workdir)
 
 
 def test_zeroqs_distillation_resumes_bit_identically_after_sigkill(tmp_path, small_data,
-                                                                  imported_workdir):
-  assert_sigkill_then_rerun_is_bit_identical("zeroq", tmp_path, imported_workdir, None)
+                                                                  small_teacher_workdir):
+  assert_sigkill_then_rerun_is_bit_identical("zeroq", tmp_path, small_teacher_workdir, None)
 
 
 def test_fine_tuning_with_gdfqs_generator_alongside_resumes_bit_identically_after_sigkill(
@@ -127,10 +128,10 @@ def test_fine_tuning_with_gdfqs_generator_alongside_resumes_bit_identically_afte
   assert_sigkill_then_rerun_is_bit_identical("student_w4a4_gdfq", tmp_path, None, gdfq_workdir)
 
 
-def assert_sigkill_then_rerun_is_bit_identical(stage, tmp_path, imported_workdir,
+def assert_sigkill_then_rerun_is_bit_identical(stage, tmp_path, teacher_workdir,
                                                generator_workdir):
   returncode, _, killed_at = run_straight_and_interrupted(
-      stage, tmp_path, signal.SIGKILL, imported_workdir, generator_workdir)
+      stage, tmp_path, signal.SIGKILL, teacher_workdir, generator_workdir)
   assert returncode == -signal.SIGKILL, "the run finished before it could be killed"
   assert_rerun_is_bit_identical_to_straight(stage, tmp_path, killed_at)
 
@@ -153,7 +154,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_is_bit_identical(tmp_path,
 def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                                  small_data):
   args = [*COMMON, "--config.num_steps=16", "--config.learning_rate=1e12"]
-  result = run_in_process(TEACHER[0], tmp_path, *TEACHER[1], *args, "--config.log_every_steps=5")
+  result = run_in_process(TEACHER, tmp_path, *args, "--config.log_every_steps=5")
   assert result.returncode == 2, result.stderr[-2000:]
   error = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert len(error) == 1 and "'loss'" in error[0] and "by step" in error[0], result.stderr[-2000:]
@@ -166,8 +167,7 @@ def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_checkpoin
 
 
 def test_corrupted_checkpoint_is_reported_and_not_overwritten(tmp_path, small_data):
-  config, extra = TEACHER
-  result = run_in_process(config, tmp_path, *COMMON, *extra, "--config.num_steps=4")
+  result = run_in_process(TEACHER, tmp_path, *COMMON, "--config.num_steps=4")
   assert result.returncode == 0, result.stderr[-2000:]
   step_dir = os.path.join(tmp_path, "teacher", "4", "state")
   data_files = [os.path.join(root, f) for root, _, files in os.walk(step_dir) for f in files
@@ -176,7 +176,7 @@ def test_corrupted_checkpoint_is_reported_and_not_overwritten(tmp_path, small_da
     with open(path, "r+b") as f:
       f.truncate(100)
   snapshot = {p: os.path.getsize(p) for p in data_files}
-  result = run_in_process(config, tmp_path, *COMMON, *extra, "--config.num_steps=8")
+  result = run_in_process(TEACHER, tmp_path, *COMMON, "--config.num_steps=8")
   assert result.returncode == 2, result.stderr[-2000:]
   error = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert len(error) == 1 and "cannot be restored" in error[0] and "delete it" in error[0]

@@ -14,7 +14,7 @@ import pytest
 
 from cli import run_in_process
 from configs import ptq as ptq_config
-from conftest import REPO, TEACHER_WEIGHTS, copy_workdir
+from conftest import REPO, SMALL_TEACHER_ARGS, TEACHER_WEIGHTS, copy_workdir
 from dfqf_jax import (calibration, checkpoints, classifiers, convert, integer, signals, training,
                       workdir)
 from dfqf_jax.stages import ptq
@@ -61,7 +61,7 @@ def test_sigterm_during_calibration_builds_no_ptq_model(generator_workdir, tmp_p
                                                         monkeypatch, small_data):
   run = copy_workdir(generator_workdir, tmp_path / "run")
   signal_self_on_call(monkeypatch, calibration, "summarize", signal.SIGTERM)
-  result = run_in_process(PTQ, run, f"--config.data.dir={small_data}")
+  result = run_in_process(PTQ, run, *SMALL_TEACHER_ARGS, f"--config.data.dir={small_data}")
   assert_stopped(result, run, "ptq", signal.SIGTERM)
   assert not [d for d in os.listdir(run) if d.startswith("ptq_")]
 
@@ -73,7 +73,7 @@ def test_sigterm_while_a_ptq_model_is_saved_stops_after_it_is_whole(generator_wo
   experiments/fault_soak/ reruns after every stop)."""
   run = copy_workdir(generator_workdir, tmp_path / "run")
   signal_self_on_call(monkeypatch, checkpoints, "save", signal.SIGTERM)
-  result = run_in_process(PTQ, run, f"--config.data.dir={small_data}",
+  result = run_in_process(PTQ, run, *SMALL_TEACHER_ARGS, f"--config.data.dir={small_data}",
                           "--config.calibration=max", "--config.protocol=dfqf,standard")
   assert_stopped(result, run, "ptq", signal.SIGTERM)
   built = [d for d in os.listdir(run) if d.startswith("ptq_")]
@@ -99,6 +99,7 @@ def test_sigterm_during_an_export_leaves_no_export(tmp_path, monkeypatch, genera
   run = copy_workdir(generator_workdir, tmp_path / "run")
   config = ptq_config.get_config("w4a4,smoke")
   config.data.dir, config.calibration, config.protocol = small_data, "max", "dfqf"
+  config.model.depth = 8  # generator_workdir's teacher (SMALL_TEACHER_ARGS)
   ptq.run(config, str(run))
   signal_self_on_call(monkeypatch, integer, "save", signal.SIGTERM)
   result = run_in_process("configs/export.py", run, "--config.student=ptq_w4a4_max_dfqf",
@@ -168,6 +169,6 @@ def test_a_stop_during_a_checkpoint_read_is_a_stop_not_a_damaged_checkpoint(
     raise signals.stop("ptq", signal.SIGTERM)  # as the handler raises it inside Orbax
 
   monkeypatch.setattr(checkpoints.ocp.PyTreeCheckpointer, "restore", restore_then_stop)
-  result = run_in_process(PTQ, run, f"--config.data.dir={small_data}")
+  result = run_in_process(PTQ, run, *SMALL_TEACHER_ARGS, f"--config.data.dir={small_data}")
   assert_stopped(result, run, "ptq", signal.SIGTERM)
   assert "cannot be read" not in result.stderr

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cli import run_in_process
-from conftest import SHARED_DATA, TEACHER_WEIGHTS, copy_workdir
+from conftest import SHARED_DATA, SMALL_TEACHER_ARGS, TEACHER_WEIGHTS, copy_workdir
 from dfqf_jax import errors, validation
 from dfqf_jax.stages import ptq
 
@@ -112,8 +112,8 @@ def test_bad_input(case, tmp_path, shared_data):
 def test_latent_size_mismatch_with_generator_checkpoint(generator_workdir, tmp_path, small_data):
   workdir = copy_workdir(generator_workdir, tmp_path / "run")  # latent_dim=32 (smoke)
   before = sorted(os.listdir(workdir / "generator"))
-  result = run_in_process(GENERATOR_SMOKE, workdir, f"--config.data.dir={small_data}",
-                          "--config.generator.latent_dim=64")
+  result = run_in_process(GENERATOR_SMOKE, workdir, *SMALL_TEACHER_ARGS,
+                          f"--config.data.dir={small_data}", "--config.generator.latent_dim=64")
   assert_clean_failure(result, workdir, "latent_dim=32", "latent_dim=64")
   assert sorted(os.listdir(workdir / "generator")) == before
 

@@ -7,7 +7,7 @@ element-wise into the latent z; the product goes through the DAFL generator that
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dfqf_jax.models.generator import Generator
+from dfqf_jax.models.generator import REFERENCE_WIDTH, Generator
 
 
 class ConditionalGenerator(nn.Module):
@@ -15,10 +15,11 @@ class ConditionalGenerator(nn.Module):
   latent_dim: int = 100
   reference_quirks: bool = True
   dtype: jnp.dtype = jnp.float32
+  width: int = REFERENCE_WIDTH
 
   @nn.compact
   def __call__(self, z, labels, train: bool = True):
     embedding = nn.Embed(self.num_classes, self.latent_dim,
                          embedding_init=nn.initializers.normal(1.0), name="label_embedding")
     return Generator(self.latent_dim, reference_quirks=self.reference_quirks, dtype=self.dtype,
-                     name="generator")(embedding(labels) * z, train=train)
+                     width=self.width, name="generator")(embedding(labels) * z, train=train)

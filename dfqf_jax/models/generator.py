@@ -28,6 +28,9 @@ _PARITY_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
                          [[1, 1, 0], [0, 0, 1]]], np.float32)
 
 
+REFERENCE_WIDTH = 128
+
+
 class UpsampleConv(nn.Module):
   """Nearest x2 upsampling, then a 3x3 convolution with padding 1 (PyTorch's
   `Upsample(scale_factor=2)` + `Conv2d(.., 3, padding=1)`), computed at the input resolution.
@@ -73,6 +76,7 @@ class Generator(nn.Module):
   channels: int = 3
   reference_quirks: bool = True
   dtype: jnp.dtype = jnp.float32
+  width: int = REFERENCE_WIDTH
 
   @nn.compact
   def __call__(self, z, train: bool = True):
@@ -93,20 +97,28 @@ class Generator(nn.Module):
       return BatchNorm(use_running_average=not train, epsilon=eps, use_scale=affine,
                        use_bias=affine, scale_init=bn_scale_init, name=name)
 
-    x = nn.Dense(128 * side * side, kernel_init=torch_default_uniform((0,)),
+    width = self.width
+    x = nn.Dense(width * side * side, kernel_init=torch_default_uniform((0,)),
                  bias_init=lambda key, shape, dtype: torch_default_uniform()(
                      key, shape, dtype, fan_in=self.latent_dim),
                  dtype=self.dtype, name="linear")(z.astype(self.dtype))
-    x = x.reshape(-1, 128, side, side).transpose(0, 2, 3, 1)
+    x = x.reshape(-1, width, side, side).transpose(0, 2, 3, 1)
     x = bn("bn0")(x)
-    x = upsample_conv(128, 128, "conv1")(x)
+    x = upsample_conv(width, width, "conv1")(x)
     x = nn.leaky_relu(bn("bn1", middle_eps)(x), 0.2)
-    x = upsample_conv(64, 128, "conv2")(x)
+    x = upsample_conv(width // 2, width, "conv2")(x)
     x = nn.leaky_relu(bn("bn2", middle_eps)(x), 0.2)
     x = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
-                bias_init=bias_init(64), dtype=self.dtype, name="conv3")(x)
+                bias_init=bias_init(width // 2), dtype=self.dtype, name="conv3")(x)
     x = jnp.tanh(x)
     return bn("bn_out", affine=False)(x).astype(jnp.float32)
+
+
+def from_meta(meta) -> Generator:
+  """The generator a stage-1 checkpoint's metadata describes (written before `width` was
+  recorded: the reference width)."""
+  return Generator(meta["latent_dim"], reference_quirks=meta["reference_quirks"],
+                   width=meta.get("width", REFERENCE_WIDTH))
 
 
 def sample_latent(key, batch_size: int, latent_dim: int):

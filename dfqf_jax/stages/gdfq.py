@@ -23,7 +23,7 @@ from flax import struct
 from dfqf_jax import (baselines, checkpoints, classifiers, data, dfkd, image_sources, images,
                       parallel, rng, training)
 from dfqf_jax.models.conditional_generator import ConditionalGenerator
-from dfqf_jax.models.generator import sample_latent
+from dfqf_jax.models.generator import REFERENCE_WIDTH, sample_latent
 
 STAGE_DIR = "gdfq_generator"
 SETTINGS = ("learning_rate", "b1", "b2", "lr_milestones", "lambda_bns", "temperature", "alpha",
@@ -139,14 +139,15 @@ def finetune_step(state, key, teacher_vars, mesh=None):
 def stage_meta(config, teacher_meta) -> dict:
   return {"arch": "gdfq_generator", "latent_dim": config.latent_dim,
           "num_classes": teacher_meta["num_classes"],
-          "reference_quirks": config.reference_quirks,
+          "reference_quirks": config.reference_quirks, "width": config.width,
           "settings": {k: config[k] for k in SETTINGS},
           "teacher": {k: teacher_meta[k] for k in ("depth", "dataset", "mean", "std")}}
 
 
 def _module(meta_or_config, num_classes: int) -> ConditionalGenerator:
   return ConditionalGenerator(num_classes, meta_or_config["latent_dim"],
-                              meta_or_config["reference_quirks"])
+                              meta_or_config["reference_quirks"],
+                              width=meta_or_config.get("width", REFERENCE_WIDTH))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

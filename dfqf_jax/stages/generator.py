@@ -36,7 +36,8 @@ class GeneratorState(struct.PyTreeNode):
 
 
 def make_generator(config) -> Generator:
-  return Generator(config.generator.latent_dim, reference_quirks=config.generator.reference_quirks)
+  return Generator(config.generator.latent_dim, reference_quirks=config.generator.reference_quirks,
+                   width=config.generator.width)
 
 
 def generator_optimizer(config):
@@ -86,7 +87,7 @@ def stage_meta(config, teacher_meta) -> dict:
                                         teacher_meta["mean"], teacher_meta["std"],
                                         path=["student"])
   return {"arch": "dafl_generator", "latent_dim": config.generator.latent_dim,
-          "reference_quirks": config.generator.reference_quirks,
+          "reference_quirks": config.generator.reference_quirks, "width": config.generator.width,
           # fine-tuning's adversarial generator keeps training with these by default
           "loss_weights": {field: validation.field_value(config, source)
                            for field, source in config_fields.ADVERSARIAL_FIELDS.items()},
