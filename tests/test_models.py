@@ -9,7 +9,7 @@ import pytest
 
 from conftest import PUBLISHED_TOP1
 from dfqf_jax import classifiers, convert, data, parallel
-from dfqf_jax.models.generator import Generator, UpsampleConv
+from dfqf_jax.models.generator import Generator, UpsampleConv, from_meta
 from dfqf_jax.models.resnet import CifarResNet
 
 
@@ -42,6 +42,18 @@ def test_generator_shapes_and_reference_quirks():
   assert 0.9 < scales.mean() < 1.1 and 0.005 < scales.std() < 0.04  # N(1, 0.02)
   kernel = np.asarray(variables["params"]["conv2"]["kernel"])
   assert 0.015 < kernel.std() < 0.025  # N(0, 0.02)
+
+
+def test_generator_width_is_its_channels_and_old_checkpoints_are_the_reference_width():
+  def conv_kernels(generator):
+    shapes = jax.eval_shape(lambda: generator.init(jax.random.key(0), jnp.zeros((2, 8))))
+    return [shapes["params"][f"conv{i}"]["kernel"].shape for i in (1, 2, 3)]
+
+  assert conv_kernels(from_meta({"latent_dim": 8, "reference_quirks": True, "width": 16})) == [
+      (3, 3, 16, 16), (3, 3, 16, 8), (3, 3, 8, 3)]
+  # Metadata written before the width was recorded: the reference's 128.
+  assert conv_kernels(from_meta({"latent_dim": 8, "reference_quirks": True})) == [
+      (3, 3, 128, 128), (3, 3, 128, 64), (3, 3, 64, 3)]
 
 
 class _Layer(nn.Module):

@@ -67,6 +67,8 @@ CASES = {
                          ["config.lambda_bn=0", "> 0"]),
     "negative loss weight": (GENERATOR_SMOKE, ["--config.lambda_adv=-5"],
                              ["config.lambda_adv=-5"]),
+    "odd generator width": (GENERATOR_SMOKE, ["--config.generator.width=15"],
+                            ["config.generator.width=15", "an even number"]),
     "missing teacher checkpoint": (GENERATOR_SMOKE, [],
                                    ["no teacher checkpoint", "run the teacher stage"]),
     "bits above 8": ("configs/ptq.py:w9a4", [], ["config.bits='w9a4'", "32"]),
