@@ -159,7 +159,8 @@ def _load_checkpoint_model(name: str, kind: str, directory: str):
                 finished=meta[checkpoints.ORIGIN]["finished"],
                 path=os.path.join(directory, str(step)))
   if kind == GENERATOR:
-    return GeneratorModel(module=generator_model.from_meta(meta), variables=state["generator"], meta=meta, **fields)
+    return GeneratorModel(module=generator_model.from_meta(meta), variables=state["generator"],
+                          meta=meta, **fields)
   entry = {**classifiers.classifiers_in(meta)[name], checkpoints.ORIGIN: meta[checkpoints.ORIGIN],
            "total_steps": meta.get("total_steps")}
   return Classifier(module=classifiers.classifier_from_meta(entry), meta=entry,

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from cli import run_in_process
-from conftest import copy_workdir
+from conftest import SMALL_TEACHER_ARGS, copy_workdir
 
 from dfqf_jax import losses as L
 from dfqf_jax import dfkd, training
@@ -16,7 +16,7 @@ from dfqf_jax.stages import generator as stage1
 
 
 def test_one_iteration_moves_generator_up_and_student_down_the_adversarial_loss():
-  teacher, student, generator = CifarResNet(20), CifarResNet(20), Generator(latent_dim=16)
+  teacher, student, generator = CifarResNet(8), CifarResNet(8), Generator(latent_dim=16, width=16)
   t_init = teacher.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
   teacher_vars = {"params": t_init["params"], "batch_stats": t_init["batch_stats"]}
   g_tx, s_tx = optax.sgd(1e-3), training.sgd(1e-2, momentum=0.0, weight_decay=0.0)
@@ -42,13 +42,13 @@ def test_one_iteration_moves_generator_up_and_student_down_the_adversarial_loss(
 
 
 def test_the_fp_student_is_measured_on_held_out_training_images(tmp_path, small_data,
-                                                              imported_workdir):
+                                                              small_teacher_workdir):
   """data.validation_size > 0: student_val_top1_percent (for comparing settings) beside the
   test top-1."""
-  tmp_path = copy_workdir(imported_workdir, tmp_path / "run")
-  result = run_in_process("configs/generator.py:smoke", tmp_path, f"--config.data.dir={small_data}",
-                    "--config.data.validation_size=200", "--config.num_epochs=1",
-                    "--config.iters_per_epoch=1")
+  tmp_path = copy_workdir(small_teacher_workdir, tmp_path / "run")
+  result = run_in_process("configs/generator.py:smoke", tmp_path, *SMALL_TEACHER_ARGS,
+                          f"--config.data.dir={small_data}", "--config.data.validation_size=200",
+                          "--config.num_epochs=1", "--config.iters_per_epoch=1")
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / "generator" / "metrics.jsonl") as f:
     evaluations = [row for row in map(json.loads, f) if "student_test_top1_percent" in row]

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cli import run_in_process
-from conftest import TEACHER_WEIGHTS, copy_workdir
+from conftest import SMALL_TEACHER_ARGS, TEACHER_WEIGHTS, copy_workdir
 from dfqf_jax import checkpoints, classifiers, convert, data, parallel
 from dfqf_jax.models.generator import Generator
 from dfqf_jax.models.resnet import CifarResNet
@@ -37,9 +37,10 @@ def test_bfloat16_compute_keeps_the_imported_teacher_accuracy(shared_data):
   assert abs(top1[jnp.bfloat16] - top1[jnp.float32]) <= 0.25, top1
 
 
-def test_bfloat16_stage_1_trains_and_checkpoints_float32(tmp_path, small_data, imported_workdir):
-  tmp_path = copy_workdir(imported_workdir, tmp_path / "run")
-  result = run_in_process("configs/generator.py:smoke", tmp_path,
+def test_bfloat16_stage_1_trains_and_checkpoints_float32(tmp_path, small_data,
+                                                        small_teacher_workdir):
+  tmp_path = copy_workdir(small_teacher_workdir, tmp_path / "run")
+  result = run_in_process("configs/generator.py:smoke", tmp_path, *SMALL_TEACHER_ARGS,
                           f"--config.data.dir={small_data}", "--config.compute_dtype=bfloat16")
   assert result.returncode == 0, result.stderr[-3000:]
   state, _, step = checkpoints.load_product(str(tmp_path / "generator"), "generator")

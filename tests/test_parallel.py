@@ -90,7 +90,7 @@ def run_generator_steps(devices, num_steps=2, batch_size=16, single_pass=True):
   teacher = CifarResNet(DEPTH)
   teacher_vars = parallel.replicate(
       mesh, initial_variables(teacher, 3, jnp.zeros((1, 32, 32, 3))))
-  generator, student = Generator(latent_dim=24), CifarResNet(DEPTH)
+  generator, student = Generator(latent_dim=24, width=16), CifarResNet(DEPTH)
   # SGD for G: Adam turns round-off in near-zero gradients into full-size steps, which
   # would hide what is compared here (the losses below are compared under Adam's inputs).
   g_tx, s_tx = optax.sgd(0.01), training.sgd(0.1)
@@ -141,7 +141,7 @@ def run_finetune_steps(devices, num_steps=2, batch_size=16):
   teacher_vars = initial_variables(teacher, 3, jnp.zeros((1, 32, 32, 3)))
   spec = q.QuantSpec(4, 4, "dfqf")
   student, variables = calibration.quantized_student(teacher_vars, DEPTH, 10, spec)
-  generator = Generator(latent_dim=24)
+  generator = Generator(latent_dim=24, width=16)
   g_vars = initial_variables(generator, 4, jnp.zeros((2, 24)))
   x = [generator.apply(g_vars, jax.random.normal(jax.random.key(5), (16, 24)),
                        mutable=["batch_stats"])[0]]

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cli import main_command, run_in_process, environment_of_the_test_process
-from conftest import REPO, copy_workdir
+from conftest import REPO, SMALL_TEACHER_ARGS, copy_workdir
 
 from dfqf_jax import checkpoints, workdir
 
@@ -62,8 +62,9 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, holder, age_
 
 
 @pytest.fixture
-def imported(imported_workdir, tmp_path):
-  return copy_workdir(imported_workdir, tmp_path / "run")
+def teacher_workdir(small_teacher_workdir, tmp_path):
+  """A workdir with a teacher (a ResNet-8: stage runs in it pass SMALL_TEACHER_ARGS)."""
+  return copy_workdir(small_teacher_workdir, tmp_path / "run")
 
 
 def start(workdir_path, *args):
@@ -78,28 +79,29 @@ def wait_for_lock(path, process):
     time.sleep(0.1)
 
 
-def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_finishes(imported, small_data):
-  args = (f"--config.data.dir={small_data}", "--config.num_epochs=3")
-  first = start(imported, *args)
-  wait_for_lock(imported, first)
-  second = run_in_process(GENERATOR, imported, *args)
+def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_finishes(teacher_workdir,
+                                                                         small_data):
+  args = (f"--config.data.dir={small_data}", "--config.num_epochs=3", *SMALL_TEACHER_ARGS)
+  first = start(teacher_workdir, *args)
+  wait_for_lock(teacher_workdir, first)
+  second = run_in_process(GENERATOR, teacher_workdir, *args)
   assert second.returncode == 2
   error = [l for l in second.stderr.splitlines() if l.startswith("error: ")]
   assert len(error) == 1 and f"in use by pid {first.pid}" in error[0], second.stderr[-2000:]
   _, stderr = first.communicate(timeout=900)
   assert first.returncode == 0, stderr[-2000:]
-  assert checkpoints.latest_step(str(imported / "generator")) == 6
-  assert not (imported / workdir.LOCK_FILE).exists()
+  assert checkpoints.latest_step(str(teacher_workdir / "generator")) == 6
+  assert not (teacher_workdir / workdir.LOCK_FILE).exists()
 
 
-def test_the_lock_of_a_killed_run_is_taken_over(imported, small_data):
-  args = (f"--config.data.dir={small_data}",)
-  killed = start(imported, *args)
-  wait_for_lock(imported, killed)
+def test_the_lock_of_a_killed_run_is_taken_over(teacher_workdir, small_data):
+  args = (f"--config.data.dir={small_data}", *SMALL_TEACHER_ARGS)
+  killed = start(teacher_workdir, *args)
+  wait_for_lock(teacher_workdir, killed)
   killed.send_signal(signal.SIGKILL)
   killed.wait()
-  assert (imported / workdir.LOCK_FILE).exists()
-  rerun = run_in_process(GENERATOR, imported, *args)
+  assert (teacher_workdir / workdir.LOCK_FILE).exists()
+  rerun = run_in_process(GENERATOR, teacher_workdir, *args)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert f"took over the stale lock of pid {killed.pid}" in rerun.stderr
-  assert checkpoints.latest_step(str(imported / "generator")) == 4
+  assert checkpoints.latest_step(str(teacher_workdir / "generator")) == 4
