@@ -184,7 +184,8 @@ def imported_workdir(shared_data, tmp_path_factory):
 # its state holds) does not depend on the depth or on what the teacher knows, and a ResNet-8
 # costs a third of a ResNet-20 to trace, compile and run. The stages refuse a model.depth
 # other than their teacher's, so every stage run in those workdirs passes SMALL_TEACHER_ARGS.
-SMALL_TEACHER_ARGS = ("--config.model.depth=8",)
+SMALL_TEACHER_DEPTH = 8
+SMALL_TEACHER_ARGS = (f"--config.model.depth={SMALL_TEACHER_DEPTH}",)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ import os
 import time
 
 import configs.ptq
-from conftest import copy_workdir
+from conftest import SMALL_TEACHER_DEPTH, copy_workdir
 from dfqf_jax import training
 from dfqf_jax.stages import ptq
 
@@ -13,6 +13,7 @@ def test_the_shared_calibration_work_is_counted_once_across_the_models(tmp_path,
   workdir = copy_workdir(generator_workdir, tmp_path / "run")
   config = configs.ptq.get_config("w4a4,smoke")
   config.protocol = "dfqf,standard"  # 2 rules x 2 protocols: 4 models from one summary
+  config.model.depth = SMALL_TEACHER_DEPTH
   started = time.time()
   ptq.run(config, str(workdir))
   elapsed = time.time() - started

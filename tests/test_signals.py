@@ -14,7 +14,8 @@ import pytest
 
 from cli import run_in_process
 from configs import ptq as ptq_config
-from conftest import REPO, SMALL_TEACHER_ARGS, TEACHER_WEIGHTS, copy_workdir
+from conftest import (REPO, SMALL_TEACHER_ARGS, SMALL_TEACHER_DEPTH, TEACHER_WEIGHTS,
+                      copy_workdir)
 from dfqf_jax import (calibration, checkpoints, classifiers, convert, integer, signals, training,
                       workdir)
 from dfqf_jax.stages import ptq
@@ -99,7 +100,7 @@ def test_sigterm_during_an_export_leaves_no_export(tmp_path, monkeypatch, genera
   run = copy_workdir(generator_workdir, tmp_path / "run")
   config = ptq_config.get_config("w4a4,smoke")
   config.data.dir, config.calibration, config.protocol = small_data, "max", "dfqf"
-  config.model.depth = 8  # generator_workdir's teacher (SMALL_TEACHER_ARGS)
+  config.model.depth = SMALL_TEACHER_DEPTH
   ptq.run(config, str(run))
   signal_self_on_call(monkeypatch, integer, "save", signal.SIGTERM)
   result = run_in_process("configs/export.py", run, "--config.student=ptq_w4a4_max_dfqf",
