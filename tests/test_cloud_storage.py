@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from cli import REPO, environment, main_command
-from conftest import SMALL_DATA, TEACHER_WEIGHTS
+from conftest import SMALL_DATA, SMALL_TEACHER_ARGS, TEACHER_WEIGHTS
 
 pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is not installed "
                     "(requirements.txt pins it)")
@@ -79,9 +79,11 @@ def emulator():
 
 
 def pipeline_args(workdir: str) -> list[str]:
+  """The smoke pipeline with its own teacher, a ResNet-8 trained from scratch (4 steps): what
+  goes to and comes from the bucket does not depend on what the teacher knows."""
   return ["configs/pipeline.py:smoke", workdir, f"--config.data.dir={SMALL_DATA}",
-          f"--config.teacher_weights={TEACHER_WEIGHTS}",
-          "--config.ptq_stage.calibration=ft", "--config.ptq_stage.protocol=dfqf"]
+          *SMALL_TEACHER_ARGS, "--config.ptq_stage.calibration=ft",
+          "--config.ptq_stage.protocol=dfqf"]
 
 
 def test_a_gs_workdir_is_written_resumed_and_read_back(emulator, small_data, tmp_path):
@@ -125,7 +127,7 @@ def test_a_gs_workdir_is_written_resumed_and_read_back(emulator, small_data, tmp
   written = json.loads(emulator.read("run/results.json"))
   for name in ("teacher", "generator_student_fp", "student_w4a4", "ptq_w4a4_ft_dfqf"):
     assert not written[name]["checkpoint"].startswith(("/", "gs:")), name  # in the workdir
-  assert written["teacher"]["top1_percent"] > 85  # the imported 91.73% teacher, 250 images
+    assert 0 <= written[name]["top1_percent"] <= 100, name
 
   # 4. Another process: dfqf_jax.load reads models back from the gs:// workdir and scores
   # them as results.json does.

@@ -97,7 +97,7 @@ def test_weight_import_rejects_another_depth(shared_data):
     convert.torch_resnet_to_flax({**state_dict, "layer1.3.conv1.weight": np.zeros(1)}, 20, 10)
 
 
-def test_imported_teacher_scores_published_accuracy(shared_data):
+def test_imported_teacher_scores_published_accuracy(shared_data, fully_optimized):
   state_dict = convert.load_state_dict_npz(os.path.join(shared_data,
                                                         "resnet20-12fca82f_weights.npz"))
   variables = convert.torch_resnet_to_flax(state_dict, 20, 10)
