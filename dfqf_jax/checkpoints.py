@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 
 from dfqf_jax import storage
 from dfqf_jax.errors import UserError, brief
+from dfqf_jax.models.generator import REFERENCE_WIDTH
 
 
 # Replica-parallel saving slices every replicated array on its devices before writing, and
@@ -192,12 +193,15 @@ def check_lineage(directory: str, name: str, lineage: dict, on_stale: str) -> No
 
 
 IDENTITY_KEYS = ("arch", "depth", "dataset", "num_classes", "quant", "latent_dim", "width")
+# Identity keys recorded later than the first checkpoints: the value every older one had.
+WHEN_UNRECORDED = {"width": REFERENCE_WIDTH}
 
 
 def check_compatible(saved: dict, expected: dict, directory: str) -> None:
   """Refuses to resume (or overwrite) a checkpoint written for another model."""
   for key in IDENTITY_KEYS:
-    if key in expected and saved.get(key) != expected[key]:
+    value = saved.get(key, WHEN_UNRECORDED.get(key))
+    if key in expected and value != expected[key]:
       raise CheckpointError(
-          f"{directory!r} holds a checkpoint with {key}={saved.get(key)!r}, but this run has "
+          f"{directory!r} holds a checkpoint with {key}={value!r}, but this run has "
           f"{key}={expected[key]!r}; use another --workdir or the matching config.")

@@ -13,7 +13,7 @@ import pytest
 
 from cli import run_in_process
 from conftest import SHARED_DATA, SMALL_TEACHER_ARGS, TEACHER_WEIGHTS, copy_workdir
-from dfqf_jax import errors, validation
+from dfqf_jax import checkpoints, errors, validation
 from dfqf_jax.stages import ptq
 
 TEACHER_SMOKE = "configs/teacher.py:smoke"
@@ -118,6 +118,24 @@ def test_latent_size_mismatch_with_generator_checkpoint(generator_workdir, tmp_p
                           f"--config.data.dir={small_data}", "--config.generator.latent_dim=64")
   assert_clean_failure(result, workdir, "latent_dim=32", "latent_dim=64")
   assert sorted(os.listdir(workdir / "generator")) == before
+
+
+def test_generator_width_mismatch_with_generator_checkpoint(generator_workdir, tmp_path,
+                                                           small_data):
+  workdir = copy_workdir(generator_workdir, tmp_path / "run")  # width 16 (smoke)
+  before = sorted(os.listdir(workdir / "generator"))
+  result = run_in_process(GENERATOR_SMOKE, workdir, *SMALL_TEACHER_ARGS,
+                          f"--config.data.dir={small_data}", "--config.generator.width=32")
+  assert_clean_failure(result, workdir, "width=16", "width=32")
+  assert sorted(os.listdir(workdir / "generator")) == before
+
+
+def test_a_generator_checkpoint_without_its_width_is_the_reference_width():
+  """Stage-1 checkpoints written before the width was recorded had the reference's 128."""
+  old = {"arch": "dafl_generator", "latent_dim": 1000}
+  checkpoints.check_compatible(old, {**old, "width": 128}, "generator")
+  with pytest.raises(checkpoints.CheckpointError, match="width=128, but this run has width=16"):
+    checkpoints.check_compatible(old, {**old, "width": 16}, "generator")
 
 
 @pytest.mark.parametrize("job, overrides", [(GENERATOR_SMOKE, []),
