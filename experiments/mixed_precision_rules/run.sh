@@ -5,6 +5,8 @@ set -x
 cd "$(dirname "$0")/../.."
 W=${W:-/tmp/mixed_precision_rules}
 SMOKE=${SMOKE:?a smoke pipeline workdir (configs/pipeline.py:smoke) holding teacher/ and generator/}
+# The records were made when the smoke generator had the reference width; a smoke workdir like
+# theirs now: configs/pipeline.py:smoke --config.generator_stage.generator.width=128.
 rm -rf $W && mkdir -p $W && cp -r "$SMOKE"/teacher "$SMOKE"/generator $W/
 D="--config.data.dir=../shared/data"
 R="--config.rules=layer3.*=w8a8"
