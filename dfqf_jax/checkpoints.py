@@ -193,15 +193,19 @@ def check_lineage(directory: str, name: str, lineage: dict, on_stale: str) -> No
 
 
 IDENTITY_KEYS = ("arch", "depth", "dataset", "num_classes", "quant", "latent_dim", "width")
-# Identity keys recorded later than the first checkpoints: the value every older one had.
-WHEN_UNRECORDED = {"width": REFERENCE_WIDTH}
+# Per arch, identity keys recorded later than its first checkpoints: the value every older
+# one had.
+WHEN_UNRECORDED = {"dafl_generator": {"width": REFERENCE_WIDTH},
+                   "gdfq_generator": {"width": REFERENCE_WIDTH}}
 
 
 def check_compatible(saved: dict, expected: dict, directory: str) -> None:
   """Refuses to resume (or overwrite) a checkpoint written for another model."""
+  assumed = WHEN_UNRECORDED.get(saved.get("arch"), {})
   for key in IDENTITY_KEYS:
-    value = saved.get(key, WHEN_UNRECORDED.get(key))
+    value = saved.get(key, assumed.get(key))
     if key in expected and value != expected[key]:
+      said = "" if key in saved else " (not recorded: that of every checkpoint written before)"
       raise CheckpointError(
-          f"{directory!r} holds a checkpoint with {key}={value!r}, but this run has "
+          f"{directory!r} holds a checkpoint with {key}={value!r}{said}, but this run has "
           f"{key}={expected[key]!r}; use another --workdir or the matching config.")

@@ -1,7 +1,7 @@
 """--workdir=gs://... end to end, against a Cloud Storage emulator on 127.0.0.1: the smoke
 pipeline killed in stage 1 and resumed there, then evaluated by a second process; what it
 wrote is read back through the emulator's own JSON API (not through our path layer), and
-its models through dfqf_jax.load."""
+its models through dfqf_jax.load; and the pretrained teacher imported into a gs:// workdir."""
 import json
 import os
 import re
@@ -139,6 +139,17 @@ def test_a_gs_workdir_is_written_resumed_and_read_back(emulator, small_data, tmp
   assert read_back.returncode == 0, read_back.stderr[-3000:]
   assert [float(x) for x in read_back.stdout.split()] == [written[n]["top1_percent"]
                                                           for n in names]
+  # 5. The pretrained teacher imported into a gs:// workdir (the pipeline above trained its
+  # own), twice: the second run finds the same weights there and keeps them.
+  for _ in range(2):
+    imported = subprocess.run(
+        main_command("configs/import_teacher.py", f"gs://{BUCKET}/imported",
+                     f"--config.weights={TEACHER_WEIGHTS}"),
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+  assert any(re.fullmatch(r"imported/teacher/\d+/commit_success.txt", n)
+             for n in emulator.names("imported/teacher/"))
+  assert "already holds these weights" in imported.stdout, imported.stdout[-2000:]
 
 
 def test_a_bucket_that_does_not_exist_is_one_error(emulator, tmp_path):

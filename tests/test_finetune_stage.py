@@ -76,11 +76,11 @@ def test_the_student_bns_are_frozen_or_re_estimated_as_configured_in_either_step
   config = configs.finetune.get_config("w4a4,smoke")
   config.adversarial_generator, config.student_bn_train = adversarial_generator, student_bn_train
   config = finetune.with_generator_loss_weights(config, {"loss_weights": TRAINED_WITH})
-  teacher, generator = CifarResNet(20), Generator(latent_dim=16)
+  teacher, generator = CifarResNet(8), Generator(latent_dim=16, width=16)
   t_init = teacher.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   teacher_vars = {"params": t_init["params"], "batch_stats": t_init["batch_stats"]}
   g_vars = generator.init(jax.random.key(1), jnp.zeros((2, 16)))
-  student = calibration.quantized_student(teacher_vars, 20, 10, q.QuantSpec(4, 4, "dfqf"))
+  student = calibration.quantized_student(teacher_vars, 8, 10, q.QuantSpec(4, 4, "dfqf"))
   mesh = parallel.make_mesh()
   state, step = finetune.create_state_and_step(config, teacher, (generator, g_vars), student,
                                                mesh)

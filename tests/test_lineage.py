@@ -13,7 +13,7 @@ import pytest
 from cli import environment, main_command, run_main
 from conftest import REPO, TEACHER_WEIGHTS, prepared_once
 
-from dfqf_jax import checkpoints, training
+from dfqf_jax import checkpoints
 
 DOWNSTREAM_PREFIXES = ("student_", "ptq_")
 # One worker runs these tests: they share one prepared pipeline, which another worker would
@@ -67,7 +67,7 @@ def pipeline_stopped_then_finished(tmp_path_factory, small_data):
                    folders=sorted(os.listdir(workdir)),
                    stopped_at=checkpoints.latest_step(str(workdir / "generator")))
     rerun = run_main("configs/pipeline.py:smoke", workdir, *args,
-                           f"--config.record_to={workdir / 'record.json'}")
+                     f"--config.record_to={workdir / 'record.json'}")
     outcome = {"stopped": stopped, "rerun": {"returncode": rerun.returncode,
                                              "stdout": rerun.stdout, "stderr": rerun.stderr}}
     (workdir.parent / "outcome.json").write_text(json.dumps(outcome))
@@ -156,7 +156,7 @@ def test_a_generator_trained_further_makes_the_pipeline_rebuild_what_was_built_o
   assert "stale" not in results["teacher"] and "stale" not in results["generator_student_fp"]
   assert "student_w4a4" in scored.stdout and "stale: built from generator step 12" in scored.stdout
   rerun = run_main("configs/pipeline.py:smoke", workdir,
-                         *pipeline_args(small_data, generator_epochs=7))
+                   *pipeline_args(small_data, generator_epochs=7))
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "student_w4a4 in" in rerun.stdout and "rebuilding it" in rerun.stdout
   with open(workdir / "results.json") as f:

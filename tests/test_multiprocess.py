@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from cli import REPO, environment, main_command, run_in_process
-from conftest import copy_workdir
+from conftest import SMALL_TEACHER_DEPTH, copy_workdir
 from configs import generator as generator_config
 from configs import teacher as teacher_config
 from dfqf_jax import checkpoints, parallel, training
@@ -32,7 +32,7 @@ from test_parallel import assert_same_update
 # the 2 x 2 devices only by round-off, as does a run on 4 devices of one process.
 # The teacher is a ResNet-8 from scratch (how a step is split over processes does not
 # depend on the depth or on what the teacher knows): a third of ResNet-20 to compile.
-TEACHER_DEPTH = 8
+TEACHER_DEPTH = SMALL_TEACHER_DEPTH
 STAGES = {
     "teacher": ("configs/teacher.py:smoke", ["--config.learning_rate=0.001",
                                              f"--config.model.depth={TEACHER_DEPTH}"]),
