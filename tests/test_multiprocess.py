@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from cli import REPO, environment, main_command, run_in_process
-from conftest import SMALL_TEACHER_DEPTH, copy_workdir
+from conftest import SMALL_TEACHER_ARGS, SMALL_TEACHER_DEPTH, copy_workdir
 from configs import generator as generator_config
 from configs import teacher as teacher_config
 from dfqf_jax import checkpoints, parallel, training
@@ -30,16 +30,15 @@ from test_parallel import assert_same_update
 # does 1 device against 2 devices of one process; an order-1 difference is round-off there.
 # Each single-process run is this test process's (8 devices, in-process): it differs from
 # the 2 x 2 devices only by round-off, as does a run on 4 devices of one process.
-# The teacher is a ResNet-8 from scratch (how a step is split over processes does not
-# depend on the depth or on what the teacher knows): a third of ResNet-20 to compile.
-TEACHER_DEPTH = SMALL_TEACHER_DEPTH
+# The teacher is the suite's ResNet-8 from scratch (conftest.SMALL_TEACHER_ARGS): how a step
+# is split over processes does not depend on the depth or on what the teacher knows.
 STAGES = {
     "teacher": ("configs/teacher.py:smoke", ["--config.learning_rate=0.001",
-                                             f"--config.model.depth={TEACHER_DEPTH}"]),
+                                             *SMALL_TEACHER_ARGS]),
     "generator": ("configs/generator.py:smoke", ["--config.num_epochs=1",
                                                  "--config.iters_per_epoch=1",
                                                  "--config.student.learning_rate=0.01",
-                                                 f"--config.model.depth={TEACHER_DEPTH}"]),
+                                                 *SMALL_TEACHER_ARGS]),
 }
 # Paths into the checkpointed state. Adam normalizes each gradient entry, so round-off in
 # near-zero gradients of the generator becomes a full-size (lr) step: its parameters are
@@ -52,11 +51,11 @@ def initial_state(stage: str) -> dict:
   mesh = parallel.make_mesh(jax.devices()[:1])
   if stage == "teacher":
     config = teacher_config.get_config("smoke")
-    config.model.depth = TEACHER_DEPTH
+    config.model.depth = SMALL_TEACHER_DEPTH
     state, _ = stage0.create_state_and_step(config, 1, mesh)
     return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   state, _ = stage1.create_state_and_step(generator_config.get_config("smoke"),
-                                          CifarResNet(TEACHER_DEPTH), mesh)
+                                          CifarResNet(SMALL_TEACHER_DEPTH), mesh)
   return {"student": jax.device_get(state.student)}
 
 
@@ -107,19 +106,15 @@ def assert_same_run(stage: str, expected, got, start: dict) -> None:
         np.testing.assert_allclose(ra[key], rb[key], rtol=1e-3, atol=1e-5, err_msg=key)
 
 
-def test_stage_1_by_two_processes_matches_one_process(tmp_path, small_data):
+def test_stage_1_by_two_processes_matches_one_process(tmp_path, small_data,
+                                                     small_teacher_workdir):
   """Stage 1 gives the same result by 2 processes x 2 devices as by this process's 8
-  devices for the same global batch, from the same teacher (one step from scratch). The
-  teacher's 2-process step is the next test's."""
-  config, extra = STAGES["teacher"]
-  teacher = tmp_path / "teacher"
-  result = run_in_process(config, teacher, f"--config.data.dir={small_data}", *extra,
-                          "--config.num_steps=1")
-  assert result.returncode == 0, result.stderr[-3000:]
+  devices for the same global batch, from the same teacher (the suite's ResNet-8, one step
+  from scratch). The teacher's 2-process step is the next test's."""
   config, extra = STAGES["generator"]
   args = [f"--config.data.dir={small_data}", *extra]
-  single = copy_workdir(teacher, tmp_path / "single")
-  multi = copy_workdir(teacher, tmp_path / "multi")
+  single = copy_workdir(small_teacher_workdir, tmp_path / "single")
+  multi = copy_workdir(small_teacher_workdir, tmp_path / "multi")
   result = run_in_process(config, single, *args)
   assert result.returncode == 0, result.stderr[-3000:]
   run_two_processes(config, multi, *args)
