@@ -1,7 +1,7 @@
 """The like-for-like table: students that differ only in their images' source (DFQF's
 generator, ZeroQ's distilled set, GDFQ's conditional generator), over seeds.
 
-One row per source x bit widths x protocol within each (teacher, schedule) part: top-1 mean
+One row per source x bit widths x protocol within each (teacher, schedule, recipe) part: top-1 mean
 ± sample standard deviation, min / max, each run's number with its seed, the `ft` PTQ start
 each student was fine-tuned from (its step-0 evaluation) and the compute per run (the image
 source's stage + the student's fine-tuning). Read from run records (`--config.record_to`).
@@ -16,13 +16,29 @@ SOURCE_STAGES = {"dfqf": "generator", "zeroq": "zeroq", "gdfq": "gdfq_generator"
 SOURCE_NAMES = {"dfqf": "DFQF", "zeroq": "ZeroQ", "gdfq": "GDFQ"}
 
 
+# Command-line settings that differ between the runs of one setting (seeds, paths) or that
+# the tables name otherwise (bits, protocol, images, the network's depth, the compute dtype);
+# monitoring and checkpoint cadence are no part of a recipe either.
+PER_RUN_SETTINGS = ("workdir", "seed", "record_to", "data.dir", "teacher_weights", "images",
+                    "bits", "finetune_stage.protocol", "ptq_stage.bits", "model.depth",
+                    "compute_dtype")
+
+
+def recipe_of(record: dict) -> str:
+  """The record's command-line overrides that make its recipe ('' for the schedule's own):
+  runs whose recipes are equal are runs of one setting, e.g. its seeds."""
+  overrides = re.findall(r"--config\.([\w.]+)=(\S+)", record.get("command", ""))
+  return " ".join(f"{name}={value}" for name, value in sorted(overrides)
+                  if name not in PER_RUN_SETTINGS and "_every_" not in name)
+
+
 def seed_of(record: dict) -> int:
   """The pipeline seed the record's command set (--config.seed=N), else the default 0."""
   match = re.search(r"--config\.seed=(\d+)", record.get("command", ""))
   return int(match.group(1)) if match else 0
 
 
-def _start(record: dict, name: str):
+def start_of(record: dict, name: str):
   """The student's step-0 test top-1 (its calibrated start, %), from the record's curves."""
   points = top1.curve(record.get("curves", {}).get(name, {}), "test")
   return next((value for step, value in points if step == 0), None)
@@ -43,9 +59,10 @@ def runs(records: dict, schedule_of) -> list[dict]:
       found.setdefault((record.get("workdir", path), name), {
           "source": source, "bits": (entry["weight_bits"], entry["act_bits"]),
           "protocol": entry["protocol"], "seed": seed_of(record), "top1": top1.percent(entry),
-          "start": _start(record, name), "finetune_seconds": entry.get("stage_wall_seconds"),
+          "start": start_of(record, name), "finetune_seconds": entry.get("stage_wall_seconds"),
           "source_seconds": source_seconds,
-          "part": (top1.percent(teacher), teacher.get("depth"), schedule_of(record)),
+          "part": (top1.percent(teacher), teacher.get("depth"), schedule_of(record),
+                   recipe_of(record)),
           "hardware": record.get("hardware", "?"), "record": os.path.basename(path)})
   return list(found.values())
 
@@ -54,7 +71,7 @@ def _points(value) -> str:
   return "–" if value is None else f"{value:.2f}"
 
 
-def _spread(values) -> str:
+def spread(values) -> str:
   if not values:
     return "–"
   mean = f"{statistics.mean(values):.2f}"
@@ -73,10 +90,11 @@ def table(records: dict, schedule_of) -> str:
   order = list(SOURCE_NAMES)
   lines = []
   for part in sorted({r["part"] for r in rows}, key=str):
-    teacher_top1, depth, schedule = part
+    teacher_top1, depth, schedule, recipe = part
     in_part = [r for r in rows if r["part"] == part]
     lines += [f"Like for like: teacher ResNet-{depth} {_points(teacher_top1)}% (the same for every "
-              f"run), schedule {schedule or '?'}, images' source the only change; "
+              f"run), schedule {schedule or '?'}" + (f" with {recipe}" if recipe else "") +
+              ", images' source the only change; "
               f"{in_part[0]['hardware']}", "",
               "| images | bits | protocol | runs | top-1 mean ± std | min / max | each run "
               "(seed: top-1) | `ft` start (each run) | compute per run, s (source + "
@@ -90,7 +108,7 @@ def table(records: dict, schedule_of) -> str:
       tops = [r["top1"] for r in group]
       lines.append(" | ".join([
           f"| {SOURCE_NAMES[source]}", f"W{bits[0]}A{bits[1]}", protocol, str(len(group)),
-          _spread(tops), f"{_points(min(tops))} / {_points(max(tops))}",
+          spread(tops), f"{_points(min(tops))} / {_points(max(tops))}",
           ", ".join(f"{r['seed']}: {_points(r['top1'])}" for r in group),
           ", ".join(_points(r["start"]) for r in group),
           ", ".join(f"{_seconds(r['source_seconds'])} + {_seconds(r['finetune_seconds'])}"

@@ -14,6 +14,8 @@ from dfqf_jax.errors import UserError, brief
 from dfqf_jax.models.resnet import layer_sizes
 
 STAGE_DIRS = ("teacher", "generator")
+
+
 def hardware() -> str:
   kind = jax.devices()[0].device_kind
   return (f"{jax.device_count()} x {kind} ({jax.default_backend()}), "
@@ -277,45 +279,83 @@ def comparison_rows(records: dict) -> list[dict]:
   """One row per fine-tuned student in the records (path -> run record or results.json): its
   network (ResNet-<depth>), protocol, the record's pipeline schedule, our teacher's top-1,
   the student's top-1 and drop per bit width, its PTQ starting point (the `ft` clips it was
-  fine-tuned from, when the record has them, unless stale), and the compute. A `stale` student (built from checkpoints its
-  workdir no longer held) is left out, with one line on stderr."""
-  rows = []
+  fine-tuned from: the PTQ table's entry when the record has one, unless stale, else the
+  student's step-0 test top-1), and the compute. A student that several records of one
+  workdir hold is counted once. A `stale` student (built from checkpoints its workdir no
+  longer held) is left out, with one line on stderr."""
+  rows, seen = [], set()
   for path, record in records.items():
     results = record.get("results", record)  # a run record, or a workdir's results.json
     teacher = top1.percent(results.get("teacher", {}))
     for name, entry in sorted(results.items()):
-      if not name.startswith("student_"):
+      if not name.startswith("student_") or (record.get("workdir", path), name) in seen:
         continue
       if "stale" in entry:
         print(f"{path}: {name} left out: stale, {entry['stale']}", file=sys.stderr)
         continue
+      seen.add((record.get("workdir", path), name))
       bits, rules = (entry["weight_bits"], entry["act_bits"]), layer_rules_of(entry)
       start = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}"
-                          + (f"_{q.rules_slug(rules)}" if rules else ""), {})
-      ptq = None if "stale" in start else top1.percent(start)
+                          + (f"_{q.rules_slug(rules)}" if rules else ""))
+      if start is None:
+        ptq = like_for_like.start_of(record, name)
+      else:
+        ptq = None if "stale" in start else top1.percent(start)
       depth = entry.get("depth", results.get("teacher", {}).get("depth"))
       network = "?" if depth is None else f"ResNet-{depth}"
       source = like_for_like.SOURCE_NAMES[entry.get("images", "dfqf")]
       method = "DFQF (ours)" if source == "DFQF" else f"{source} (this harness)"
       rows.append({"method": f"{method} {name}", "network": network,
-                   "protocol": entry["protocol"] + (f" + {rules}" if rules else ""),
+                   "protocol": " + ".join(filter(None, [entry["protocol"], rules,
+                                                        like_for_like.recipe_of(record)])),
                    "schedule": schedule_of(record) or entry.get("schedule", ""),
                    "teacher": teacher, "bits": bits, "top1": top1.percent(entry),
                    "drop": None if teacher is None else teacher - top1.percent(entry),
-                   "ptq_start": ptq, "compute": _compute(record, entry), "source": path})
+                   "ptq_start": ptq, "compute": _compute(record, entry),
+                   "finetune_seconds": entry.get("stage_wall_seconds"), "source": path})
   return rows
+
+
+ROW_IDENTITY = ("method", "network", "protocol", "schedule", "teacher", "bits")
+
+
+def _mean(values):
+  values = [v for v in values if v is not None]
+  return sum(values) / len(values) if values else None
+
+
+def _one_row_per_setting(rows: list[dict]) -> list[dict]:
+  """Rows that differ only in their run (seeds of one setting) as one: top-1 'mean ± std
+  (n runs)', the mean drop and PTQ start, each run's fine-tuning seconds and record."""
+  groups = {}
+  for row in rows:
+    groups.setdefault(tuple(row[k] for k in ROW_IDENTITY), []).append(row)
+  merged = []
+  for group in groups.values():
+    if len(group) == 1:
+      merged.append({**group[0], "top1_text": _points(group[0]["top1"])})
+      continue
+    tops = [r["top1"] for r in group]
+    seconds = ", ".join(str(r["finetune_seconds"]) for r in group)
+    merged.append({**group[0], "top1_text": f"{like_for_like.spread(tops)} ({len(group)} runs)",
+                   "drop": _mean([r["drop"] for r in group]),
+                   "ptq_start": _mean([r["ptq_start"] for r in group]),
+                   "compute": f"{seconds} s fine-tuning",
+                   "source": ", ".join(r["source"] for r in group)})
+  return merged
 
 
 def comparison_table(records: dict) -> str:
   """Markdown: our students beside the published numbers, top-1 and drop vs each one's own
-  full-precision teacher, one column pair per bit width in COMPARED_BITS."""
+  full-precision teacher, one column pair per bit width in COMPARED_BITS; the runs of one
+  setting (its seeds) in one row, as their mean."""
   header = ["method", "network", "protocol", "schedule", "FP teacher"]
   for w, a in COMPARED_BITS:
     header += [f"W{w}A{a} top-1", f"W{w}A{a} drop"]
   header += ["PTQ start (ft)", "compute", "source"]
   lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|" + "---:|" * (len(header) - 7)
            + "---|---|---|"]
-  rows = comparison_rows(records)
+  rows = _one_row_per_setting(comparison_rows(records))
   for row in rows:
     smoke = row["schedule"].startswith("smoke")
     cells = [row["method"] + (" (smoke run: not a result)" if smoke else ""),
@@ -323,7 +363,7 @@ def comparison_table(records: dict) -> str:
              _points(row["teacher"])]
     for bits in COMPARED_BITS:
       mine = row["bits"] == bits
-      cells += [_points(row["top1"]) if mine else "", _points(row["drop"]) if mine else ""]
+      cells += [row["top1_text"] if mine else "", _points(row["drop"]) if mine else ""]
     cells += [_points(row["ptq_start"]), row["compute"], row["source"]]
     lines.append("| " + " | ".join(cells) + " |")
   for method, tops in PUBLISHED.items():

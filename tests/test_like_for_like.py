@@ -67,3 +67,37 @@ def test_a_record_with_top1_in_percent_gives_the_same_table():
                    for name, c in old["curves"].items()}
   assert like_for_like.table({"n.json": new}, report.schedule_of) == like_for_like.table(
       {"n.json": old}, report.schedule_of)
+
+
+def test_beside_the_published_numbers_each_setting_is_one_row_over_its_seeds():
+  records = {f"zeroq_{seed}.json": record(
+      "zeroq", seed, {"student_w4a4_standard_zeroq": (4, "standard", top1, 0.80)}, f"z{seed}")
+      for seed, top1 in enumerate([0.90, 0.91, 0.92])}
+  # seed 0's workdir in a second record (a later cell of the same workdir): counted once
+  records["zeroq_0_w3a3.json"] = record("zeroq", 0, {
+      "student_w4a4_standard_zeroq": (4, "standard", 0.90, 0.80),
+      "student_w3a3_standard_zeroq": (3, "standard", 0.70, 0.50)}, "z0")
+  rows = [line.split(" | ") for line in report.comparison_table(records).splitlines()
+          if line.startswith("| ZeroQ (this harness)")]
+  assert len(rows) == 2
+  w4a4, w3a3 = sorted(rows, key=lambda r: r[0])[::-1]
+  # method, network, protocol, schedule, teacher, W4A4 top-1, W4A4 drop, W3A3 ..., PTQ start
+  assert w4a4[4:10] == ["91.73", "91.00 ± 1.00 (3 runs)", "0.73", "", "", "80.00"]
+  assert w4a4[10:] == ["100.0, 101.0, 102.0 s fine-tuning",
+                       "zeroq_0.json, zeroq_1.json, zeroq_2.json |"]
+  assert w3a3[4:10] == ["91.73", "", "", "70.00", "21.73", "50.00"]
+
+
+def test_runs_of_another_recipe_are_another_setting_not_another_seed():
+  base = record("dfqf", 0, {"student_w3a3": (3, "dfqf", 0.8811, 0.7260)}, "budget")
+  bn_train = record("dfqf", 0, {"student_w3a3": (3, "dfqf", 0.8874, 0.7260)}, "bn_train")
+  bn_train["command"] += (" --workdir=runs/x --config.bits=w3a3 --config.record_to=r.json"
+                          " --config.finetune_stage.student_bn_train=True")
+  assert like_for_like.recipe_of(bn_train) == "finetune_stage.student_bn_train=True"
+  records = {"budget.json": base, "bn_train.json": bn_train}
+  text = like_for_like.table(records, report.schedule_of)
+  assert text.count("| DFQF | W3A3 | dfqf | 1 |") == 2
+  assert "schedule budget with finetune_stage.student_bn_train=True," in text
+  protocols = [line.split(" | ")[2] for line in report.comparison_table(records).splitlines()
+               if line.startswith("| DFQF (ours)")]
+  assert sorted(protocols) == ["dfqf", "dfqf + finetune_stage.student_bn_train=True"]
