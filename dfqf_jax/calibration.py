@@ -97,8 +97,11 @@ def summarize(teacher_vars: dict, depth: int, num_classes: int, batches, methods
 def announce(name: str, config, methods) -> None:
   """The line before a calibration (tens of seconds: the teacher on every image)."""
   images = config.calibration_batches * config.calibration_batch_size
-  print(f"{name}: calibrating the {', '.join(methods)} clips on {images:,} "
-        f"{config.calibration_data} images", file=sys.stderr, flush=True)
+  kind = config.calibration_data
+  if kind == "generated" and config.get("images", "dfqf") != "dfqf":
+    kind = {"zeroq": "ZeroQ's distilled", "gdfq": "GDFQ's generated"}[config.images]
+  print(f"{name}: calibrating the {', '.join(methods)} clips on {images:,} {kind} images",
+        file=sys.stderr, flush=True)
 
 
 def methods_of(spec: q.QuantSpec, method: str) -> list[str]:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import finetune
 from dfqf_jax import calibration, clip_rules
 from dfqf_jax import quant as q
 from dfqf_jax.models.resnet import CifarResNet
@@ -336,3 +337,15 @@ def test_student_clips_are_the_rules_on_kernels_and_the_batch_mean_on_relu_input
         node_t, node_s = node_t[key], node_s[key]
       np.testing.assert_allclose(node_s["weight_clip"], q.calibrate_clip(
           method, np.asarray(node_t["kernel"]), bits, True), rtol=1e-6)
+
+
+@pytest.mark.parametrize("images, data, said", [
+    ("dfqf", "generated", "on 1,280 generated images"),
+    ("zeroq", "generated", "on 1,280 ZeroQ's distilled images"),
+    ("gdfq", "generated", "on 1,280 GDFQ's generated images"),
+    ("zeroq", "real", "on 1,280 real images")])
+def test_the_calibration_line_names_the_images_it_reads(capsys, images, data, said):
+  config = finetune.get_config("w4a4")
+  config.images, config.calibration_data = images, data
+  calibration.announce("student_w4a4", config, ["ft"])
+  assert capsys.readouterr().err == f"student_w4a4: calibrating the ft clips {said}\n"
