@@ -44,27 +44,42 @@ def start_of(record: dict, name: str):
   return next((value for step, value in points if step == 0), None)
 
 
+def students(records: dict):
+  """(path, record, results, name, entry) of each fine-tuned student in the records (path ->
+  run record or results.json), once per workdir and name: a workdir's later records hold its
+  earlier students again. A stale entry is given too (the caller says what it does with it)
+  and does not hide a later, current one."""
+  seen = set()
+  for path, record in records.items():
+    results = record.get("results", record)  # a run record, or a workdir's results.json
+    for name, entry in sorted(results.items()):
+      key = (record.get("workdir", path), name)
+      if not name.startswith("student_") or key in seen:
+        continue
+      if "stale" not in entry:
+        seen.add(key)
+      yield path, record, results, name, entry
+
+
 def runs(records: dict, schedule_of) -> list[dict]:
   """One entry per fine-tuned student in the records (path -> run record); a student that
   several records of one workdir hold is counted once; stale students are left out."""
-  found = {}
-  for path, record in records.items():
-    results = record.get("results", {})
+  found = []
+  for path, record, results, name, entry in students(records):
+    if "stale" in entry:
+      continue
     teacher = results.get("teacher", {})
-    for name, entry in sorted(results.items()):
-      if not name.startswith("student_") or "stale" in entry:
-        continue
-      source = entry.get("images", "dfqf")
-      source_seconds = record.get("stage_folder_wall_seconds", {}).get(SOURCE_STAGES[source])
-      found.setdefault((record.get("workdir", path), name), {
-          "source": source, "bits": (entry["weight_bits"], entry["act_bits"]),
-          "protocol": entry["protocol"], "seed": seed_of(record), "top1": top1.percent(entry),
-          "start": start_of(record, name), "finetune_seconds": entry.get("stage_wall_seconds"),
-          "source_seconds": source_seconds,
-          "part": (top1.percent(teacher), teacher.get("depth"), schedule_of(record),
-                   recipe_of(record)),
-          "hardware": record.get("hardware", "?"), "record": os.path.basename(path)})
-  return list(found.values())
+    source = entry.get("images", "dfqf")
+    source_seconds = record.get("stage_folder_wall_seconds", {}).get(SOURCE_STAGES[source])
+    found.append({
+        "source": source, "bits": (entry["weight_bits"], entry["act_bits"]),
+        "protocol": entry["protocol"], "seed": seed_of(record), "top1": top1.percent(entry),
+        "start": start_of(record, name), "finetune_seconds": entry.get("stage_wall_seconds"),
+        "source_seconds": source_seconds,
+        "part": (top1.percent(teacher), teacher.get("depth"), schedule_of(record),
+                 recipe_of(record)),
+        "hardware": record.get("hardware", "?"), "record": os.path.basename(path)})
+  return found
 
 
 def _points(value) -> str:

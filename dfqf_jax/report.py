@@ -283,36 +283,31 @@ def comparison_rows(records: dict) -> list[dict]:
   student's step-0 test top-1), and the compute. A student that several records of one
   workdir hold is counted once. A `stale` student (built from checkpoints its workdir no
   longer held) is left out, with one line on stderr."""
-  rows, seen = [], set()
-  for path, record in records.items():
-    results = record.get("results", record)  # a run record, or a workdir's results.json
+  rows = []
+  for path, record, results, name, entry in like_for_like.students(records):
     teacher = top1.percent(results.get("teacher", {}))
-    for name, entry in sorted(results.items()):
-      if not name.startswith("student_") or (record.get("workdir", path), name) in seen:
-        continue
-      if "stale" in entry:
-        print(f"{path}: {name} left out: stale, {entry['stale']}", file=sys.stderr)
-        continue
-      seen.add((record.get("workdir", path), name))
-      bits, rules = (entry["weight_bits"], entry["act_bits"]), layer_rules_of(entry)
-      start = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}"
-                          + (f"_{q.rules_slug(rules)}" if rules else ""))
-      if start is None:
-        ptq = like_for_like.start_of(record, name)
-      else:
-        ptq = None if "stale" in start else top1.percent(start)
-      depth = entry.get("depth", results.get("teacher", {}).get("depth"))
-      network = "?" if depth is None else f"ResNet-{depth}"
-      source = like_for_like.SOURCE_NAMES[entry.get("images", "dfqf")]
-      method = "DFQF (ours)" if source == "DFQF" else f"{source} (this harness)"
-      rows.append({"method": f"{method} {name}", "network": network,
-                   "protocol": " + ".join(filter(None, [entry["protocol"], rules,
-                                                        like_for_like.recipe_of(record)])),
-                   "schedule": schedule_of(record) or entry.get("schedule", ""),
-                   "teacher": teacher, "bits": bits, "top1": top1.percent(entry),
-                   "drop": None if teacher is None else teacher - top1.percent(entry),
-                   "ptq_start": ptq, "compute": _compute(record, entry),
-                   "finetune_seconds": entry.get("stage_wall_seconds"), "source": path})
+    if "stale" in entry:
+      print(f"{path}: {name} left out: stale, {entry['stale']}", file=sys.stderr)
+      continue
+    bits, rules = (entry["weight_bits"], entry["act_bits"]), layer_rules_of(entry)
+    start = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}"
+                        + (f"_{q.rules_slug(rules)}" if rules else ""))
+    if start is None:
+      ptq = like_for_like.start_of(record, name)
+    else:
+      ptq = None if "stale" in start else top1.percent(start)
+    depth = entry.get("depth", results.get("teacher", {}).get("depth"))
+    network = "?" if depth is None else f"ResNet-{depth}"
+    source = like_for_like.SOURCE_NAMES[entry.get("images", "dfqf")]
+    method = "DFQF (ours)" if source == "DFQF" else f"{source} (this harness)"
+    rows.append({"method": f"{method} {name}", "network": network,
+                 "protocol": " + ".join(filter(None, [entry["protocol"], rules,
+                                                      like_for_like.recipe_of(record)])),
+                 "schedule": schedule_of(record) or entry.get("schedule", ""),
+                 "teacher": teacher, "bits": bits, "top1": top1.percent(entry),
+                 "drop": None if teacher is None else teacher - top1.percent(entry),
+                 "ptq_start": ptq, "compute": _compute(record, entry),
+                 "finetune_seconds": entry.get("stage_wall_seconds"), "source": path})
   return rows
 
 
