@@ -4,8 +4,8 @@
 # then W4A4 under DFQF's protocol (the order of priority). Every invocation writes its
 # run record into $RECORDS; at the end the table goes to $RECORDS/table.md.
 #
-# Resumable: rerun the same command after an interruption; finished stages and students cost
-# nothing, an interrupted one continues from its last checkpoint.
+# Resumable: rerun the same command after an interruption; a run whose record exists is
+# skipped (delete the record to redo it), an interrupted one continues from its last checkpoint.
 #
 #   experiments/like_for_like/run.sh                      # the budget table, seeds 0 1 2
 #   SCHEDULE=smoke SEEDS=0 experiments/like_for_like/run.sh   # a minutes-long check
@@ -30,12 +30,17 @@ for cell in $CELLS; do
   bits=${cell%%:*} protocol=${cell##*:}
   for seed in $SEEDS; do
     for source in $SOURCES; do
+      record="$RECORDS/${source}_seed${seed}_${bits}_$protocol.json"
+      if [[ -f "$record" ]]; then
+        echo "like_for_like: $source seed $seed $bits $protocol: $record exists; skipped"
+        continue
+      fi
       echo "like_for_like: $source seed $seed $bits $protocol ($SCHEDULE)"
       "$PYTHON" main.py --config="configs/pipeline.py:$SCHEDULE" \
         --workdir="$RUNS/${source}_seed$seed" --config.data.dir="$DATA" \
         --config.teacher_weights="$TEACHER" --config.images="$source" --config.seed="$seed" \
         --config.bits="$bits" --config.finetune_stage.protocol="$protocol" \
-        --config.record_to="$RECORDS/${source}_seed${seed}_${bits}_$protocol.json" "$@"
+        --config.record_to="$record" "$@"
     done
   done
 done
