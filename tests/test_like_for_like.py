@@ -1,6 +1,9 @@
 """The like-for-like table from run records: one row per image source x bits x protocol,
 mean ± std over seeds with every run's number, the `ft` start and the compute per run."""
 import json
+import os
+import pathlib
+import subprocess
 
 from dfqf_jax import like_for_like, report
 
@@ -101,3 +104,30 @@ def test_runs_of_another_recipe_are_another_setting_not_another_seed():
   protocols = [line.split(" | ")[2] for line in report.comparison_table(records).splitlines()
                if line.startswith("| DFQF (ours)")]
   assert sorted(protocols) == ["dfqf", "dfqf + finetune_stage.student_bn_train=True"]
+
+
+def test_the_driver_runs_each_cell_once_and_skips_a_run_whose_record_exists(tmp_path):
+  """run.sh calls main.py once per source x seed x cell, in the issue's order, and a rerun
+  after an interruption skips the runs that wrote their record (a stand-in python logs the
+  calls)."""
+  log = tmp_path / "calls.txt"
+  python = tmp_path / "python"
+  python.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+  python.chmod(0o755)
+  records = tmp_path / "records"
+  records.mkdir()
+  (records / "zeroq_seed1_w4a4_standard.json").write_text("{}")
+  script = pathlib.Path(__file__).parents[1] / "experiments/like_for_like/run.sh"
+  env = {**os.environ, "PYTHON": str(python), "RECORDS": str(records), "SEEDS": "0 1",
+         "SOURCES": "dfqf zeroq", "CELLS": "w4a4:standard w3a3:standard"}
+  out = subprocess.run([str(script)], env=env, check=True, capture_output=True, text=True)
+  calls = log.read_text().splitlines()
+  runs = [next(a.split("=", 1)[1] for a in c.split() if a.startswith("--config.record_to="))
+          for c in calls[:-1]]
+  assert [os.path.basename(r) for r in runs] == [
+      "dfqf_seed0_w4a4_standard.json", "zeroq_seed0_w4a4_standard.json",
+      "dfqf_seed1_w4a4_standard.json",
+      "dfqf_seed0_w3a3_standard.json", "zeroq_seed0_w3a3_standard.json",
+      "dfqf_seed1_w3a3_standard.json", "zeroq_seed1_w3a3_standard.json"]
+  assert "zeroq seed 1 w4a4 standard" in out.stdout and "exists; skipped" in out.stdout
+  assert calls[-1].startswith("-m dfqf_jax.report --compare")
