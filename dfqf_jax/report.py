@@ -48,6 +48,9 @@ def curves(workdir: str) -> dict:
 
 def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> dict:
   """Writes the run record JSON (atomically) and returns it."""
+  folder_seconds = {
+      entry: seconds for entry in storage.listdir(workdir)
+      if (seconds := training.read_wall_time(os.path.join(workdir, entry))) is not None}
   record = {
       "command": " ".join([f"{k}={os.environ[k]}" for k in ("XLA_FLAGS", "JAX_PLATFORMS")
                            if os.environ.get(k)] + ["python"] + sys.argv),
@@ -58,14 +61,9 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
       "workdir": storage.absolute(workdir),
       "results": results,
       "stage_wall_seconds": {name: r.get("stage_wall_seconds") for name, r in results.items()},
-      # Each stage folder counted once (a stage may hold several models).
-      "stage_wall_seconds_total": round(sum(
-          {os.path.dirname(r["checkpoint"]): r.get("stage_wall_seconds") or 0.0
-           for r in results.values() if "checkpoint" in r}.values()), 1),
       # Every stage folder's, also those that hold no classifier (ZeroQ's images).
-      "stage_folder_wall_seconds": {
-          entry: seconds for entry in storage.listdir(workdir)
-          if (seconds := training.read_wall_time(os.path.join(workdir, entry))) is not None},
+      "stage_folder_wall_seconds": folder_seconds,
+      "stage_wall_seconds_total": round(sum(folder_seconds.values()), 1),
       "curves": curves(workdir),
   }
   stopped = {stage: c[training.STOPPED_KEY][-1][0] for stage, c in record["curves"].items()
@@ -258,7 +256,9 @@ def _points(value) -> str:
 def _compute(record: dict, entry: dict) -> str:
   """'1234.5 s fine-tuning (3849.7 s all stages), <hardware>'."""
   text = f"{entry.get('stage_wall_seconds', '?')} s fine-tuning"
-  if record.get("stage_wall_seconds_total") is not None:
+  if "stage_folder_wall_seconds" in record:  # every stage folder, ZeroQ's images included
+    text += f" ({round(sum(record['stage_folder_wall_seconds'].values()), 1)} s all stages)"
+  elif record.get("stage_wall_seconds_total") is not None:  # records before 2026-12-06
     text += f" ({record['stage_wall_seconds_total']} s all stages)"
   return f"{text}, {entry.get('hardware') or record.get('hardware', '?')}"
 

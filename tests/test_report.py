@@ -127,3 +127,19 @@ def test_curves_have_labelled_axes_and_whole_step_ticks(tmp_path, monkeypatch):
   for ax in axes:
     ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_all_stages_counts_every_stage_folder_also_one_without_a_classifier(tmp_path):
+  """ZeroQ's images (no checkpoint of a classifier) and GDFQ's warm-up are compute too: the
+  record's total and the compute column count every stage folder once."""
+  from dfqf_jax import training
+  for stage, seconds in (("zeroq", 100.0), ("student_w4a4_standard_zeroq", 50.5)):
+    (tmp_path / stage).mkdir()
+    (tmp_path / stage / training.WALL_FILE).write_text(json.dumps({"seconds": seconds}))
+  written = report.record_run(str(tmp_path / "record.json"), str(tmp_path), {}, 1.0)
+  assert written["stage_wall_seconds_total"] == 150.5
+  student = {"stage_wall_seconds": 50.5}
+  assert report._compute(written, student).startswith("50.5 s fine-tuning (150.5 s all stages)")
+  # a record written before every folder was counted: the folders, not its old total
+  older = {**written, "stage_wall_seconds_total": 50.5}
+  assert "(150.5 s all stages)" in report._compute(older, student)
