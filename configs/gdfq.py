@@ -24,9 +24,13 @@ def get_config(schedule: str = "reference"):
   config.learning_rate = 0.001  # lr_G, Adam
   config.b1 = 0.5
   config.b2 = 0.999
-  # step_G = [100, 200, 300] of 400 epochs: fractions of the generator's whole run (this
-  # warm-up plus fine-tuning), x0.1 each.
+  # step_G = [100, 200, 300] of 400 epochs, x0.1 each, as fractions of the generator's
+  # fine-tuning steps ('finetuning': GDFQ's 4 warm-up epochs are 1% of its run, so its drops
+  # fall at 24/49/75% of fine-tuning) or of its whole run ('whole_run': warm-up + fine-tuning,
+  # the hocon's literal epochs; the budget's 800 warm-up steps before 2,000 of fine-tuning
+  # would put the first drop inside the warm-up).
   config.lr_milestones = (0.25, 0.5, 0.75)
+  config.lr_milestones_of = "finetuning"
   config.lambda_bns = 0.1
   # The student's loss in fine-tuning: alpha T^2 KL(t/T || s/T) + CE(s, y).
   config.temperature = 20.0

@@ -8,6 +8,7 @@ from dfqf_jax.config_fields import ADVERSARIAL_FIELDS
 from dfqf_jax.errors import UserError
 from dfqf_jax.image_sources import IMAGES
 from dfqf_jax.models.resnet import DEPTHS, layer_paths
+from dfqf_jax.stages import gdfq as gdfq_stage
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -236,6 +237,7 @@ def gdfq(config) -> None:
     positive(config, field, allow_zero=True)
   generator_width(config, "width")
   one_of(config, "kd_reduction", baselines.KD_REDUCTIONS)
+  one_of(config, "lr_milestones_of", gdfq_stage.MILESTONES_OF)
 
 
 def export(config) -> None:

@@ -151,7 +151,7 @@ def test_gdfq_generator_learns_its_labels(teacher):
   model, variables = teacher
   config = gdfq_config.get_config("smoke")
   generator = gdfq._module(config, 10)
-  g_tx, _ = gdfq.generator_optimizer(config)
+  g_tx, _ = gdfq.generator_optimizer(config)  # the warm-up's: constant lr
   g_vars = gdfq.initial_generator(generator, jax.random.key(0))
   state = gdfq.WarmupState(jnp.zeros((), jnp.int32), g_vars, g_tx.init(g_vars["params"]),
                            dfkd.Models(generator, model, None), g_tx,
@@ -165,3 +165,22 @@ def test_gdfq_generator_learns_its_labels(teacher):
   print(f"GDFQ warm-up, batch 16: teacher CE against the sampled labels {first:.3f} (steps "
         f"1-4) -> {last:.3f} (steps 13-16)")
   assert last < 0.8 * first
+
+
+@pytest.mark.parametrize("of, drops", [("finetuning", [1300, 1800, 2300]),
+                                       ("whole_run", [700, 1400, 2100]),
+                                       (None, [700, 1400, 2100])])
+def test_gdfq_generator_lr_drops_at_fractions_of_fine_tuning_or_of_the_whole_run(of, drops):
+  """GDFQ drops G's lr x0.1 at epochs 100/200/300 of 400, its warm-up 4 epochs: about a quarter
+  into fine-tuning either way. The budget's 800 warm-up steps before 2,000 of fine-tuning
+  split the two readings; a warm-up checkpoint that recorded none (None) meant the whole
+  run."""
+  settings = {k: v for k, v in gdfq_config.get_config("budget").items() if k in gdfq.SETTINGS}
+  if of is None:
+    del settings["lr_milestones_of"]
+  else:
+    settings["lr_milestones_of"] = of
+  assert gdfq.generator_milestones(settings, 800, 2000) == drops
+  _, schedule = gdfq.generator_optimizer(settings, drops)
+  rates = [float(schedule(step)) for step in (800, drops[0], drops[1], drops[2])]
+  assert rates == pytest.approx([1e-3 if of == "finetuning" else 1e-4, 1e-4, 1e-5, 1e-6])

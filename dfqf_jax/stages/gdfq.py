@@ -6,9 +6,9 @@ CE(t, y) + lambda_bns L_BNS (baselines.gdfq_generator_loss; Adam). This stage is
 warm-up: `warmup_steps` of these iterations with no student. Fine-tuning with images='gdfq'
 (`finetune_source`) goes on with them, G's optimizer state continued, and after each one the
 quantized student descends GDFQ's alpha T^2 KL + CE on the same (detached) x, t and y, as
-GDFQ's trainer does. The generator's lr decays at lr_milestones of its whole run (warm-up +
-fine-tuning), counted from the warm-up's first step; the warm-up itself keeps the
-initial lr (in GDFQ it ends long before the first milestone).
+GDFQ's trainer does. The warm-up keeps the generator's initial lr (in GDFQ it is 1% of the
+run and ends long before the first lr drop); in fine-tuning it drops x0.1 at lr_milestones of
+the fine-tuning steps (lr_milestones_of='finetuning') or of the whole run ('whole_run').
 """
 import functools
 import os
@@ -26,8 +26,11 @@ from dfqf_jax.models.conditional_generator import ConditionalGenerator
 from dfqf_jax.models.generator import REFERENCE_WIDTH, sample_latent
 
 STAGE_DIR = "gdfq_generator"
-SETTINGS = ("learning_rate", "b1", "b2", "lr_milestones", "lambda_bns", "temperature", "alpha",
-            "kd_reduction")
+SETTINGS = ("learning_rate", "b1", "b2", "lr_milestones", "lr_milestones_of", "lambda_bns",
+            "temperature", "alpha", "kd_reduction")
+MILESTONES_OF = ("finetuning", "whole_run")
+# What a warm-up checkpoint written before lr_milestones_of existed was fine-tuned with.
+MILESTONES_OF_WHEN_UNRECORDED = "whole_run"
 
 
 @struct.dataclass
@@ -51,12 +54,20 @@ class WarmupState(struct.PyTreeNode):
   hp: Hyper = struct.field(pytree_node=False)
 
 
-def generator_optimizer(settings: dict, total_steps: int | None = None):
-  """GDFQ's Adam for G; lr constant (total_steps None, the warm-up) or x0.1 at each of
-  lr_milestones x total_steps, counted by the optimizer's own step count."""
+def generator_milestones(settings: dict, warmup_steps: int, finetune_steps: int) -> list:
+  """The optimizer steps (counted from the warm-up's first) at which G's lr drops x0.1."""
+  of = settings.get("lr_milestones_of", MILESTONES_OF_WHEN_UNRECORDED)
+  start, span = ((warmup_steps, finetune_steps) if of == "finetuning" else
+                 (0, warmup_steps + finetune_steps))
+  return [start + f * span for f in settings["lr_milestones"]]
+
+
+def generator_optimizer(settings: dict, milestones: list | None = None):
+  """GDFQ's Adam for G: lr constant (milestones None, the warm-up), else x0.1 at each
+  milestone step of the optimizer's own step count."""
   lr = settings["learning_rate"]
-  schedule = (optax.constant_schedule(lr) if total_steps is None else
-              training.step_decay(lr, [f * total_steps for f in settings["lr_milestones"]], 1))
+  schedule = (optax.constant_schedule(lr) if milestones is None else
+              training.step_decay(lr, milestones, 1))
   return optax.adam(schedule, b1=settings["b1"], b2=settings["b2"]), schedule
 
 
@@ -226,13 +237,14 @@ def finetune_source(config, workdir: str, mesh) -> image_sources.ImageSource:
         f"the GDFQ warm-up in {os.path.join(workdir, STAGE_DIR)!r} stopped at step "
         f"{state['step']} of {meta['total_steps']}; rerun the gdfq stage to finish it.")
   settings = meta["settings"]
-  total = meta["total_steps"] + config.num_epochs * config.steps_per_epoch
-  if meta["total_steps"] > min(settings["lr_milestones"], default=1.0) * total:
+  milestones = generator_milestones(settings, meta["total_steps"],
+                                    config.num_epochs * config.steps_per_epoch)
+  if meta["total_steps"] > min(milestones, default=np.inf):
     print(f"warning: GDFQ's warm-up ({meta['total_steps']} steps) ran past its generator's "
-          f"first lr milestone ({min(settings['lr_milestones'])} of {total} steps) at the "
-          "initial lr; fine-tuning continues with the decayed lr.", file=sys.stderr)
+          f"first lr drop (step {min(milestones):g} of its whole run) at the initial lr; "
+          "fine-tuning continues with the decayed lr.", file=sys.stderr)
   module = _module(meta, meta["num_classes"])
-  g_tx, _ = generator_optimizer(settings, total)
+  g_tx, _ = generator_optimizer(settings, milestones)
   g_vars = {"params": state["generator"]["params"],
             "batch_stats": state["generator"]["batch_stats"]}
   g_opt_state = _continued(g_tx.init(g_vars["params"]), state["g_opt_state"])
