@@ -4,7 +4,10 @@ generator, ZeroQ's distilled set, GDFQ's conditional generator), over seeds.
 One row per source x bit widths x protocol within each (teacher, schedule, recipe) part: top-1 mean
 ± sample standard deviation, min / max, each run's number with its seed, the `ft` PTQ start
 each student was fine-tuned from (its step-0 evaluation) and the compute per run (the image
-source's stage + the student's fine-tuning). Read from run records (`--config.record_to`).
+source's stage + the student's fine-tuning). Below it, each pair of sources in one bits x
+protocol cell: the difference of their means against the larger of their two standard
+deviations (a difference within it is no finding) and whether their runs' ranges overlap.
+Read from run records (`--config.record_to`).
 """
 import os
 import re
@@ -97,8 +100,53 @@ def _seconds(value) -> str:
   return "?" if value is None else f"{value:.0f}"
 
 
+def _difference(better: list, worse: list) -> list[str]:
+  """Cells of one pair's row: the difference of the means, the larger standard deviation,
+  whether the ranges overlap, and what that makes of the difference."""
+  difference = statistics.mean(better) - statistics.mean(worse)
+  if min(len(better), len(worse)) < 2:
+    return [f"+{difference:.2f}", "–", "–", "no spread yet (a cell has 1 run): no finding"]
+  larger_std = max(statistics.stdev(better), statistics.stdev(worse))
+  disjoint = min(better) > max(worse)
+  if difference <= larger_std:
+    verdict = "within the spread: no finding"
+  elif disjoint:
+    verdict = "beyond the spread, every run above every run"
+  else:
+    verdict = "beyond the spread, but the runs' ranges overlap"
+  return [f"+{difference:.2f}", f"{larger_std:.2f}", "disjoint" if disjoint else "overlap",
+          verdict]
+
+
+def differences(rows: list[dict]) -> list[str]:
+  """Markdown lines: each pair of sources within one bits x protocol cell of `rows` (one part),
+  the higher mean first; none where no cell has two sources."""
+  order = list(SOURCE_NAMES)
+  lines = []
+  cells = sorted({(r["bits"], r["protocol"]) for r in rows}, key=lambda c: (-c[0][0], c[1]))
+  for bits, protocol in cells:
+    tops = {}
+    for r in sorted(rows, key=lambda r: order.index(r["source"])):
+      if (r["bits"], r["protocol"]) == (bits, protocol):
+        tops.setdefault(r["source"], []).append(r["top1"])
+    ranked = sorted(tops, key=lambda s: -statistics.mean(tops[s]))
+    for i, better in enumerate(ranked):
+      for worse in ranked[i + 1:]:
+        lines.append(" | ".join([
+            f"| W{bits[0]}A{bits[1]}", protocol,
+            f"{SOURCE_NAMES[better]} − {SOURCE_NAMES[worse]}",
+            *_difference(tops[better], tops[worse])]) + " |")
+  if not lines:
+    return []
+  return ["Differences between sources (mean − mean, higher first, against the larger of the "
+          "two standard deviations; a difference within it is no finding):", "",
+          "| bits | protocol | pair | difference, points | larger std | ranges | verdict |",
+          "|---|---|---|---:|---:|---|---|", *lines, ""]
+
+
 def table(records: dict, schedule_of) -> str:
-  """Markdown: one section per (teacher, schedule), one row per source x bits x protocol."""
+  """Markdown: one section per (teacher, schedule), one row per source x bits x protocol,
+  then the differences between the sources of each bits x protocol cell."""
   rows = runs(records, schedule_of)
   if not rows:
     return ""
@@ -129,4 +177,5 @@ def table(records: dict, schedule_of) -> str:
           ", ".join(f"{_seconds(r['source_seconds'])} + {_seconds(r['finetune_seconds'])}"
                     for r in group)]) + " |")
     lines.append("")
+    lines += differences(in_part)
   return "\n".join(lines)

@@ -48,6 +48,34 @@ def test_each_cell_is_the_mean_and_spread_of_its_seeds_with_every_run_named():
   assert rows[2].startswith("| ZeroQ | W3A3 | standard | 3 | 86.00 ± 1.00 | 85.00 / 87.00 |")
 
 
+def differences_of(tops: dict) -> list[list[str]]:
+  """The rows of the differences below the table for W4A4 standard runs: source -> top-1s."""
+  records = {f"{source}_{seed}.json": record(source, seed, {"student_w4a4_standard": (
+      4, "standard", top1, 0.80)}, f"{source}{seed}")
+      for source, values in tops.items() for seed, top1 in enumerate(values)}
+  text = like_for_like.table(records, report.schedule_of)
+  return [line.split(" | ")[2:] for line in text.splitlines() if line.startswith("| W4A4")]
+
+
+def test_a_difference_is_a_finding_only_beyond_the_larger_seed_spread():
+  rows = differences_of({"dfqf": [0.90, 0.91, 0.92],   # 91.00 ± 1.00
+                         "zeroq": [0.86, 0.87, 0.88],  # 87.00 ± 1.00: 4 points below
+                         "gdfq": [0.875, 0.915, 0.955]})  # 91.50 ± 4.00
+  assert rows == [
+      ["GDFQ − DFQF", "+0.50", "4.00", "overlap", "within the spread: no finding |"],
+      ["GDFQ − ZeroQ", "+4.50", "4.00", "overlap",
+       "beyond the spread, but the runs' ranges overlap |"],
+      ["DFQF − ZeroQ", "+4.00", "1.00", "disjoint",
+       "beyond the spread, every run above every run |"]]
+
+
+def test_a_cell_of_one_run_has_no_spread_to_judge_a_difference_by():
+  rows = differences_of({"dfqf": [0.90], "zeroq": [0.80, 0.81, 0.82]})
+  assert rows == [["DFQF − ZeroQ", "+9.00", "–", "–",
+                   "no spread yet (a cell has 1 run): no finding |"]]
+  assert differences_of({"dfqf": [0.90, 0.91]}) == []  # one source: nothing to compare
+
+
 def test_compare_prints_the_like_for_like_table_above_the_published_numbers(tmp_path, capsys):
   path = tmp_path / "gdfq_seed0.json"
   path.write_text(json.dumps(record("gdfq", 0, {"student_w4a4_standard_gdfq": (
