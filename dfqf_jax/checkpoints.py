@@ -199,8 +199,25 @@ WHEN_UNRECORDED = {"dafl_generator": {"width": REFERENCE_WIDTH},
                    "gdfq_generator": {"width": REFERENCE_WIDTH}}
 
 
+def check_seed(saved: dict, expected: dict, directory: str) -> None:
+  """Refuses to resume a checkpoint with another seed's random streams. One written before
+  checkpoints recorded their seed is seed 0's, whose streams have not changed, or of a seed
+  whose streams have (rng.py): it resumes only with seed 0."""
+  if "seed" not in expected or saved.get("seed", 0) == expected["seed"]:
+    return
+  if "seed" in saved:
+    raise CheckpointError(
+        f"{directory!r} holds a checkpoint of seed {saved['seed']}, but this run has seed "
+        f"{expected['seed']}; use --config.seed={saved['seed']} or another --workdir.")
+  raise CheckpointError(
+      f"{directory!r} holds a checkpoint that does not record its seed (written before "
+      f"2026-12-06, when seeds >= 1 drew other random streams); resuming it with seed "
+      f"{expected['seed']} would not continue it: delete it or use another --workdir.")
+
+
 def check_compatible(saved: dict, expected: dict, directory: str) -> None:
-  """Refuses to resume (or overwrite) a checkpoint written for another model."""
+  """Refuses to resume (or overwrite) a checkpoint written for another model or seed."""
+  check_seed(saved, expected, directory)
   assumed = WHEN_UNRECORDED.get(saved.get("arch"), {})
   for key in IDENTITY_KEYS:
     value = saved.get(key, assumed.get(key))

@@ -158,10 +158,10 @@ def table(records: dict, schedule_of) -> str:
     lines += [f"Like for like: teacher ResNet-{depth} {_points(teacher_top1)}% (the same for every "
               f"run), schedule {schedule or '?'}" + (f" with {recipe}" if recipe else "") +
               ", images' source the only change; "
-              f"{in_part[0]['hardware']}", "",
+              "; ".join(sorted({r["hardware"] for r in in_part})), "",
               "| images | bits | protocol | runs | top-1 mean ± std | min / max | each run "
-              "(seed: top-1) | `ft` start (each run) | compute per run, s (source + "
-              "fine-tuning) |",
+              "(seed: top-1) | `ft` start (each run) | compute per run, s (image stage of its "
+              "workdir, shared by its students, + fine-tuning) |",
               "|---|---|---|---:|---:|---:|---|---|---|"]
     cells = sorted({(r["source"], r["bits"], r["protocol"]) for r in in_part},
                    key=lambda c: (-c[1][0], order.index(c[0]), c[2]))

@@ -1,6 +1,12 @@
 """The random streams of a run, all derived from config.seed.
 
-Each stream has a fixed offset: changing one changes every run's numbers (and no longer
+Stream `s` of seed `n` is jax.random.key(n * STREAMS_PER_SEED + s): one key per (seed,
+stream), none shared between seeds. Until 2026-12-06 it was key(n + s), so seed 1's initial
+weights drew from seed 0's stage-1 latent key, seed 1's calibration latents were seed 0's
+fine-tuning latents, and so on: runs of nearby seeds were not independent. Seed 0's keys are
+the same under both, so seed-0 runs and their checkpoints are unchanged; a checkpoint records
+its seed (checkpoints.check_compatible refuses to resume an unrecorded one with seed >= 1).
+Each stream has a fixed number: changing one changes every run's numbers (and no longer
 resumes old checkpoints exactly), so they are written down once, here.
 """
 import jax
@@ -14,8 +20,14 @@ FINETUNE_LATENTS = 4  # z of fine-tuning step i: fold_in(key, i)
 VALIDATION_SPLIT = 7  # NumPy: which training images are held out (data.train_validation_split)
 
 
+STREAMS_PER_SEED = 1000
+# jax.random.key takes the seed modulo 2**32 (without x64), so larger seeds would share keys.
+MAX_SEED = (2**32 - 1) // STREAMS_PER_SEED - 1
+
+
 def key(seed: int, stream: int) -> jax.Array:
-  return jax.random.key(seed + stream)
+  """The key of stream `stream` of the run seeded `seed` (0 <= seed <= MAX_SEED)."""
+  return jax.random.key(seed * STREAMS_PER_SEED + stream)
 
 
 def step_key(base: jax.Array, step: int) -> jax.Array:

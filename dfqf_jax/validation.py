@@ -3,7 +3,7 @@ import os
 
 import jax
 
-from dfqf_jax import baselines, data, integer, quant, storage
+from dfqf_jax import baselines, data, integer, quant, rng, storage
 from dfqf_jax.config_fields import ADVERSARIAL_FIELDS
 from dfqf_jax.errors import UserError
 from dfqf_jax.image_sources import IMAGES
@@ -62,7 +62,14 @@ def field_value(config, field: str):
   return node
 
 
+def seed(config) -> None:
+  value = config.seed
+  if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= rng.MAX_SEED:
+    _fail("seed", value, f"an integer from 0 to {rng.MAX_SEED}")
+
+
 def common(config, splits=("train", "test")) -> None:
+  seed(config)
   one_of(config, "data.name", sorted(data.DATASETS))
   one_of(config, "model.depth", DEPTHS)
   one_of(config, "compute_dtype", COMPUTE_DTYPES)

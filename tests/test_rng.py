@@ -1,8 +1,30 @@
-"""The random streams: a step's key does not depend on how it is computed."""
+"""The random streams: one key per (seed, stream), seed 0's as they always were, and a step's
+key does not depend on how it is computed."""
 import jax
 import numpy as np
 
 from dfqf_jax import rng
+
+STREAMS = (rng.INIT, rng.STAGE1_LATENTS, rng.GRID_LATENTS, rng.CALIBRATION_LATENTS,
+           rng.FINETUNE_LATENTS)
+
+
+def key_bits(seed: int, stream: int) -> tuple:
+  return tuple(np.asarray(jax.random.key_data(rng.key(seed, stream))).tolist())
+
+
+def test_no_two_seeds_share_a_stream():
+  """Seed s + 1's initial weights are not seed s's stage-1 latents (as with key(seed +
+  stream)), nor any other pair, up to the largest seed config validation lets through."""
+  seeds = (0, 1, 2, 3, 4, 5, 999, 1000, rng.MAX_SEED)
+  keys = [key_bits(seed, stream) for seed in seeds for stream in STREAMS]
+  assert len(set(keys)) == len(keys)
+
+
+def test_seed_0_keeps_the_keys_of_every_run_before_seeds_were_separated():
+  for stream in STREAMS:
+    assert key_bits(0, stream) == tuple(
+        np.asarray(jax.random.key_data(jax.random.key(stream))).tolist())
 
 
 def test_a_step_key_is_fold_in_of_the_stream_key():

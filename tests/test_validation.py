@@ -54,6 +54,10 @@ CASES = {
                                        ["config.batch_size=12", "multiple of the 8 devices"]),
     "non-positive learning rate": (TEACHER_SMOKE, ["--config.learning_rate=0"],
                                    ["config.learning_rate=0"]),
+    "negative seed": (TEACHER_SMOKE, ["--config.seed=-1"],
+                      ["config.seed=-1", "an integer from 0 to 4294966"]),
+    "seed past the random keys": ("configs/pipeline.py:smoke", ["--config.seed=4294967"],
+                                  ["config.seed=4294967", "an integer from 0 to 4294966"]),
     "unknown depth": (TEACHER_SMOKE, ["--config.model.depth=18"], ["config.model.depth=18"]),
     "unknown compute dtype": (TEACHER_SMOKE, ["--config.compute_dtype=float16"],
                               ["config.compute_dtype='float16'", "bfloat16"]),
@@ -142,6 +146,27 @@ def test_a_generator_checkpoint_without_its_width_is_the_reference_width():
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"width=128 \(not recorded.*, but this run has width=16"):
     checkpoints.check_compatible(old, {**old, "width": 16}, "generator")
+
+
+def test_a_checkpoint_resumes_only_with_its_own_seed(generator_workdir, tmp_path, small_data):
+  workdir = copy_workdir(generator_workdir, tmp_path / "run")  # seed 0
+  before = sorted(os.listdir(workdir / "generator"))
+  result = run_in_process(GENERATOR_SMOKE, workdir, *SMALL_TEACHER_ARGS,
+                          f"--config.data.dir={small_data}", "--config.seed=2")
+  assert_clean_failure(result, workdir, "checkpoint of seed 0, but this run has seed 2",
+                       "--config.seed=0")
+  assert sorted(os.listdir(workdir / "generator")) == before
+
+
+def test_a_checkpoint_that_does_not_record_its_seed_resumes_only_with_seed_0():
+  """Written before checkpoints recorded their seed, when seeds >= 1 drew other streams
+  (rng.py): seed 0's streams are unchanged, any other seed's are not."""
+  old = {"arch": "dafl_generator", "latent_dim": 1000, "width": 128}
+  checkpoints.check_compatible(old, {**old, "seed": 0}, "generator")
+  checkpoints.check_compatible({**old, "seed": 1}, {**old, "seed": 1}, "generator")
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"does not record its seed .* resuming it with seed 1 would not"):
+    checkpoints.check_compatible(old, {**old, "seed": 1}, "generator")
 
 
 @pytest.mark.parametrize("job, overrides", [(GENERATOR_SMOKE, []),

@@ -229,7 +229,7 @@ def run(config, workdir: str, sources: dict | None = None) -> None:
       steps=total_steps, batch_size=config.batch_size)
   if source is not None:
     meta["images"] = config.images
-  meta.update(total_steps=total_steps, lineage=lineage)
+  meta.update(total_steps=total_steps, lineage=lineage, seed=config.seed)
   if config.adversarial_generator:
     meta["generator_loss_weights"] = {field: config[field] for field in ADVERSARIAL_FIELDS}
   meta = {**meta, "classifiers": {name: meta}}

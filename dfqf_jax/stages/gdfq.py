@@ -178,7 +178,7 @@ def run(config, workdir: str) -> None:
   mesh = parallel.make_mesh()
   lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
   meta = {**stage_meta(config, teacher_meta), "total_steps": config.warmup_steps,
-          "lineage": lineage}
+          "lineage": lineage, "seed": config.seed}
   checkpoints.check_lineage(stage_dir, STAGE_DIR, lineage, config.on_stale_upstream)
   dtype = training.compute_dtype(config)
   num_classes = teacher_meta["num_classes"]

@@ -134,7 +134,8 @@ def run(config, workdir: str) -> None:
 
   total_steps = total_steps_of(config)
   lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
-  meta = {**stage_meta(config, teacher_meta), "total_steps": total_steps, "lineage": lineage}
+  meta = {**stage_meta(config, teacher_meta), "total_steps": total_steps, "lineage": lineage,
+          "seed": config.seed}
   checkpoints.check_lineage(stage_dir, "generator", lineage, config.on_stale_upstream)
   print("generator: initializing the generator and the student (compiling)", file=sys.stderr,
         flush=True)

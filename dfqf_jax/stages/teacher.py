@@ -75,7 +75,7 @@ def run(config, workdir: str) -> None:
   total_steps = config.num_steps or config.num_epochs * per_epoch
   meta = classifiers.classifier_meta(config.model.depth, config.data.name, mean, std,
                                      source="trained", model_name="teacher",
-                                     total_steps=total_steps)
+                                     total_steps=total_steps, seed=config.seed)
   state, step_fn = create_state_and_step(config, per_epoch, mesh)
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
   state, start = training.resume(ckpt, stage_dir, state, meta, "teacher")

@@ -155,7 +155,8 @@ def run(config, workdir: str) -> None:
   classifiers.check_teacher_depth(config, teacher_meta)
   lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
   total_steps = total_steps_of(config)
-  meta = {**stage_meta(config, teacher_meta), "total_steps": total_steps, "lineage": lineage}
+  meta = {**stage_meta(config, teacher_meta), "total_steps": total_steps, "lineage": lineage,
+          "seed": config.seed}
   checkpoints.check_lineage(stage_dir, "zeroq", lineage, config.on_stale_upstream)
   state = jax.jit(lambda key: initial_state(config, key))(rng.key(config.seed, rng.INIT))
   ckpt = checkpoints.manager(stage_dir, config.checkpoint_every_steps)
