@@ -157,7 +157,7 @@ def table(records: dict, schedule_of) -> str:
     in_part = [r for r in rows if r["part"] == part]
     lines += [f"Like for like: teacher ResNet-{depth} {_points(teacher_top1)}% (the same for every "
               f"run), schedule {schedule or '?'}" + (f" with {recipe}" if recipe else "") +
-              ", images' source the only change; "
+              ", images' source the only change; " +
               "; ".join(sorted({r["hardware"] for r in in_part})), "",
               "| images | bits | protocol | runs | top-1 mean ± std | min / max | each run "
               "(seed: top-1) | `ft` start (each run) | compute per run, s (image stage of its "
