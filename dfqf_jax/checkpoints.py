@@ -151,8 +151,11 @@ def is_finished(meta: dict, step: int) -> bool:
 
 
 def origin(what: str, step: int, state, meta: dict) -> dict:
+  """What a stage built on this checkpoint records of it (its seed, where recorded: a stage
+  run on its own may build on another seed's product, and its lineage says so)."""
   return {"stage": what, "step": int(step), "fingerprint": fingerprint(state),
-          "finished": is_finished(meta, step)}
+          "finished": is_finished(meta, step),
+          **({"seed": meta["seed"]} if "seed" in meta else {})}
 
 
 def describe_origin(entry: dict) -> str:
@@ -200,9 +203,9 @@ WHEN_UNRECORDED = {"dafl_generator": {"width": REFERENCE_WIDTH},
 
 
 def check_seed(saved: dict, expected: dict, directory: str) -> None:
-  """Refuses to resume a checkpoint with another seed's random streams. One written before
-  checkpoints recorded their seed is seed 0's, whose streams have not changed, or of a seed
-  whose streams have (rng.py): it resumes only with seed 0."""
+  """Refuses to resume (or keep) a checkpoint of another seed's random streams. A checkpoint
+  written before they recorded their seed may be of any seed; only seed 0's streams are the
+  same since (rng.py), so it resumes only with seed 0."""
   if "seed" not in expected or saved.get("seed", 0) == expected["seed"]:
     return
   if "seed" in saved:
@@ -217,7 +220,6 @@ def check_seed(saved: dict, expected: dict, directory: str) -> None:
 
 def check_compatible(saved: dict, expected: dict, directory: str) -> None:
   """Refuses to resume (or overwrite) a checkpoint written for another model or seed."""
-  check_seed(saved, expected, directory)
   assumed = WHEN_UNRECORDED.get(saved.get("arch"), {})
   for key in IDENTITY_KEYS:
     value = saved.get(key, assumed.get(key))
@@ -226,3 +228,4 @@ def check_compatible(saved: dict, expected: dict, directory: str) -> None:
       raise CheckpointError(
           f"{directory!r} holds a checkpoint with {key}={value!r}{said}, but this run has "
           f"{key}={expected[key]!r}; use another --workdir or the matching config.")
+  check_seed(saved, expected, directory)

@@ -12,6 +12,7 @@ Read from run records (`--config.record_to`).
 import os
 import re
 import statistics
+import sys
 
 from dfqf_jax import top1
 
@@ -35,8 +36,11 @@ def recipe_of(record: dict) -> str:
                   if name not in PER_RUN_SETTINGS and "_every_" not in name)
 
 
-def seed_of(record: dict) -> int:
-  """The pipeline seed the record's command set (--config.seed=N), else the default 0."""
+def seed_of(record: dict, entry: dict) -> int:
+  """The student's seed as its checkpoint recorded it, else (records written before) the
+  seed the record's command set (--config.seed=N), else the default 0."""
+  if "seed" in entry:
+    return entry["seed"]
   match = re.search(r"--config\.seed=(\d+)", record.get("command", ""))
   return int(match.group(1)) if match else 0
 
@@ -64,19 +68,33 @@ def students(records: dict):
       yield path, record, results, name, entry
 
 
+def foreign_seeds(entry: dict, seed: int) -> list[str]:
+  """The upstream checkpoints of the student (its lineage) that recorded a seed other than
+  its own, e.g. a fine-tuning run on its own built on another seed's generator."""
+  return [f"{stage} of seed {origin['seed']}" for stage, origin in
+          sorted(entry.get("lineage", {}).items()) if origin.get("seed", seed) != seed]
+
+
 def runs(records: dict, schedule_of) -> list[dict]:
   """One entry per fine-tuned student in the records (path -> run record); a student that
-  several records of one workdir hold is counted once; stale students are left out."""
+  several records of one workdir hold is counted once; stale students are left out, and so
+  (with one line on stderr) is a student built on another seed's checkpoints: it is no
+  independent run of its seed."""
   found = []
   for path, record, results, name, entry in students(records):
     if "stale" in entry:
+      continue
+    seed = seed_of(record, entry)
+    if foreign_seeds(entry, seed):
+      print(f"{path}: {name} (seed {seed}) left out of the like-for-like table: built on "
+            f"{', '.join(foreign_seeds(entry, seed))}", file=sys.stderr)
       continue
     teacher = results.get("teacher", {})
     source = entry.get("images", "dfqf")
     source_seconds = record.get("stage_folder_wall_seconds", {}).get(SOURCE_STAGES[source])
     found.append({
         "source": source, "bits": (entry["weight_bits"], entry["act_bits"]),
-        "protocol": entry["protocol"], "seed": seed_of(record), "top1": top1.percent(entry),
+        "protocol": entry["protocol"], "seed": seed, "top1": top1.percent(entry),
         "start": start_of(record, name), "finetune_seconds": entry.get("stage_wall_seconds"),
         "source_seconds": source_seconds,
         "part": (top1.percent(teacher), teacher.get("depth"), schedule_of(record),
@@ -123,7 +141,7 @@ def differences(rows: list[dict]) -> list[str]:
   the higher mean first; none where no cell has two sources."""
   order = list(SOURCE_NAMES)
   lines = []
-  cells = sorted({(r["bits"], r["protocol"]) for r in rows}, key=lambda c: (-c[0][0], c[1]))
+  cells = sorted({(r["bits"], r["protocol"]) for r in rows}, key=lambda c: (-c[0][0], -c[0][1], c[1]))
   for bits, protocol in cells:
     tops = {}
     for r in sorted(rows, key=lambda r: order.index(r["source"])):
@@ -164,7 +182,7 @@ def table(records: dict, schedule_of) -> str:
               "workdir, shared by its students, + fine-tuning) |",
               "|---|---|---|---:|---:|---:|---|---|---|"]
     cells = sorted({(r["source"], r["bits"], r["protocol"]) for r in in_part},
-                   key=lambda c: (-c[1][0], order.index(c[0]), c[2]))
+                   key=lambda c: (-c[1][0], -c[1][1], order.index(c[0]), c[2]))
     for source, bits, protocol in cells:
       group = sorted((r for r in in_part if (r["source"], r["bits"], r["protocol"]) ==
                       (source, bits, protocol)), key=lambda r: r["seed"])

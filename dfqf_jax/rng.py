@@ -20,9 +20,10 @@ FINETUNE_LATENTS = 4  # z of fine-tuning step i: fold_in(key, i)
 VALIDATION_SPLIT = 7  # NumPy: which training images are held out (data.train_validation_split)
 
 
-STREAMS_PER_SEED = 1000
-# jax.random.key takes the seed modulo 2**32 (without x64), so larger seeds would share keys.
-MAX_SEED = (2**32 - 1) // STREAMS_PER_SEED - 1
+STREAMS_PER_SEED = 1000  # the block of stream numbers each seed owns (7 in use)
+# jax.random.key takes its int modulo 2**32 (without x64): the largest seed whose whole block
+# of streams stays below 2**32, so that no key wraps around onto another seed's.
+MAX_SEED = (2**32 - STREAMS_PER_SEED) // STREAMS_PER_SEED
 
 
 def key(seed: int, stream: int) -> jax.Array:

@@ -69,6 +69,39 @@ def test_a_difference_is_a_finding_only_beyond_the_larger_seed_spread():
        "beyond the spread, every run above every run |"]]
 
 
+def test_a_difference_within_the_spread_is_no_finding_even_with_disjoint_ranges():
+  rows = differences_of({"dfqf": [0.90, 0.91, 0.95],  # 92.00 ± 2.65
+                         "zeroq": [0.895, 0.896, 0.897],  # 89.60 ± 0.10, all below DFQF's
+                         "gdfq": [0.90, 0.92, 0.94]})  # 92.00 ± 2.00: equal means
+  assert rows[0] == ["DFQF − GDFQ", "+0.00", "2.65", "overlap",
+                     "within the spread: no finding |"]
+  assert rows[1] == ["DFQF − ZeroQ", "+2.40", "2.65", "disjoint",
+                     "within the spread: no finding |"]
+
+
+def test_a_student_built_on_another_seeds_images_is_no_run_of_its_seed(capsys):
+  own = record("gdfq", 1, {"student_w4a4_standard_gdfq": (4, "standard", 0.90, 0.85)}, "g1")
+  borrowed = record("gdfq", 2, {"student_w4a4_standard_gdfq": (4, "standard", 0.91, 0.85)},
+                    "g2")
+  for rec, upstream_seed in ((own, 1), (borrowed, 1)):
+    rec["results"]["student_w4a4_standard_gdfq"]["lineage"] = {
+        "gdfq_generator": {"stage": "gdfq_generator", "seed": upstream_seed}}
+  rows = like_for_like.runs({"own.json": own, "borrowed.json": borrowed}, report.schedule_of)
+  assert [(r["seed"], r["top1"]) for r in rows] == [(1, 90.0)]
+  assert ("borrowed.json: student_w4a4_standard_gdfq (seed 2) left out of the like-for-like "
+          "table: built on gdfq_generator of seed 1") in capsys.readouterr().err
+
+
+def test_cells_are_ordered_by_weight_then_activation_bits():
+  records = {f"dfqf_{a}.json": record("dfqf", 0, {f"student_w4a{a}": (4, "dfqf", 0.9, 0.8)},
+                                      f"d{a}") for a in (2, 8, 4)}
+  for a, rec in zip((2, 8, 4), records.values()):
+    rec["results"][f"student_w4a{a}"]["act_bits"] = a
+  rows = [line.split(" | ")[1] for line in like_for_like.table(records, report.schedule_of)
+          .splitlines() if line.startswith("| DFQF")]
+  assert rows == ["W4A8", "W4A4", "W4A2"]
+
+
 def test_a_cell_of_one_run_has_no_spread_to_judge_a_difference_by():
   rows = differences_of({"dfqf": [0.90], "zeroq": [0.80, 0.81, 0.82]})
   assert rows == [["DFQF − ZeroQ", "+9.00", "–", "–",

@@ -104,6 +104,8 @@ def assert_rerun_is_bit_identical_to_straight(stage, tmp_path, interrupted_at):
   expected, final_step = final_state(straight, stage)
   got, step = final_state(interrupted, stage)
   assert step == final_step
+  _, meta, _ = checkpoints.load_product(os.path.join(interrupted, stage), stage)
+  assert meta["seed"] == 0  # recorded: a rerun with another seed is refused
   calibrated_start = [0] if stage.startswith("student_") else []  # the PTQ starting point
   assert logged_steps(interrupted, stage) == calibrated_start + list(range(1, final_step + 1))
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):

@@ -21,6 +21,15 @@ def test_no_two_seeds_share_a_stream():
   assert len(set(keys)) == len(keys)
 
 
+def test_the_largest_seed_is_the_last_whose_streams_do_not_wrap_around_2_to_the_32():
+  """jax.random.key takes its int modulo 2**32: one seed past MAX_SEED, some of its block of
+  streams would be seed 0's keys."""
+  last_key = lambda seed: seed * rng.STREAMS_PER_SEED + rng.STREAMS_PER_SEED - 1
+  assert last_key(rng.MAX_SEED) < 2**32 <= last_key(rng.MAX_SEED + 1)
+  wrapped = (rng.MAX_SEED + 1) * rng.STREAMS_PER_SEED + rng.STREAMS_PER_SEED - 1 - 2**32
+  assert key_bits(rng.MAX_SEED + 1, rng.STREAMS_PER_SEED - 1) == key_bits(0, wrapped)
+
+
 def test_seed_0_keeps_the_keys_of_every_run_before_seeds_were_separated():
   for stream in STREAMS:
     assert key_bits(0, stream) == tuple(

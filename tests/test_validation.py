@@ -158,6 +158,17 @@ def test_a_checkpoint_resumes_only_with_its_own_seed(generator_workdir, tmp_path
   assert sorted(os.listdir(workdir / "generator")) == before
 
 
+def test_a_ptq_model_is_kept_only_for_its_own_seed(generator_workdir, tmp_path, small_data):
+  workdir = copy_workdir(generator_workdir, tmp_path / "run")
+  args = [*SMALL_TEACHER_ARGS, f"--config.data.dir={small_data}", "--config.calibration=max"]
+  assert run_in_process("configs/ptq.py:w4a4,smoke", workdir, *args).returncode == 0
+  before = sorted(os.listdir(workdir))
+  result = run_in_process("configs/ptq.py:w4a4,smoke", workdir, *args, "--config.seed=1")
+  assert_clean_failure(result, workdir, "ptq_w4a4_max", "checkpoint of seed 0",
+                       "this run has seed 1")
+  assert sorted(os.listdir(workdir)) == before
+
+
 def test_a_checkpoint_that_does_not_record_its_seed_resumes_only_with_seed_0():
   """Written before checkpoints recorded their seed, when seeds >= 1 drew other streams
   (rng.py): seed 0's streams are unchanged, any other seed's are not."""

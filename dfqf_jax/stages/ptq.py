@@ -37,7 +37,8 @@ def models_to_build(config, workdir: str, lineage: dict, methods: list[str]) -> 
       stage_dir = os.path.join(workdir, name)
       checkpoints.check_lineage(stage_dir, name, lineage, config.on_stale_upstream)
       if checkpoints.exists(stage_dir):
-        checkpoints.load_product(stage_dir, name)
+        _, meta, _ = checkpoints.load_product(stage_dir, name)
+        checkpoints.check_seed(meta, {"seed": config.seed}, stage_dir)
       else:
         to_build.append((spec, method, name, stage_dir))
   return to_build
@@ -77,7 +78,7 @@ def run(config, workdir: str) -> None:
           act_bits=spec.act_bits, protocol=spec.protocol, calibration=method,
           calibration_data=config.calibration_data,
           calibration_images=len(batches) * config.calibration_batch_size,
-          total_steps=0, lineage=lineage)
+          total_steps=0, lineage=lineage, seed=config.seed)
       with signals.deferred():  # a model saved is a model whose wall time is counted
         mngr = checkpoints.manager(stage_dir)
         checkpoints.save(mngr, 0, variables, meta, force=True)
