@@ -85,9 +85,10 @@ def runs(records: dict, schedule_of) -> list[dict]:
     if "stale" in entry:
       continue
     seed = seed_of(record, entry)
-    if foreign_seeds(entry, seed):
+    foreign = foreign_seeds(entry, seed)
+    if foreign:
       print(f"{path}: {name} (seed {seed}) left out of the like-for-like table: built on "
-            f"{', '.join(foreign_seeds(entry, seed))}", file=sys.stderr)
+            f"{', '.join(foreign)}", file=sys.stderr)
       continue
     teacher = results.get("teacher", {})
     source = entry.get("images", "dfqf")
@@ -118,6 +119,11 @@ def _seconds(value) -> str:
   return "?" if value is None else f"{value:.0f}"
 
 
+def _bits_first(bits: tuple) -> tuple:
+  """Sort key: wider weights first, then wider activations."""
+  return (-bits[0], -bits[1])
+
+
 def _difference(better: list, worse: list) -> list[str]:
   """Cells of one pair's row: the difference of the means, the larger standard deviation,
   whether the ranges overlap, and what that makes of the difference."""
@@ -141,7 +147,8 @@ def differences(rows: list[dict]) -> list[str]:
   the higher mean first; none where no cell has two sources."""
   order = list(SOURCE_NAMES)
   lines = []
-  cells = sorted({(r["bits"], r["protocol"]) for r in rows}, key=lambda c: (-c[0][0], -c[0][1], c[1]))
+  cells = sorted({(r["bits"], r["protocol"]) for r in rows},
+                 key=lambda c: (_bits_first(c[0]), c[1]))
   for bits, protocol in cells:
     tops = {}
     for r in sorted(rows, key=lambda r: order.index(r["source"])):
@@ -182,7 +189,7 @@ def table(records: dict, schedule_of) -> str:
               "workdir, shared by its students, + fine-tuning) |",
               "|---|---|---|---:|---:|---:|---|---|---|"]
     cells = sorted({(r["source"], r["bits"], r["protocol"]) for r in in_part},
-                   key=lambda c: (-c[1][0], -c[1][1], order.index(c[0]), c[2]))
+                   key=lambda c: (_bits_first(c[1]), order.index(c[0]), c[2]))
     for source, bits, protocol in cells:
       group = sorted((r for r in in_part if (r["source"], r["bits"], r["protocol"]) ==
                       (source, bits, protocol)), key=lambda r: r["seed"])
