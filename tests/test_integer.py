@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cli import FAST_COMPILE_XLA_FLAGS, run_main
+from cli import FAST_COMPILE_XLA_FLAGS, run_in_process
 from conftest import TEACHER_WEIGHTS, write_small_split
 from dfqf_jax import calibration, checkpoints, classifiers, convert, data, integer, validation
 from dfqf_jax import quant as q
@@ -323,7 +323,7 @@ def test_bad_input(case, exported, tiny_data, tmp_path):
     shutil.copytree(workdir / "export" / "student_w8a8", workdir / "export" / "student_w4a4")
     phrases = ["holds an export of another model", "weight_bits=8", "not overwritten"]
   before = snapshot(workdir)
-  assert_one_error_line(run_main(*args), *phrases)
+  assert_one_error_line(run_in_process(*args), *phrases)
   assert snapshot(workdir) == before
   if case == "another bit width":  # evaluate reads a W4A4 graph with W8A8 weight codes
     exports_only = tmp_path / "exports_only"
@@ -331,7 +331,7 @@ def test_bad_input(case, exported, tiny_data, tmp_path):
     folder = exports_only / "export" / "student_w4a4"
     shutil.copy(source / "export" / "student_w4a4" / "model.json", folder / "model.json")
     before = snapshot(exports_only)
-    assert_one_error_line(run_main("configs/evaluate.py", exports_only,
+    assert_one_error_line(run_in_process("configs/evaluate.py", exports_only,
                                    f"--config.data.dir={tiny_data}"),
                           "(W4A4, dfqf)", "another bit width")
     assert snapshot(exports_only) == before

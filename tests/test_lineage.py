@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from cli import environment, main_command, run_main
+from cli import environment, main_command, run_in_process, run_main
 from conftest import REPO, TEACHER_WEIGHTS, prepared_once
 
 from dfqf_jax import checkpoints
@@ -19,7 +19,7 @@ DOWNSTREAM_PREFIXES = ("student_", "ptq_")
 # One worker runs these tests: they share one prepared pipeline, which another worker would
 # wait for, idle. Its runs are main.py subprocesses on one device: the rerun reuses what the
 # stopped run compiled (the compilation cache), and a smoke pipeline costs less there than
-# on this process's 8 devices.
+# on this process's 8 devices. A refusal compiles nothing: it runs in this process.
 pytestmark = pytest.mark.xdist_group("lineage")
 
 
@@ -137,11 +137,12 @@ def test_a_generator_trained_further_makes_the_pipeline_rebuild_what_was_built_o
   assert after["step"] == 14 and after["fingerprint"] != before["fingerprint"]
 
   # A single stage stops and says how to fix it; the pipeline rebuilds.
-  alone = run_main("configs/finetune.py:w4a4", workdir, f"--config.data.dir={small_data}")
+  alone = run_in_process("configs/finetune.py:w4a4", workdir, f"--config.data.dir={small_data}")
   assert alone.returncode == 2
   error = [line for line in alone.stderr.splitlines() if line.startswith("error: ")]
   assert len(error) == 1, alone.stderr[-2000:]
-  assert "was built from generator step 12" in error[0] and "now holds generator step 14" in error[0]
+  assert "was built from generator step 12" in error[0]
+  assert "now holds generator step 14" in error[0]
   assert "delete that folder" in error[0]
   # Evaluation alone scores the models left over and marks them, with no drop vs the teacher.
   scored = run_main("configs/evaluate.py", workdir, f"--config.data.dir={small_data}")
