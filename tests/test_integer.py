@@ -332,6 +332,6 @@ def test_bad_input(case, exported, tiny_data, tmp_path):
     shutil.copy(source / "export" / "student_w4a4" / "model.json", folder / "model.json")
     before = snapshot(exports_only)
     assert_one_error_line(run_in_process("configs/evaluate.py", exports_only,
-                                   f"--config.data.dir={tiny_data}"),
+                                         f"--config.data.dir={tiny_data}"),
                           "(W4A4, dfqf)", "another bit width")
     assert snapshot(exports_only) == before
