@@ -13,7 +13,6 @@ one invocation share a `run_id`.
 """
 import argparse
 import ctypes
-import datetime
 import json
 import os
 import platform
@@ -31,7 +30,7 @@ sys.path.insert(0, REPO)
 from configs import finetune as finetune_config  # noqa: E402  (no JAX import)
 from configs import generator as generator_config  # noqa: E402
 from configs import teacher as teacher_config  # noqa: E402
-from dfqf_jax.provenance import cpu_model, git_state  # noqa: E402  (no JAX import either)
+from dfqf_jax.provenance import cpu_model, git_state, utc_date  # noqa: E402  (no JAX import either)
 
 STAGES = ("teacher", "generator", "finetune", "evaluate")
 IMPLS = ("jax", "torch")
@@ -248,7 +247,7 @@ def measure(impl, stage, passes, args) -> dict:
   record.update(
       cpu_model=cpu_model(), cpu_count=os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""),
       python=platform.python_version(), commit=commit, dirty=dirty,
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      date=utc_date(),
       run_id=args.run_id, tag=args.tag)
   return record
 

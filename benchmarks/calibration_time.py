@@ -13,7 +13,6 @@ of the recording forward pass included; appends one JSON line.
 commit) with this same script.
 """
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -47,7 +46,7 @@ def main(argv=None):
 
   from dfqf_jax import calibration, convert, data
   from dfqf_jax import quant as q
-  from dfqf_jax.provenance import cpu_model, git_state
+  from dfqf_jax.provenance import cpu_model, git_state, utc_date
 
   teacher = convert.torch_resnet_to_flax(convert.load_state_dict_npz(args.weights), 20, 10)
   train = data.load_split("cifar10", "train", args.data_dir)
@@ -89,7 +88,7 @@ def main(argv=None):
          "timed_repo": os.path.abspath(args.repo), "commit": commit, "dirty": dirty,
          "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
          "num_devices": jax.device_count(), "tag": args.tag,
-         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+         "date": utc_date()}
   print(json.dumps(row))
   with open(args.out, "a") as f:
     f.write(json.dumps(row) + "\n")

@@ -10,7 +10,6 @@ so a backend whose gradient passes are slower than its forward pass loses most o
 in training while it may still win at evaluation.
 """
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -23,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 from benchmark import append_jsonl  # noqa: E402
-from dfqf_jax.provenance import cpu_model, git_state  # noqa: E402
+from dfqf_jax.provenance import cpu_model, git_state, utc_date  # noqa: E402
 
 # (height = width, in channels, out channels, stride) of ResNet-20's 3x3 convolutions, and
 # how many of each shape the network has.
@@ -103,7 +102,7 @@ def main(argv=None) -> int:
                  default=os.path.join(REPO, "experiments", "benchmarks", "conv_profile.jsonl"))
   args = p.parse_args(argv)
   commit, dirty = git_state()
-  date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  date = utc_date()
   for impl in args.impl.split(","):
     make = jax_passes if impl == "jax" else torch_passes
     for size, c_in, c_out, stride, count in RESNET20_CONVS:

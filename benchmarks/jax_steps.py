@@ -102,7 +102,8 @@ def _calibrated_student(config, teacher_vars, generator, g_vars):
   spec = q.QuantSpec(w, a, config.protocol)
   teacher_meta = {"depth": config.model.depth, "num_classes": data.num_classes(config.data.name)}
   teacher_vars = jax.device_get(teacher_vars)
-  z = sample_latent(rng.key(config.seed, rng.CALIBRATION_LATENTS), CALIBRATION_BATCH, generator.latent_dim)
+  z = sample_latent(rng.key(config.seed, rng.CALIBRATION_LATENTS), CALIBRATION_BATCH,
+                    generator.latent_dim)
   images = generator.apply(g_vars, z, train=True, mutable=["batch_stats"])[0]
   summaries = calibration.summarize(teacher_vars, teacher_meta["depth"],
                                     teacher_meta["num_classes"], [images], [config.calibration])
@@ -137,14 +138,16 @@ def evaluate_step(batch: int, dtype, mesh, depth: int) -> Step:
   inputs = parallel.global_batch(mesh, {k: v[rows] for k, v in inputs.items()})
   return Step(classifiers.count_correct,
               (model, variables, inputs["images"], inputs["labels"], inputs["valid"],
-               tuple(config.data.mean), tuple(config.data.std)), False)
+               data.CIFAR_MEAN, data.CIFAR_STD), False)
 
 
 def build(stage: str, batch: int, dtype: str, student_passes: int, depth: int = 20) -> Step:
   """The stage's step for a ResNet-`depth` (the benchmark's rows are ResNet-20's)."""
   parallel.use_cpu_cores()  # the devices main.py would use
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(f"--{stage}-batch", batch)
+  if batch % jax.device_count():
+    raise ValueError(f"--{stage}-batch={batch} is not divisible by the {jax.device_count()} "
+                     f"devices; use a multiple of {jax.device_count()}.")
   dtype = jnp.dtype(dtype)
   if stage == "generator":
     return generator_step(batch, dtype, mesh, depth, student_passes)

@@ -1,8 +1,6 @@
 """Fields shared by every job's config."""
 import ml_collections
 
-from dfqf_jax import data
-
 
 def base_config(stage: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -17,12 +15,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   config.data.tfds = ml_collections.ConfigDict()
   config.data.tfds.dataset = ""  # TFDS name ("cifar10", "cifar100:3.0.2"); "" = data.name
   config.data.tfds.data_dir = ""  # TFDS data dir, local or gs://; "" = ~/tensorflow_datasets
-  # Normalization the teacher expects (CIFAR statistics; the imported weights use ImageNet's).
-  config.data.mean = data.CIFAR_MEAN
-  config.data.std = data.CIFAR_STD
   # Training images held out for validation (model selection never uses the test split).
   config.data.validation_size = 0
-  config.data.augment = True
   config.model = ml_collections.ConfigDict()
   config.model.depth = 20
   # "bfloat16": mixed precision for the training steps (bfloat16 convolutions and matmuls;

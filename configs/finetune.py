@@ -26,6 +26,7 @@ def get_config(arg: str = "w4a4"):
   config.calibration_batches = 10
   config.calibration_batch_size = 128
   config.data_source = "generated"  # generated | real (the real-data QAT bound)
+  config.data.augment = True  # data_source='real': crop + flip of the training images
   # The generated images' source: dfqf (DIR/generator) | zeroq (DIR/zeroq's distilled set)
   # | gdfq (DIR/gdfq_generator, trained alongside with GDFQ's student loss).
   config.images = "dfqf"

@@ -11,6 +11,7 @@ from dfqf_jax import data
 def get_config():
   config = base_config("import_teacher")
   config.weights = ""
+  # The normalization the weights were trained with (recorded in the teacher's checkpoint).
   config.data.mean = data.IMAGENET_MEAN
   config.data.std = data.IMAGENET_STD
   return config

@@ -4,10 +4,16 @@ python main.py --config=configs/teacher.py --workdir=DIR --config.data.dir=../sh
 'cpu' is a short schedule for a 2-core CPU: same optimizer, 8 epochs, x0.1 at epochs 5 and 7.
 """
 from configs.common import base_config
+from dfqf_jax import data
 
 
 def get_config(schedule: str = "reference"):
   config = base_config("teacher")
+  # The normalization the teacher learns with (and later stages read from its checkpoint),
+  # and crop + flip augmentation of its training images.
+  config.data.mean = data.CIFAR_MEAN
+  config.data.std = data.CIFAR_STD
+  config.data.augment = True
   config.batch_size = 128
   config.learning_rate = 0.1
   config.momentum = 0.9

@@ -45,9 +45,14 @@ class CheckpointError(UserError, ValueError):
   """A checkpoint that is missing, unreadable or does not fit; the message says which."""
 
 
-def manager(directory: str, save_every_steps: int = 1, max_to_keep: int | None = 2):
+# Checkpoints a stage keeps: the latest and the one before it (what a rerun resumes from if
+# the latest was cut short).
+KEPT_CHECKPOINTS = 2
+
+
+def manager(directory: str, save_every_steps: int = 1):
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, save_interval_steps=max(1, save_every_steps), create=True)
+      max_to_keep=KEPT_CHECKPOINTS, save_interval_steps=max(1, save_every_steps), create=True)
   return ocp.CheckpointManager(storage.absolute(directory), options=options,
                                item_names=("state", "meta"))
 
@@ -55,6 +60,15 @@ def manager(directory: str, save_every_steps: int = 1, max_to_keep: int | None =
 def save(mngr, step: int, state, meta: dict, force: bool = False) -> bool:
   return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                  meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def save_once(directory: str, state, meta: dict) -> None:
+  """Saves a product made in one go (an imported or calibrated model) as step 0 of
+  `directory`, and returns once it is on storage."""
+  mngr = manager(directory)
+  save(mngr, 0, state, meta, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
 
 
 def restore(mngr, step: int, abstract_state):

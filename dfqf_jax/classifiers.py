@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfqf_jax import checkpoints, data, parallel
+from dfqf_jax import checkpoints, data, parallel, top1
 from dfqf_jax import quant as q
 from dfqf_jax.models.resnet import CifarResNet
 
@@ -23,7 +23,7 @@ def classifier_meta(depth: int, dataset: str, mean, std, quant: q.QuantSpec | No
 
 
 def classifier_from_meta(meta: dict, dtype=jnp.float32) -> CifarResNet:
-  spec = q.QuantSpec(**meta["quant"]) if meta.get("quant") else None
+  spec = q.QuantSpec.from_meta(meta)
   return CifarResNet(meta["depth"], meta["num_classes"], quant=spec, dtype=dtype)
 
 
@@ -89,8 +89,8 @@ def top1_evaluator(model, variables_of_state, splits: dict, mean, std, mesh,
     result = {"epoch": step / steps_per_epoch}
     for name, split in splits.items():
       if split is not None and len(split):
-        result[f"{prefix}{name}_top1_percent"] = top1_percent(model, variables, split, mean,
-                                                              std, mesh)
+        result[prefix + name + top1.METRIC_SUFFIX] = top1_percent(model, variables, split,
+                                                                  mean, std, mesh)
     return result
 
   return evaluate
@@ -114,11 +114,20 @@ def classifiers_in(meta: dict) -> dict:
   return {}
 
 
-def check_teacher_depth(config, teacher_meta: dict) -> None:
-  """The stage's model.depth must be the teacher's: its students have the teacher's depth (a
-  quantized copy of it, or stage 1's full-precision student), so another one is a mistake."""
-  if config.model.depth != teacher_meta["depth"]:
+def load_stage_teacher(config, workdir: str):
+  """(model, variables, meta) of the teacher a stage builds on (config.teacher_dir or
+  DIR/teacher). The stage's model.depth must be the teacher's: its students have the
+  teacher's depth (a quantized copy of it, or stage 1's full-precision student), so another
+  one is a mistake."""
+  model, variables, meta = load_teacher(workdir, config.teacher_dir)
+  if config.model.depth != meta["depth"]:
     raise checkpoints.CheckpointError(
-        f"the teacher checkpoint is a ResNet-{teacher_meta['depth']} but "
+        f"the teacher checkpoint is a ResNet-{meta['depth']} but "
         f"config.model.depth={config.model.depth}; set --config.model.depth="
-        f"{teacher_meta['depth']} or point teacher_dir at a ResNet-{config.model.depth}.")
+        f"{meta['depth']} or point teacher_dir at a ResNet-{config.model.depth}.")
+  return model, variables, meta
+
+
+def teacher_identity(meta: dict) -> dict:
+  """What a product records of the teacher it was made for: depth, dataset, normalization."""
+  return {k: meta[k] for k in ("depth", "dataset", "mean", "std")}

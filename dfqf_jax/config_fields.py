@@ -17,8 +17,7 @@ ADVERSARIAL_FIELDS = {"lambda_is": "lambda_is", "lambda_bn": "lambda_bn",
                       "generator_learning_rate": "generator.learning_rate"}
 
 # Fields of every job config that the pipeline itself does not use (each stage has its own).
-STAGE_ONLY_FIELDS = ("log_every_steps", "checkpoint_every_steps", "on_stale_upstream",
-                     "data.mean", "data.std", "data.augment")
+STAGE_ONLY_FIELDS = ("log_every_steps", "checkpoint_every_steps", "on_stale_upstream")
 
 
 def split_path(field: str) -> tuple[list[str], str]:

@@ -2,7 +2,7 @@
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dfqf_jax import storage
+from dfqf_jax import data, storage
 
 
 def denormalize(images, mean, std) -> np.ndarray:
@@ -49,3 +49,12 @@ def save_png(path: str, array: np.ndarray, scale: int = 2, labels=(), label_widt
       draw.text((4, (row + 0.5) * row_height - 5), label, fill="black")
     grid = image
   storage.save_figure(lambda f: grid.save(f, format="png"), path)
+
+
+def save_class_grid(path: str, x, classes, teacher_meta: dict) -> None:
+  """A PNG of normalized images `x`, one row per class of `classes` (the teacher's
+  predictions, or a conditional generator's labels), each row named after its class."""
+  classes = np.asarray(classes)
+  pictures = denormalize(x, teacher_meta["mean"], teacher_meta["std"])
+  save_png(path, class_grid(pictures, classes, teacher_meta["num_classes"]),
+           labels=row_labels(classes, data.class_names(teacher_meta["dataset"])))

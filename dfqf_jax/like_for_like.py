@@ -104,7 +104,8 @@ def runs(records: dict, schedule_of) -> list[dict]:
   return found
 
 
-def _points(value) -> str:
+def points(value) -> str:
+  """A top-1 or a difference in points, as the tables print it ('–' for none)."""
   return "–" if value is None else f"{value:.2f}"
 
 
@@ -180,7 +181,7 @@ def table(records: dict, schedule_of) -> str:
   for part in sorted({r["part"] for r in rows}, key=str):
     teacher_top1, depth, schedule, recipe = part
     in_part = [r for r in rows if r["part"] == part]
-    lines += [f"Like for like: teacher ResNet-{depth} {_points(teacher_top1)}% (the same for every "
+    lines += [f"Like for like: teacher ResNet-{depth} {points(teacher_top1)}% (the same for every "
               f"run), schedule {schedule or '?'}" + (f" with {recipe}" if recipe else "") +
               ", images' source the only change; " +
               "; ".join(sorted({r["hardware"] for r in in_part})), "",
@@ -196,9 +197,9 @@ def table(records: dict, schedule_of) -> str:
       tops = [r["top1"] for r in group]
       lines.append(" | ".join([
           f"| {SOURCE_NAMES[source]}", f"W{bits[0]}A{bits[1]}", protocol, str(len(group)),
-          spread(tops), f"{_points(min(tops))} / {_points(max(tops))}",
-          ", ".join(f"{r['seed']}: {_points(r['top1'])}" for r in group),
-          ", ".join(_points(r["start"]) for r in group),
+          spread(tops), f"{points(min(tops))} / {points(max(tops))}",
+          ", ".join(f"{r['seed']}: {points(r['top1'])}" for r in group),
+          ", ".join(points(r["start"]) for r in group),
           ", ".join(f"{_seconds(r['source_seconds'])} + {_seconds(r['finetune_seconds'])}"
                     for r in group)]) + " |")
     lines.append("")

@@ -68,11 +68,3 @@ def replicate(mesh, tree):
   """Places a pytree (identical on every process) replicated on every device."""
   sharding = replicated(mesh)
   return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
-
-
-def check_batch_size(field: str, batch_size: int) -> None:
-  devices = jax.device_count()
-  if batch_size % devices:
-    raise ValueError(
-        f"{field}={batch_size} is not divisible by the {devices} devices; "
-        f"use a multiple of {devices}.")

@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +32,24 @@ def git_state() -> tuple[str, bool | None]:
   return head, bool(status.strip())
 
 
+def commit() -> str:
+  """HEAD (git_state), with '+dirty' when tracked files differ from it: a record's commit."""
+  head, dirty = git_state()
+  return head + ("+dirty" if dirty else "")
+
+
+def command_line() -> str:
+  """This process's command as a record states it: python and its arguments, after the
+  XLA and JAX platform settings it ran under."""
+  settings = [f"{k}={os.environ[k]}" for k in ("XLA_FLAGS", "JAX_PLATFORMS") if os.environ.get(k)]
+  return " ".join(settings + ["python"] + sys.argv)
+
+
+def utc_date() -> str:
+  """Now in UTC, to the second (ISO 8601): a record's date."""
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:
@@ -45,10 +64,10 @@ def cpu_model() -> str:
 def append_row(path: str, row: dict, tag: str) -> dict:
   """Prints `row` with where it came from (commit, CPU, tag, date) and appends it to the
   JSON-lines file `path`; returns it."""
-  commit, dirty = git_state()
-  row = {**row, "commit": commit, "dirty": dirty, "cpu_model": cpu_model(),
+  head, dirty = git_state()
+  row = {**row, "commit": head, "dirty": dirty, "cpu_model": cpu_model(),
          "cpu_count": os.cpu_count(), "tag": tag,
-         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+         "date": utc_date()}
   print(json.dumps(row))
   with open(path, "a") as f:
     f.write(json.dumps(row) + "\n")

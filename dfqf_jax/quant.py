@@ -241,11 +241,27 @@ class QuantSpec:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
             if f.name != "layer_rules" or self.layer_rules}
 
+  @classmethod
+  def from_meta(cls, meta: dict) -> "QuantSpec | None":
+    """The spec a checkpoint's metadata (or its results.json entry) stores as `quant`
+    (`meta()`); None for a full-precision model."""
+    return cls(**meta["quant"]) if meta.get("quant") else None
+
+  @classmethod
+  def of_export(cls, fields: dict) -> "QuantSpec":
+    """The spec of an integer export, from its graph's fields (integer.graph.build) or its
+    results.json entry."""
+    return cls(fields["weight_bits"], fields["act_bits"], fields["protocol"],
+               fields["edge_weight_bits"], fields.get("layer_rules", ""))
+
   def name_suffix(self) -> str:
     """What a model's folder name adds for this spec beyond its bits: '_<protocol>' unless
     dfqf (the reference's), '_<rules>' with command-line rules."""
     suffix = "" if self.protocol == "dfqf" else f"_{self.protocol}"
     return suffix + (f"_{rules_slug(self.layer_rules)}" if self.layer_rules else "")
+
+  def bits_name(self) -> str:
+    return bits_name(self.weight_bits, self.act_bits)
 
   def average_bits(self, layers) -> tuple[float, float]:
     """(weight bits, activation bits) averaged over `layers` = (path, weights, activations)
@@ -259,6 +275,15 @@ class QuantSpec:
       activations += act_bits * num_activations
       total_a += num_activations
     return weights / total_w, activations / total_a
+
+
+def ptq_name(spec: QuantSpec, calibration: str, calibration_data: str = "generated") -> str:
+  """A PTQ model's folder (and results.json) name:
+  ptq_w{W}a{A}_{calibration}_{protocol}[_{rules}][_real]."""
+  name = f"ptq_{spec.bits_name()}_{calibration}_{spec.protocol}"
+  if spec.layer_rules:
+    name += f"_{rules_slug(spec.layer_rules)}"
+  return name + ("_real" if calibration_data == "real" else "")
 
 
 def calibrate_clip(method: str, values, bits: int, signed: bool) -> float:

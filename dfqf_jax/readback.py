@@ -61,7 +61,7 @@ class Classifier(Model):
   @property
   def quant(self) -> q.QuantSpec | None:
     """Its quantization spec; None for a full-precision model."""
-    return q.QuantSpec(**self.meta["quant"]) if self.meta.get("quant") else None
+    return q.QuantSpec.from_meta(self.meta)
 
   def __call__(self, batch) -> jax.Array:
     """Logits of a batch of images [N, 32, 32, 3]: uint8, or float in [0, 1]; normalized
@@ -80,8 +80,7 @@ class IntegerClassifier(Classifier):
 
   @property
   def quant(self) -> q.QuantSpec:
-    return q.QuantSpec(self.meta["weight_bits"], self.meta["act_bits"], self.meta["protocol"],
-                       self.meta["edge_weight_bits"], self.meta.get("layer_rules", ""))
+    return q.QuantSpec.of_export(self.meta)
 
   def top1_percent(self, data_dir: str = "") -> float:
     split = data.load_split(self.meta["dataset"], "test", data_dir)
@@ -130,11 +129,8 @@ def _catalog(workdir: str) -> dict[str, tuple[str, str]]:
       catalog[os.path.basename(directory)] = (GENERATOR, directory)
     for name in classifiers.classifiers_in(meta):
       catalog[name] = ("classifier", directory)
-  root = os.path.join(workdir, integer.EXPORT_DIR)
-  for student in storage.listdir(root) if storage.isdir(root) else []:
-    folder = os.path.join(root, student)
-    if not student.startswith(".") and storage.isfile(os.path.join(folder, integer.GRAPH_FILE)):
-      catalog[scoring.EXPORT_PREFIX + student] = ("export", folder)
+  for student, folder in scoring.export_dirs(workdir).items():
+    catalog[scoring.EXPORT_PREFIX + student] = ("export", folder)
   return catalog
 
 

@@ -1,6 +1,5 @@
 """Run records for experiments/, results tables, curves and image grids."""
 import argparse
-import datetime
 import json
 import os
 import re
@@ -11,10 +10,8 @@ import jax
 from dfqf_jax import checkpoints, like_for_like, provenance, storage, top1, training
 from dfqf_jax import quant as q
 from dfqf_jax.errors import UserError, brief
+from dfqf_jax.like_for_like import points
 from dfqf_jax.models.resnet import layer_sizes
-
-STAGE_DIRS = ("teacher", "generator")
-
 
 def hardware() -> str:
   kind = jax.devices()[0].device_kind
@@ -23,15 +20,9 @@ def hardware() -> str:
           f"x{os.cpu_count()} threads")
 
 
-def git_commit() -> str:
-  """HEAD, with '+dirty' when tracked files differ from it."""
-  commit, dirty = provenance.git_state()
-  return commit + ("+dirty" if dirty else "")
-
-
 # Read when the process starts (main.py imports this module first): a run of hours can see
 # HEAD move on, and its record must name the code it imported, not the checkout's later state.
-COMMIT_AT_START = git_commit()
+COMMIT_AT_START = provenance.commit()
 
 
 def curves(workdir: str) -> dict:
@@ -52,12 +43,11 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
       entry: seconds for entry in storage.listdir(workdir)
       if (seconds := training.read_wall_time(os.path.join(workdir, entry))) is not None}
   record = {
-      "command": " ".join([f"{k}={os.environ[k]}" for k in ("XLA_FLAGS", "JAX_PLATFORMS")
-                           if os.environ.get(k)] + ["python"] + sys.argv),
+      "command": provenance.command_line(),
       "commit": COMMIT_AT_START,
       "hardware": hardware(),
       "wall_seconds": round(wall_seconds, 1),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "date": provenance.utc_date(),
       "workdir": storage.absolute(workdir),
       "results": results,
       "stage_wall_seconds": {name: r.get("stage_wall_seconds") for name, r in results.items()},
@@ -135,8 +125,9 @@ def plot_curves(workdir: str, path: str) -> list[str]:
 def write_report(workdir: str, results: dict, schedule: str) -> str:
   """DIR/report.md: one table (teacher, PTQ baselines, DFQF students), grid and curves.
 
-  Also adds `drop_vs_teacher_points` (except to a `stale` entry, one built from upstream checkpoints
-  the workdir no longer holds) and the hardware to each entry of DIR/results.json.
+  Also adds `drop_vs_teacher_points` (except to a `stale` entry, one built from upstream
+  checkpoints the workdir no longer holds), the hardware and the schedule to each entry of
+  `results` (DIR/results.json).
   """
   teacher_top1 = results.get("teacher", {}).get(top1.FIELD)
   host = hardware()
@@ -196,10 +187,9 @@ def quantization_of(entry: dict) -> tuple[str, str]:
   checkpoint (its `quant`) or an integer export (its graph's fields); ('', '32/32') for a
   float model."""
   if entry.get("quant"):
-    spec = q.QuantSpec(**entry["quant"])
+    spec = q.QuantSpec.from_meta(entry)
   elif entry.get("integer"):
-    spec = q.QuantSpec(entry["weight_bits"], entry["act_bits"], entry["protocol"],
-                       entry["edge_weight_bits"], entry.get("layer_rules", ""))
+    spec = q.QuantSpec.of_export(entry)
   else:
     return "", "32/32"
   w, a = spec.average_bits(layer_sizes(entry["depth"], entry["num_classes"]))
@@ -249,10 +239,6 @@ PUBLISHED = {"GDFQ": (90.25, None), "Qimera": (91.26, None), "IntraQ": (91.49, 7
 COMPARED_BITS = ((4, 4), (3, 3))
 
 
-def _points(value) -> str:
-  return "–" if value is None else f"{value:.2f}"
-
-
 def _compute(record: dict, entry: dict) -> str:
   """'1234.5 s fine-tuning (3849.7 s all stages), <hardware>'."""
   text = f"{entry.get('stage_wall_seconds', '?')} s fine-tuning"
@@ -290,8 +276,8 @@ def comparison_rows(records: dict) -> list[dict]:
       print(f"{path}: {name} left out: stale, {entry['stale']}", file=sys.stderr)
       continue
     bits, rules = (entry["weight_bits"], entry["act_bits"]), layer_rules_of(entry)
-    start = results.get(f"ptq_w{bits[0]}a{bits[1]}_ft_{entry['protocol']}"
-                        + (f"_{q.rules_slug(rules)}" if rules else ""))
+    start = results.get(q.ptq_name(q.QuantSpec(*bits, entry["protocol"], layer_rules=rules),
+                                   "ft"))
     if start is None:
       ptq = like_for_like.start_of(record, name)
     else:
@@ -328,7 +314,7 @@ def _one_row_per_setting(rows: list[dict]) -> list[dict]:
   merged = []
   for group in groups.values():
     if len(group) == 1:
-      merged.append({**group[0], "top1_text": _points(group[0]["top1"])})
+      merged.append({**group[0], "top1_text": points(group[0]["top1"])})
       continue
     tops = [r["top1"] for r in group]
     seconds = ", ".join(str(r["finetune_seconds"]) for r in group)
@@ -355,18 +341,18 @@ def comparison_table(records: dict) -> str:
     smoke = row["schedule"].startswith("smoke")
     cells = [row["method"] + (" (smoke run: not a result)" if smoke else ""),
              row["network"], row["protocol"], row["schedule"],
-             _points(row["teacher"])]
+             points(row["teacher"])]
     for bits in COMPARED_BITS:
       mine = row["bits"] == bits
-      cells += [row["top1_text"] if mine else "", _points(row["drop"]) if mine else ""]
-    cells += [_points(row["ptq_start"]), row["compute"], row["source"]]
+      cells += [row["top1_text"] if mine else "", points(row["drop"]) if mine else ""]
+    cells += [points(row["ptq_start"]), row["compute"], row["source"]]
     lines.append("| " + " | ".join(cells) + " |")
   for method, tops in PUBLISHED.items():
     cells = [method, PUBLISHED_NETWORK, "standard", "the paper's",
-             _points(PUBLISHED_TEACHER_TOP1)]
+             points(PUBLISHED_TEACHER_TOP1)]
     for published in tops:
-      cells += [_points(published),
-                _points(None if published is None else PUBLISHED_TEACHER_TOP1 - published)]
+      cells += [points(published),
+                points(None if published is None else PUBLISHED_TEACHER_TOP1 - published)]
     cells += ["", "published", "the paper's table"]
     lines.append("| " + " | ".join(cells) + " |")
   if any(row["schedule"].startswith("smoke") for row in rows):

@@ -14,6 +14,14 @@ def checkpoint_dirs(workdir: str) -> list[str]:
   return [d for d in dirs if checkpoints.exists(d)]
 
 
+def export_dirs(workdir: str) -> dict[str, str]:
+  """student -> DIR/export/<student>, for every such folder that holds an integer model."""
+  root = os.path.join(workdir, integer.EXPORT_DIR)
+  names = storage.listdir(root) if storage.isdir(root) else []
+  return {name: os.path.join(root, name) for name in names if not name.startswith(".")
+          and storage.isfile(os.path.join(root, name, integer.GRAPH_FILE))}
+
+
 def classifier_top1(entry: dict, variables: dict, split: data.Split, mesh) -> float:
   """Top-1 (%) on `split` of the classifier that `entry` (its checkpoint's description)
   names, with `variables`: its results.json number (also dfqf_jax.load's top1_percent)."""

@@ -8,7 +8,7 @@ Cloud Storage has no folders, no appends and no renames: a folder exists once an
 under it, a file that grows (metrics.jsonl, TensorBoard events) is rewritten whole at each
 flush, and an object write is already atomic (readers see the old object or the new one),
 so `write_atomically` writes it directly. Point gcsfs and Orbax's tensorstore at an emulator
-with STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL (tests/gcs.py does).
+with STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL (tests/test_cloud_storage.py does).
 """
 import hashlib
 import io

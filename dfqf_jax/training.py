@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from dfqf_jax import checkpoints, signals, storage
+from dfqf_jax import checkpoints, signals, storage, top1
 from dfqf_jax.errors import UserError
 
 STOPPED_KEY = "stopped_by_signal"  # logged at the step where SIGTERM/SIGINT ended a run
@@ -231,7 +231,7 @@ def _run_steps(*, name, ckpt, state, start_step, total_steps, train_step, meta, 
   ckpt.wait_until_finished()
   if is_main_process():
     scores = "".join(f", {k} {v:.2f}%" for k, v in evaluated.items()
-                     if k.endswith("top1_percent"))
+                     if k.endswith(top1.METRIC_SUFFIX))
     print(f"{name}: finished at step {total_steps} in {ckpt.directory} "
           f"({total_steps - start_step} steps this run in {time.time() - started:.0f} s"
           f"{scores})")

@@ -3,7 +3,7 @@ import os
 
 import jax
 
-from dfqf_jax import baselines, data, integer, quant, rng, storage
+from dfqf_jax import baselines, data, fetch, integer, quant, rng, storage
 from dfqf_jax.config_fields import ADVERSARIAL_FIELDS
 from dfqf_jax.errors import UserError
 from dfqf_jax.image_sources import IMAGES
@@ -78,6 +78,7 @@ def common(config, splits=("train", "test")) -> None:
     one_of(config, "on_stale_upstream", ("stop", "rebuild"))
     for field in ("log_every_steps", "checkpoint_every_steps"):
       positive(config, field)
+  if "mean" in config.data:  # (the teacher's own stages: later ones read its checkpoint's)
     if len(config.data.mean) != 3 or len(config.data.std) != 3 or min(config.data.std) <= 0:
       _fail("data.std", tuple(config.data.std), "3 positive per-channel values (and 3 means)")
   _data_files(config, splits)
@@ -98,10 +99,6 @@ def _data_files(config, splits) -> None:
     data.check_labels(config.data.name, split, data.source(config.data))
 
 
-def bits(config, field: str) -> None:
-  one_of(config, field, quant.VALID_BITS)
-
-
 def teacher(config) -> None:
   common(config)
   divisible_batch(config, "batch_size")
@@ -113,6 +110,14 @@ def teacher(config) -> None:
 
 def import_teacher(config) -> None:
   common(config, splits=())
+  pretrained = fetch.PRETRAINED.get(config.weights)
+  if pretrained and (config.model.depth, config.data.name) != (pretrained.depth,
+                                                                pretrained.dataset):
+    raise ConfigError(
+        f"config.weights={config.weights!r} is a ResNet-{pretrained.depth} trained on "
+        f"{pretrained.dataset}, but config.model.depth={config.model.depth} and "
+        f"config.data.name={config.data.name!r}; set --config.model.depth={pretrained.depth} "
+        f"--config.data.name={pretrained.dataset}.")
 
 
 def evaluate(config) -> None:

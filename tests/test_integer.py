@@ -173,10 +173,7 @@ def test_codes_pack_and_unpack(bits, signed):
 
 
 def save_checkpoint(workdir, name, variables, meta):
-  mngr = checkpoints.manager(os.path.join(workdir, name))
-  checkpoints.save(mngr, 0, jax.tree.map(jnp.asarray, variables), meta, force=True)
-  mngr.wait_until_finished()
-  mngr.close()
+  checkpoints.save_once(os.path.join(workdir, name), jax.tree.map(jnp.asarray, variables), meta)
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ def test_resnet_parameter_counts(depth, expected):
 
 
 def test_option_a_shortcut_pads_channels_on_both_sides():
-  from dfqf_jax.models.resnet import _option_a_shortcut
+  from dfqf_jax.models.resnet import option_a_shortcut
   x = jnp.arange(2 * 4 * 4 * 16, dtype=jnp.float32).reshape(2, 4, 4, 16) + 1
-  y = _option_a_shortcut(x, 32, 2)
+  y = option_a_shortcut(x, 32, 2)
   assert y.shape == (2, 2, 2, 32)
   assert float(jnp.abs(y[..., :8]).sum()) == 0 and float(jnp.abs(y[..., 24:]).sum()) == 0
   np.testing.assert_array_equal(y[..., 8:24], x[:, ::2, ::2, :])

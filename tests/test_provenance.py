@@ -28,6 +28,6 @@ def test_a_record_names_the_commit_its_process_started_with(monkeypatch, tmp_pat
   code the process imported."""
   from dfqf_jax import report
   monkeypatch.setattr(provenance, "git_state", lambda: ("b" * 40, False))
-  assert report.git_commit() == "b" * 40
+  assert provenance.commit() == "b" * 40
   record = report.record_run(str(tmp_path / "record.json"), str(tmp_path), {}, 1.0)
   assert record["commit"] == report.COMMIT_AT_START != "b" * 40

@@ -16,6 +16,7 @@ import pytest
 from cli import REPO, main_command, run_in_process, environment_of_the_test_process
 from conftest import SMALL_DATA, SMALL_TEACHER_ARGS, copy_workdir
 from dfqf_jax import checkpoints, report
+from dfqf_jax.stages import zeroq
 
 # Every stage's teacher is a ResNet-8 (conftest.SMALL_TEACHER_ARGS, in COMMON): what resumes
 # does not depend on the depth. The teacher's own stage trains one from scratch.
@@ -122,7 +123,14 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(
 
 def test_zeroqs_distillation_resumes_bit_identically_after_sigkill(tmp_path, small_data,
                                                                   small_teacher_workdir):
-  assert_sigkill_then_rerun_is_bit_identical("zeroq", tmp_path, small_teacher_workdir, None)
+  returncode, _, killed_at = run_straight_and_interrupted(
+      "zeroq", tmp_path, signal.SIGKILL, small_teacher_workdir)
+  assert returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  # Fine-tuning does not draw on an unfinished distillation.
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=rf"stopped at step {killed_at} of \d+; rerun the zeroq stage"):
+    zeroq.load_images(str(tmp_path / "interrupted"))
+  assert_rerun_is_bit_identical_to_straight("zeroq", tmp_path, killed_at)
 
 
 def test_fine_tuning_with_gdfqs_generator_alongside_resumes_bit_identically_after_sigkill(

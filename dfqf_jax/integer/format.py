@@ -25,8 +25,7 @@ import os
 
 import numpy as np
 
-from dfqf_jax import checkpoints, storage
-from dfqf_jax import quant as q
+from dfqf_jax import checkpoints, clip_rules, storage
 from dfqf_jax.integer.graph import act_step
 from dfqf_jax.integer.requant import is_table, requant_params, requant_tables
 
@@ -47,10 +46,6 @@ def signed_codes(arrays, name: str) -> bool:
   """Whether layer `name`'s weight codes are signed: per-tensor weights (no zero points);
   per-channel ones (with zero points) are unsigned. `arrays`: the arrays, or their names."""
   return f"{name}.zero_point" not in arrays
-
-
-def _code_range(bits: int, signed: bool) -> tuple[int, int]:
-  return q.signed_range(bits) if signed else q.unsigned_range(bits)
 
 
 def pack(codes: np.ndarray, bits: int, signed: bool) -> np.ndarray:
@@ -137,7 +132,7 @@ def load(folder: str) -> tuple[dict, dict]:
       layer = _layer(graph, key.rsplit(".", 1)[0])
       bits, signed = layer["weight_bits"], signed_codes(graph["arrays"], layer["name"])
       expected = pack(np.zeros(layer["shape"], np.int32), bits, signed)
-      lo, hi = _code_range(bits, signed)
+      lo, hi = clip_rules.integer_range(bits, signed)
       codes = None
       if value.dtype == expected.dtype and value.shape == expected.shape:
         codes = unpack(value, bits, signed, layer["shape"])

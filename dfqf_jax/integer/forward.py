@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from dfqf_jax import quant as q
 from dfqf_jax.integer.format import signed_codes
 from dfqf_jax.integer.requant import exact_requantize
+from dfqf_jax.models.resnet import option_a_shortcut
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -86,14 +87,6 @@ def integer_conv(codes, act_bits: int, w8, dz, stride: int):
     window = _conv(a8, ones, stride, padding, jnp.int32) + offset * 9 * codes.shape[-1]
     acc = acc + window * dz
   return acc
-
-
-def option_a_shortcut(x, features: int, stride: int):
-  if stride == 1 and x.shape[-1] == features:
-    return x
-  x = x[:, ::stride, ::stride, :]
-  pad = (features - x.shape[-1]) // 2
-  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad, features - x.shape[-1] - pad)))
 
 
 def apply_layer(layer: dict, arrays: dict, env: dict) -> tuple:

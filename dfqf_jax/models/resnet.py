@@ -121,7 +121,7 @@ class QuantReLU(nn.Module):
     return q.fake_quant_unsigned(x, clip.astype(x.dtype), self.bits)
 
 
-def _option_a_shortcut(x, features: int, strides: int):
+def option_a_shortcut(x, features: int, strides: int):
   """Identity, or subsample by `strides` and zero-pad channels equally on both sides."""
   if strides == 1 and x.shape[-1] == features:
     return x
@@ -144,7 +144,7 @@ class BasicBlock(nn.Module):
     y = relu(1)(y)
     y = QuantConv(self.features, 1, self.quant, name="conv2")(y)
     y = BatchNorm(use_running_average=not self.train, name="bn2")(y)
-    return relu(2)(y + _option_a_shortcut(x, self.features, self.strides))
+    return relu(2)(y + option_a_shortcut(x, self.features, self.strides))
 
 
 class CifarResNet(nn.Module):

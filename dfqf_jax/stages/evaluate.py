@@ -12,9 +12,9 @@ import sys
 from tqdm import tqdm
 
 from dfqf_jax import (checkpoints, classifiers, data, integer, parallel, signals, storage,
-                      training)
-from dfqf_jax.scoring import (EXPORT_PREFIX, checkpoint_dirs, classifier_top1, integer_top1,
-                              stale_reasons)
+                      top1, training)
+from dfqf_jax.scoring import (EXPORT_PREFIX, checkpoint_dirs, classifier_top1, export_dirs,
+                              integer_top1, stale_reasons)
 
 RESULTS_FILE = "results.json"
 
@@ -52,10 +52,10 @@ def evaluate_dir(directory, splits: TestSplits, mesh, known: dict) -> dict:
   for name, entry in classifiers.classifiers_in(meta).items():
     split, split_fingerprint = splits[entry["dataset"]]
     variables = classifiers.variables_of(state, entry.get("path", ()))
-    top1 = classifier_top1(entry, variables, split, mesh)
+    top1_percent = classifier_top1(entry, variables, split, mesh)
     described = {k: v for k, v in entry.items()
                  if k not in ("path", "mean", "std", "arch", checkpoints.ORIGIN)}
-    results[name] = {"top1_percent": top1,
+    results[name] = {top1.FIELD: top1_percent,
                      "num_params": classifiers.num_params(variables["params"]),
                      "checkpoint": checkpoint, "checkpoint_files": files, "step": step,
                      "stage_wall_seconds": training.read_wall_time(directory),
@@ -72,14 +72,9 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
   (test split, its fingerprint), as TestSplits gives. An entry of `known` is reused
   if it was computed from this very folder, untouched since (the names, sizes and times of
   its files), on the same test data."""
-  root = os.path.join(workdir, integer.EXPORT_DIR)
   results = {}
-  for name in storage.listdir(root) if storage.isdir(root) else []:
+  for name, folder in export_dirs(workdir).items():
     signals.raise_if_stopped()
-    folder = os.path.join(root, name)
-    graph_path = os.path.join(folder, integer.GRAPH_FILE)
-    if name.startswith(".") or not storage.isfile(graph_path):
-      continue
     key = EXPORT_PREFIX + name
     checkpoint = f"{integer.EXPORT_DIR}/{name}"  # relative to the workdir
     files = storage.folder_signature(folder)
@@ -91,10 +86,10 @@ def evaluate_exports(workdir: str, splits, mesh, known: dict) -> dict:
       continue
     graph, arrays = integer.load(folder)
     split, split_fingerprint = splits[graph["dataset"]]
-    top1 = integer_top1(graph, arrays, split, mesh)
+    top1_percent = integer_top1(graph, arrays, split, mesh)
     results[key] = {
-        "top1_percent": top1, "num_params": integer.num_params(graph), "checkpoint": checkpoint,
-        "checkpoint_files": files, "step": graph["step"], "integer": True,
+        top1.FIELD: top1_percent, "num_params": integer.num_params(graph),
+        "checkpoint": checkpoint, "checkpoint_files": files, "step": graph["step"], "integer": True,
         "test_data": split_fingerprint, "source_checkpoint": graph["source_checkpoint"],
         # the student checkpoint it was exported from (an export older than that record: none)
         "lineage": {name: graph["source_origin"]} if graph.get("source_origin") else {},
@@ -109,7 +104,7 @@ def with_staleness(results: dict, held: dict) -> dict:
   reasons = stale_reasons(results, held)
   marked = {}
   for name, entry in results.items():
-    dropped = ("stale", "drop_vs_teacher_points") if name in reasons else ("stale",)
+    dropped = ("stale", top1.DROP_FIELD) if name in reasons else ("stale",)
     marked[name] = {k: v for k, v in entry.items() if k not in dropped}
     if name in reasons:
       marked[name]["stale"] = reasons[name]
@@ -157,6 +152,6 @@ def run(config, workdir: str) -> dict:
 def format_table(results: dict) -> str:
   lines = [f"{'model':<28} {'top-1':>8} {'params':>9} {'step':>7}"]
   for name, r in sorted(results.items()):
-    lines.append(f"{name:<28} {r['top1_percent']:>7.2f}% {r['num_params']:>9,} {r['step']:>7}"
+    lines.append(f"{name:<28} {r[top1.FIELD]:>7.2f}% {r['num_params']:>9,} {r['step']:>7}"
                  + (f"  stale: {r['stale']}" if "stale" in r else ""))
   return "\n".join(lines)

@@ -50,7 +50,7 @@ def load_student(workdir: str, name: str):
         f"the checkpoint {directory!r} holds no classifier named {name!r} (it holds "
         f"{sorted(entries) or 'none'}); export a quantized student, e.g. student_w4a4.")
   entry = {**entry, "source_origin": meta.get(checkpoints.ORIGIN)}
-  spec = q.QuantSpec(**entry["quant"]) if entry.get("quant") else None
+  spec = q.QuantSpec.from_meta(entry)
   integer.check_exportable(spec, f"the checkpoint {name!r}")
   variables = classifiers.variables_of(state, entry.get("path", ()))
   return spec, variables, entry, os.path.join(directory, str(step)), step

@@ -49,7 +49,7 @@ def with_generator_loss_weights(config, g_meta: dict):
 
 def stage_name(config, spec: q.QuantSpec) -> str:
   name = "qat_real" if config.data_source == "real" else "student"
-  name += f"_w{spec.weight_bits}a{spec.act_bits}{spec.name_suffix()}"
+  name += f"_{spec.bits_name()}{spec.name_suffix()}"
   return name if config.images == "dfqf" else f"{name}_{config.images}"
 
 
@@ -183,8 +183,7 @@ def run(config, workdir: str, sources: dict | None = None) -> None:
   spec, = validation.quant_specs(config)
   name = stage_name(config, spec)
   stage_dir = os.path.join(workdir, name)
-  teacher, teacher_vars, teacher_meta = classifiers.load_teacher(workdir, config.teacher_dir)
-  classifiers.check_teacher_depth(config, teacher_meta)
+  teacher, teacher_vars, teacher_meta = classifiers.load_stage_teacher(config, workdir)
   generator = source = None
   lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
   mesh = parallel.make_mesh()
@@ -247,7 +246,8 @@ def run(config, workdir: str, sources: dict | None = None) -> None:
     if source is not None:
       return step_fn(state, source.inputs(step, base_key), teacher_vars)
     if config.data_source == "real":
-      batch = data.train_batch(train_split, config.batch_size, config.seed, step, rows)
+      batch = data.train_batch(train_split, config.batch_size, config.seed, step, rows,
+                               config.data.augment)
       return step_fn(state, parallel.global_batch(mesh, batch)["images"], teacher_vars)
     return step_fn(state, rng.step_key(base_key, step), teacher_vars)
 

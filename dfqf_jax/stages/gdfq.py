@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from dfqf_jax import (baselines, checkpoints, classifiers, data, dfkd, image_sources, images,
+from dfqf_jax import (baselines, checkpoints, classifiers, dfkd, image_sources, images,
                       parallel, rng, training)
 from dfqf_jax.models.conditional_generator import ConditionalGenerator
 from dfqf_jax.models.generator import REFERENCE_WIDTH, sample_latent
@@ -152,7 +152,7 @@ def stage_meta(config, teacher_meta) -> dict:
           "num_classes": teacher_meta["num_classes"],
           "reference_quirks": config.reference_quirks, "width": config.width,
           "settings": {k: config[k] for k in SETTINGS},
-          "teacher": {k: teacher_meta[k] for k in ("depth", "dataset", "mean", "std")}}
+          "teacher": classifiers.teacher_identity(teacher_meta)}
 
 
 def _module(meta_or_config, num_classes: int) -> ConditionalGenerator:
@@ -173,8 +173,7 @@ def _generate(generator, g_vars, key, count: int):
 
 def run(config, workdir: str) -> None:
   stage_dir = os.path.join(workdir, STAGE_DIR)
-  teacher, teacher_vars, teacher_meta = classifiers.load_teacher(workdir, config.teacher_dir)
-  classifiers.check_teacher_depth(config, teacher_meta)
+  teacher, teacher_vars, teacher_meta = classifiers.load_stage_teacher(config, workdir)
   mesh = parallel.make_mesh()
   lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
   meta = {**stage_meta(config, teacher_meta), "total_steps": config.warmup_steps,
@@ -204,11 +203,7 @@ def run(config, workdir: str) -> None:
     if training.is_main_process():
       x, labels = _generate(generator, state.generator, rng.key(config.seed, rng.GRID_LATENTS),
                             10 * num_classes)
-      pictures = images.denormalize(x, teacher_meta["mean"], teacher_meta["std"])
-      labels = np.asarray(labels)
-      images.save_png(os.path.join(stage_dir, "grid.png"),
-                      images.class_grid(pictures, labels, num_classes),
-                      labels=images.row_labels(labels, data.class_names(teacher_meta["dataset"])))
+      images.save_class_grid(os.path.join(stage_dir, "grid.png"), x, labels, teacher_meta)
     return {}
 
   training.run_steps(name=STAGE_DIR, ckpt=ckpt, state=state, start_step=start,

@@ -7,7 +7,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
@@ -91,7 +90,7 @@ def stage_meta(config, teacher_meta) -> dict:
           # fine-tuning's adversarial generator keeps training with these by default
           "loss_weights": {field: validation.field_value(config, source)
                            for field, source in config_fields.ADVERSARIAL_FIELDS.items()},
-          "teacher": {k: teacher_meta[k] for k in ("depth", "dataset", "mean", "std")},
+          "teacher": classifiers.teacher_identity(teacher_meta),
           "classifiers": {"generator_student_fp": student}}
 
 
@@ -105,11 +104,8 @@ def _generate_and_classify(generator, g_vars, teacher, teacher_vars, key, count)
 def save_grid(path, generator, teacher, teacher_meta, key, count: int):
   """A PNG of `count` images of `generator` = (module, variables), one row per class that
   `teacher` = (module, variables) gives them."""
-  x, predicted = _generate_and_classify(*generator, *teacher, key, count)
-  predicted = np.asarray(predicted)
-  pictures = images.denormalize(x, teacher_meta["mean"], teacher_meta["std"])
-  images.save_png(path, images.class_grid(pictures, predicted, teacher_meta["num_classes"]),
-                  labels=images.row_labels(predicted, data.class_names(teacher_meta["dataset"])))
+  images.save_class_grid(path, *_generate_and_classify(*generator, *teacher, key, count),
+                         teacher_meta)
 
 
 def held_out_training_images(config, dataset: str):
@@ -126,8 +122,7 @@ def held_out_training_images(config, dataset: str):
 
 def run(config, workdir: str) -> None:
   stage_dir = os.path.join(workdir, STAGE_DIR)
-  teacher, teacher_vars, teacher_meta = classifiers.load_teacher(workdir, config.teacher_dir)
-  classifiers.check_teacher_depth(config, teacher_meta)
+  teacher, teacher_vars, teacher_meta = classifiers.load_stage_teacher(config, workdir)
   mesh = parallel.make_mesh()
   test_split = data.load_split(teacher_meta["dataset"], "test", data.source(config.data))
   val_split = held_out_training_images(config, teacher_meta["dataset"])

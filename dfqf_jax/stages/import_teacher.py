@@ -26,9 +26,6 @@ def run(config, workdir: str) -> None:
         "another --workdir (existing checkpoints are never overwritten).")
   state = jax.tree.map(jnp.asarray, variables)
   with signals.deferred():
-    mngr = checkpoints.manager(stage_dir)
-    checkpoints.save(mngr, 0, state, meta, force=True)
-    mngr.wait_until_finished()
-    mngr.close()
+    checkpoints.save_once(stage_dir, state, meta)
   print(f"teacher: imported {config.weights} ({classifiers.num_params(state['params']):,} "
         f"parameters) into {stage_dir}")

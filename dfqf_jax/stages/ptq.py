@@ -2,7 +2,7 @@
 
 For every requested (bit widths, protocol, calibration method), the teacher is quantized,
 its clips calibrated on generated images (or, as a reference, real training images), and
-the result saved as DIR/ptq_w{W}a{A}_{calibration}_{protocol}[_real]. The job
+the result saved as DIR/ptq_w{W}a{A}_{calibration}_{protocol}[_{rules}][_real]. The job
 (configs/ptq.py) then evaluates the workdir into DIR/results.json (main.py).
 """
 import os
@@ -12,13 +12,6 @@ import time
 from dfqf_jax import (calibration, checkpoints, classifiers, image_sources, rng, signals,
                       training, validation)
 from dfqf_jax import quant as q
-
-
-def model_name(prefix: str, spec: q.QuantSpec, method: str, source: str) -> str:
-  name = f"{prefix}_w{spec.weight_bits}a{spec.act_bits}_{method}_{spec.protocol}"
-  if spec.layer_rules:
-    name += f"_{q.rules_slug(spec.layer_rules)}"
-  return name + ("_real" if source == "real" else "")
 
 
 def quantize_and_calibrate(teacher_vars, teacher_meta, spec, method, summaries):
@@ -33,7 +26,7 @@ def models_to_build(config, workdir: str, lineage: dict, methods: list[str]) -> 
   to_build = []
   for spec in validation.quant_specs(config):
     for method in methods:
-      name = model_name("ptq", spec, method, config.calibration_data)
+      name = q.ptq_name(spec, method, config.calibration_data)
       stage_dir = os.path.join(workdir, name)
       checkpoints.check_lineage(stage_dir, name, lineage, config.on_stale_upstream)
       if checkpoints.exists(stage_dir):
@@ -46,8 +39,7 @@ def models_to_build(config, workdir: str, lineage: dict, methods: list[str]) -> 
 
 def run(config, workdir: str) -> None:
   started = time.time()
-  _, teacher_vars, teacher_meta = classifiers.load_teacher(workdir, config.teacher_dir)
-  classifiers.check_teacher_depth(config, teacher_meta)
+  _, teacher_vars, teacher_meta = classifiers.load_stage_teacher(config, workdir)
   lineage, generator = {"teacher": teacher_meta[checkpoints.ORIGIN]}, None
   if config.calibration_data == "generated":
     *generator, g_meta = image_sources.load_generator(workdir, config.generator_dir)
@@ -80,8 +72,5 @@ def run(config, workdir: str) -> None:
           calibration_images=len(batches) * config.calibration_batch_size,
           total_steps=0, lineage=lineage, seed=config.seed)
       with signals.deferred():  # a model saved is a model whose wall time is counted
-        mngr = checkpoints.manager(stage_dir)
-        checkpoints.save(mngr, 0, variables, meta, force=True)
-        mngr.wait_until_finished()
-        mngr.close()
+        checkpoints.save_once(stage_dir, variables, meta)
         training.add_wall_time(stage_dir, time.time() - started + shared_share)

@@ -8,7 +8,7 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from dfqf_jax import checkpoints, classifiers, data, parallel, rng, training
+from dfqf_jax import checkpoints, classifiers, data, parallel, rng, top1, training
 from dfqf_jax.losses import cross_entropy, top1_correct
 from dfqf_jax.models.resnet import CifarResNet
 
@@ -39,7 +39,7 @@ def train_step(state: TeacherState, batch, mean, std):
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         batch_stats=batch_stats, opt_state=opt_state)
   return state, {"loss": loss,
-                 "train_top1_percent": 100 * top1_correct(logits, batch["labels"]).mean()}
+                 "train" + top1.METRIC_SUFFIX: 100 * top1_correct(logits, batch["labels"]).mean()}
 
 
 def create_state_and_step(config, steps_per_epoch: int, mesh):

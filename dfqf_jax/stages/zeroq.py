@@ -135,24 +135,28 @@ def total_steps_of(config) -> int:
 
 def stage_meta(config, teacher_meta) -> dict:
   return {"arch": "zeroq_images", "num_images": config.num_batches * config.batch_size,
-          "teacher": {k: teacher_meta[k] for k in ("depth", "dataset", "mean", "std")},
+          "teacher": classifiers.teacher_identity(teacher_meta),
           "settings": {k: config[k] for k in (
               "batch_size", "iterations", "learning_rate", "plateau_patience", "plateau_factor",
               "plateau_threshold", "min_learning_rate", "input_statistics", "init")}}
 
 
-def load_images(workdir: str, directory: str = ""):
-  """(images [N, H, W, C] in the teacher's normalized input space, meta) of DIR/zeroq."""
-  state, meta, _ = checkpoints.load_product(directory or os.path.join(workdir, STAGE_DIR),
-                                            "zeroq")
+def load_images(workdir: str):
+  """(images [N, H, W, C] in the teacher's normalized input space, meta) of DIR/zeroq's
+  finished distillation."""
+  stage_dir = os.path.join(workdir, STAGE_DIR)
+  state, meta, step = checkpoints.load_product(stage_dir, "zeroq")
+  if step != meta["total_steps"]:
+    raise checkpoints.CheckpointError(
+        f"ZeroQ's distillation in {stage_dir!r} stopped at step {step} of "
+        f"{meta['total_steps']}; rerun the zeroq stage to finish it.")
   images = np.asarray(state["images"])
   return images.reshape(-1, *images.shape[2:]), meta
 
 
 def run(config, workdir: str) -> None:
   stage_dir = os.path.join(workdir, STAGE_DIR)
-  teacher, teacher_vars, teacher_meta = classifiers.load_teacher(workdir, config.teacher_dir)
-  classifiers.check_teacher_depth(config, teacher_meta)
+  teacher, teacher_vars, teacher_meta = classifiers.load_stage_teacher(config, workdir)
   lineage = {"teacher": teacher_meta[checkpoints.ORIGIN]}
   total_steps = total_steps_of(config)
   meta = {**stage_meta(config, teacher_meta), "total_steps": total_steps, "lineage": lineage,
@@ -173,10 +177,6 @@ def finetune_source(config, workdir: str, mesh) -> image_sources.ImageSource:
   drawn from all of them, a fresh permutation per pass (data.train_batch_indices), as they
   are (no augmentation: ZeroQ defines none)."""
   images, meta = load_images(workdir)
-  if meta["total_steps"] != checkpoints.latest_step(os.path.join(workdir, STAGE_DIR)):
-    raise checkpoints.CheckpointError(
-        f"ZeroQ's distillation in {os.path.join(workdir, STAGE_DIR)!r} has not finished; rerun "
-        "the zeroq stage to finish it.")
   needed = max(config.batch_size, config.calibration_batches * config.calibration_batch_size)
   if len(images) < needed:
     raise validation.ConfigError(

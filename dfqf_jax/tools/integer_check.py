@@ -20,7 +20,6 @@ dfqf_jax. Writes a JSON record (command, commit, hardware, wall time, results); 
 check fails.
 """
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -73,10 +72,7 @@ def build_students(args, workdir: str) -> list[str]:
                                          total_steps=0)
       directory = os.path.join(workdir, name)
       if not checkpoints.exists(directory):
-        mngr = checkpoints.manager(directory)
-        checkpoints.save(mngr, 0, jax.tree.map(jnp.asarray, variables), meta, force=True)
-        mngr.wait_until_finished()
-        mngr.close()
+        checkpoints.save_once(directory, jax.tree.map(jnp.asarray, variables), meta)
       names.append(name)
   return names
 
@@ -214,15 +210,13 @@ def main() -> int:
           f"{r['layer_local_code_mismatches']}/{r['layer_local_codes_compared']}, export "
           f"{r['export_bytes']:,} B vs float32 {r['float32_bytes']:,} B, "
           f"{'PASS' if r['passed'] else 'FAIL'} ({r['seconds']} s)", flush=True)
-  commit, dirty = provenance.git_state()
   record = {
-      "command": " ".join([f"{k}={os.environ[k]}" for k in ("XLA_FLAGS", "JAX_PLATFORMS")
-                           if os.environ.get(k)] + ["python"] + sys.argv),
-      "commit": commit + ("+dirty" if dirty else ""),
+      "command": provenance.command_line(),
+      "commit": provenance.commit(),
       "hardware": report.hardware(),
       "jax": jax.__version__,
       "wall_seconds": round(time.time() - started, 1),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "date": provenance.utc_date(),
       "calibration": None if args.names else {
           "rule": "ft", "images": "128 real training images (one batch)", "seed": args.seed},
       "criteria": {"class_agreement_min": MIN_AGREEMENT,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfqf_jax import classifiers, data, integer, report, storage
+from dfqf_jax import classifiers, data, integer, provenance, report, storage
 from dfqf_jax.stages import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
@@ -100,7 +100,7 @@ def main() -> int:
           f"{layer_local[dtype_name]['exact_layers']}, float-input layers "
           f"{layer_local[dtype_name]['float_input_layers']}")
   if args.out:
-    record = {"command": " ".join(["python"] + sys.argv), "commit": report.git_commit(),
+    record = {"command": " ".join(["python"] + sys.argv), "commit": provenance.commit(),
               "hardware": report.hardware(), "model": args.name, "class_agreement": agreement,
               "top1_percent": top1, "layer_local_images": args.layer_images,
               "layer_local": layer_local}
