@@ -230,6 +230,13 @@ def train_validation_split(train: Split, validation_size: int, seed: int) -> tup
           Split(train.images[held], train.labels[held]))
 
 
+def training_splits(data_config, dataset: str, seed: int) -> tuple[Split, Split]:
+  """(the training images a stage trains on, the data.validation_size held out) of
+  `dataset`, read as config.data says (train_validation_split)."""
+  train = load_split(dataset, "train", source(data_config))
+  return train_validation_split(train, data_config.validation_size, seed)
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   """Full batches per epoch (the last partial batch is dropped)."""
   return num_examples // batch_size

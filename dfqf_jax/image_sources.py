@@ -68,8 +68,7 @@ def calibration_batches(config, teacher_meta, source: str, key, generator=None) 
     module, g_vars = generator
     sample = jax.jit(lambda v, k: generate(module, v, k, size))
     return [sample(g_vars, jax.random.fold_in(key, i)) for i in range(n)]
-  train = data.load_split(teacher_meta["dataset"], "train", data.source(config.data))
-  train, _ = data.train_validation_split(train, config.data.validation_size, config.seed)
+  train, _ = data.training_splits(config.data, teacher_meta["dataset"], config.seed)
   idx = np.random.default_rng(config.seed).permutation(len(train))[:n * size]
   return [data.normalize(train.images[idx[i * size:(i + 1) * size]], teacher_meta["mean"],
                          teacher_meta["std"]) for i in range(n)]

@@ -4,6 +4,8 @@ from PIL import Image, ImageDraw
 
 from dfqf_jax import data, storage
 
+GRID_FILE = "grid.png"  # an image stage's class grid, in its folder
+
 
 def denormalize(images, mean, std) -> np.ndarray:
   """Normalized NHWC float images -> uint8 for display."""

@@ -7,11 +7,14 @@ import sys
 
 import jax
 
-from dfqf_jax import checkpoints, like_for_like, provenance, storage, top1, training
+from dfqf_jax import (checkpoints, image_sources, images, like_for_like, provenance, scoring,
+                      storage, top1, training)
 from dfqf_jax import quant as q
 from dfqf_jax.errors import UserError, brief
 from dfqf_jax.like_for_like import points
 from dfqf_jax.models.resnet import layer_sizes
+
+GENERATOR_GRID = f"{image_sources.GENERATOR_DIR}/{images.GRID_FILE}"  # in the workdir
 
 def hardware() -> str:
   kind = jax.devices()[0].device_kind
@@ -61,7 +64,7 @@ def record_run(path: str, workdir: str, results: dict, wall_seconds: float) -> d
   if stopped:  # a signal ended these stages early: at these steps, short of their schedule
     record["stopped_early_at_step"] = stopped
   if training.is_main_process():
-    grid = os.path.join(workdir, "generator", "grid.png")
+    grid = os.path.join(workdir, GENERATOR_GRID)
     if storage.exists(grid):
       record["grid"] = os.path.basename(path).removesuffix(".json") + "_grid.png"
       storage.copyfile(grid, os.path.join(os.path.dirname(storage.absolute(path)),
@@ -162,16 +165,16 @@ def write_report(workdir: str, results: dict, schedule: str) -> str:
             "'Built from': the upstream checkpoints (stage, step, fingerprint of its state); "
             "**stale**: built from a checkpoint the workdir no longer holds (rerun the "
             "pipeline with that model requested to rebuild it, or delete its folder).", ""]
-  if storage.exists(os.path.join(workdir, "generator", "grid.png")):
+  if storage.exists(os.path.join(workdir, GENERATOR_GRID)):
     lines += ["## Generated images (one row per teacher-predicted class)", "",
-              "![grid](generator/grid.png)", ""]
+              f"![grid]({GENERATOR_GRID})", ""]
   plots = plot_curves(workdir, workdir) if training.is_main_process() else []
   if plots:
     lines += ["## Training curves", ""] + [f"![{p}]({p})" for p in plots]
   text = "\n".join(lines) + "\n"
   if training.is_main_process():
     storage.write_atomically(os.path.join(workdir, "report.md"), text)
-    storage.write_atomically(os.path.join(workdir, "results.json"),
+    storage.write_atomically(os.path.join(workdir, scoring.RESULTS_FILE),
                              json.dumps(results, indent=2, sort_keys=True))
   return text
 

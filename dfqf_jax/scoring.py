@@ -5,6 +5,7 @@ import os
 
 from dfqf_jax import checkpoints, classifiers, data, integer, storage
 
+RESULTS_FILE = "results.json"  # every model of a workdir, scored (stages/evaluate.py)
 EXPORT_PREFIX = "export_"  # results.json's name of DIR/export/<name>: export_<name>
 
 

@@ -16,6 +16,7 @@ from dfqf_jax import checkpoints, signals, storage, top1
 from dfqf_jax.errors import UserError
 
 STOPPED_KEY = "stopped_by_signal"  # logged at the step where SIGTERM/SIGINT ended a run
+METRICS_FILE = "metrics.jsonl"  # a stage's logged metrics, one JSON line per logged step
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -79,7 +80,7 @@ class MetricWriter:
       # A resumed run is no longer one that a signal stopped: drop that mark, keep the step.
       kept = [{k: v for k, v in r.items() if k != STOPPED_KEY}
               for r in read_metrics(directory) if r["step"] <= start_step]
-      self._jsonl = storage.LineLog(os.path.join(directory, "metrics.jsonl"),
+      self._jsonl = storage.LineLog(os.path.join(directory, METRICS_FILE),
                                     [json.dumps(r) + "\n" for r in kept])
       self._tb = storage.summary_writer(os.path.join(directory, "tensorboard"))
 
@@ -119,7 +120,7 @@ def read_wall_time(directory: str) -> float | None:
 
 def read_metrics(directory: str) -> list[dict]:
   """The rows of `directory/metrics.jsonl`, keeping the last row per step (resumed runs)."""
-  path = os.path.join(directory, "metrics.jsonl")
+  path = os.path.join(directory, METRICS_FILE)
   if not storage.exists(path):
     return []
   rows = {}

@@ -13,11 +13,8 @@ from tqdm import tqdm
 
 from dfqf_jax import (checkpoints, classifiers, data, integer, parallel, signals, storage,
                       top1, training)
-from dfqf_jax.scoring import (EXPORT_PREFIX, checkpoint_dirs, classifier_top1, export_dirs,
-                              integer_top1, stale_reasons)
-
-RESULTS_FILE = "results.json"
-
+from dfqf_jax.scoring import (EXPORT_PREFIX, RESULTS_FILE, checkpoint_dirs, classifier_top1,
+                              export_dirs, integer_top1, stale_reasons)
 
 class TestSplits(dict):
   """dataset -> (test split, its fingerprint), each loaded once, when first needed."""

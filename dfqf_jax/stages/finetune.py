@@ -177,6 +177,42 @@ def create_state_and_step(config, teacher: CifarResNet, generator, student, mesh
   return state, training.jit_step(step, schedule)
 
 
+def calibrated(config, name: str, spec, variables, teacher_vars, teacher_meta, source,
+               generator):
+  """The student's `variables` with the clips that config.calibration gives on the
+  calibration images: the image source's (`source`, or stage 1's `generator`) or real ones."""
+  methods = calibration.methods_of(spec, config.calibration)
+  calibration.announce(name, config, methods)
+  key = rng.key(config.seed, rng.CALIBRATION_LATENTS)
+  batches = (source.calibration_batches(config, key)
+             if source and config.calibration_data == "generated" else
+             image_sources.calibration_batches(config, teacher_meta, config.calibration_data,
+                                               key, generator))
+  summaries = calibration.summarize(teacher_vars, teacher_meta["depth"],
+                                    teacher_meta["num_classes"], batches, methods)
+  return calibration.calibrate(variables, spec, config.calibration, summaries)
+
+
+def student_meta(config, name: str, spec, teacher_meta, lineage: dict, total_steps: int,
+                 source) -> dict:
+  """The stage checkpoint's metadata: the student `name` it holds (under `classifiers`) and
+  what it was built from and how."""
+  meta = classifiers.classifier_meta(
+      teacher_meta["depth"], teacher_meta["dataset"], teacher_meta["mean"], teacher_meta["std"],
+      spec, path=["student"], model_name=name, weight_bits=spec.weight_bits,
+      act_bits=spec.act_bits, protocol=spec.protocol,
+      calibration=config.calibration, calibration_data=config.calibration_data,
+      data_source=config.data_source, adversarial_generator=config.adversarial_generator,
+      student_bn_train=config.student_bn_train,
+      steps=total_steps, batch_size=config.batch_size)
+  if source is not None:
+    meta["images"] = config.images
+  meta.update(total_steps=total_steps, lineage=lineage, seed=config.seed)
+  if config.adversarial_generator:
+    meta["generator_loss_weights"] = {field: config[field] for field in ADVERSARIAL_FIELDS}
+  return {**meta, "classifiers": {name: meta}}
+
+
 def run(config, workdir: str, sources: dict | None = None) -> None:
   """sources: config.images -> finetune_source(config, workdir, mesh) for the image sources
   other than stage 1's generator (their stages make them; the pipeline composes them)."""
@@ -199,39 +235,17 @@ def run(config, workdir: str, sources: dict | None = None) -> None:
   test_split = data.load_split(teacher_meta["dataset"], "test", data.source(config.data))
   train_split = val_split = data.Split(test_split.images[:0], test_split.labels[:0])
   if config.data_source == "real" or config.data.validation_size > 0:
-    train_split, val_split = data.train_validation_split(
-        data.load_split(teacher_meta["dataset"], "train", data.source(config.data)),
-        config.data.validation_size, config.seed)
+    train_split, val_split = data.training_splits(config.data, teacher_meta["dataset"],
+                                                  config.seed)
   mean, std = teacher_meta["mean"], teacher_meta["std"]
 
   student, variables = calibration.quantized_student(
       teacher_vars, teacher_meta["depth"], teacher_meta["num_classes"], spec)
   if checkpoints.latest_step(stage_dir) is None:  # a resumed run restores calibrated clips
-    calibration.announce(name, config, calibration.methods_of(spec, config.calibration))
-    key = rng.key(config.seed, rng.CALIBRATION_LATENTS)
-    batches = (source.calibration_batches(config, key)
-               if source and config.calibration_data == "generated" else
-               image_sources.calibration_batches(config, teacher_meta, config.calibration_data,
-                                                 key, generator))
-    summaries = calibration.summarize(teacher_vars, teacher_meta["depth"],
-                                      teacher_meta["num_classes"], batches,
-                                      calibration.methods_of(spec, config.calibration))
-    variables = calibration.calibrate(variables, spec, config.calibration, summaries)
+    variables = calibrated(config, name, spec, variables, teacher_vars, teacher_meta, source,
+                           generator)
   total_steps = config.num_epochs * config.steps_per_epoch
-  meta = classifiers.classifier_meta(
-      teacher_meta["depth"], teacher_meta["dataset"], mean, std, spec, path=["student"],
-      model_name=name, weight_bits=spec.weight_bits, act_bits=spec.act_bits,
-      protocol=spec.protocol,
-      calibration=config.calibration, calibration_data=config.calibration_data,
-      data_source=config.data_source, adversarial_generator=config.adversarial_generator,
-      student_bn_train=config.student_bn_train,
-      steps=total_steps, batch_size=config.batch_size)
-  if source is not None:
-    meta["images"] = config.images
-  meta.update(total_steps=total_steps, lineage=lineage, seed=config.seed)
-  if config.adversarial_generator:
-    meta["generator_loss_weights"] = {field: config[field] for field in ADVERSARIAL_FIELDS}
-  meta = {**meta, "classifiers": {name: meta}}
+  meta = student_meta(config, name, spec, teacher_meta, lineage, total_steps, source)
 
   state, step_fn = create_state_and_step(
       config, teacher, generator if config.data_source == "generated" else None,

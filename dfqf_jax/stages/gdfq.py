@@ -203,7 +203,7 @@ def run(config, workdir: str) -> None:
     if training.is_main_process():
       x, labels = _generate(generator, state.generator, rng.key(config.seed, rng.GRID_LATENTS),
                             10 * num_classes)
-      images.save_class_grid(os.path.join(stage_dir, "grid.png"), x, labels, teacher_meta)
+      images.save_class_grid(os.path.join(stage_dir, images.GRID_FILE), x, labels, teacher_meta)
     return {}
 
   training.run_steps(name=STAGE_DIR, ckpt=ckpt, state=state, start_step=start,

@@ -116,8 +116,7 @@ def held_out_training_images(config, dataset: str):
   """
   if config.data.validation_size <= 0:
     return None
-  train = data.load_split(dataset, "train", data.source(config.data))
-  return data.train_validation_split(train, config.data.validation_size, config.seed)[1]
+  return data.training_splits(config.data, dataset, config.seed)[1]
 
 
 def run(config, workdir: str) -> None:
@@ -153,7 +152,7 @@ def run(config, workdir: str) -> None:
 
   def evaluate(state, step):
     if training.is_main_process():
-      save_grid(os.path.join(stage_dir, "grid.png"), (generator, state.generator),
+      save_grid(os.path.join(stage_dir, images.GRID_FILE), (generator, state.generator),
                 (teacher, teacher_vars), teacher_meta, rng.key(config.seed, rng.GRID_LATENTS),
                 config.grid_images)
     return student_top1(state, step)

@@ -65,9 +65,7 @@ def create_state_and_step(config, steps_per_epoch: int, mesh):
 def run(config, workdir: str) -> None:
   stage_dir = os.path.join(workdir, classifiers.TEACHER_DIR)
   mesh = parallel.make_mesh()
-  train_split = data.load_split(config.data.name, "train", data.source(config.data))
-  train_split, val_split = data.train_validation_split(
-      train_split, config.data.validation_size, config.seed)
+  train_split, val_split = data.training_splits(config.data, config.data.name, config.seed)
   test_split = data.load_split(config.data.name, "test", data.source(config.data))
   mean, std = tuple(config.data.mean), tuple(config.data.std)
 
