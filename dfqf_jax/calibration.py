@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dfqf_jax import clip_rules
+from dfqf_jax import clip_rules, image_sources
 from dfqf_jax import quant as q
 from dfqf_jax.models.resnet import QUANT_INPUTS, CifarResNet, activation_layer
 
@@ -98,8 +98,8 @@ def announce(name: str, config, methods) -> None:
   """The line before a calibration (tens of seconds: the teacher on every image)."""
   images = config.calibration_batches * config.calibration_batch_size
   kind = config.calibration_data
-  if kind == "generated" and config.get("images", "dfqf") != "dfqf":
-    kind = {"zeroq": "ZeroQ's distilled", "gdfq": "GDFQ's generated"}[config.images]
+  if kind == "generated":  # (DFQF's generator's: "generated")
+    kind = image_sources.SOURCES[config.get("images", "dfqf")].images
   print(f"{name}: calibrating the {', '.join(methods)} clips on {images:,} {kind} images",
         file=sys.stderr, flush=True)
 

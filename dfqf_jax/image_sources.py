@@ -18,7 +18,22 @@ from dfqf_jax.models.generator import Generator, from_meta, sample_latent
 
 GENERATOR_DIR = "generator"  # stage 1's folder in the workdir
 
-IMAGES = ("dfqf", "zeroq", "gdfq")
+
+class Source(NamedTuple):
+  """A value of config.images, as the rest of the code names it. A new source adds an entry
+  here, its stage (which writes stage_dir and supplies an ImageSource: stages/zeroq.py) and
+  that stage's finetune_source in the pipeline (stages/pipeline.py)."""
+  label: str  # in tables and messages
+  stage_dir: str  # the workdir folder of its stage: the images, or their generator
+  images: str  # how a calibration line describes its images
+
+
+SOURCES = {
+    "dfqf": Source("DFQF", GENERATOR_DIR, "generated"),
+    "zeroq": Source("ZeroQ", "zeroq", "ZeroQ's distilled"),
+    "gdfq": Source("GDFQ", "gdfq_generator", "GDFQ's generated"),
+}
+IMAGES = tuple(SOURCES)
 
 
 class ImageSource(NamedTuple):

@@ -15,9 +15,7 @@ import statistics
 import sys
 
 from dfqf_jax import top1
-
-SOURCE_STAGES = {"dfqf": "generator", "zeroq": "zeroq", "gdfq": "gdfq_generator"}
-SOURCE_NAMES = {"dfqf": "DFQF", "zeroq": "ZeroQ", "gdfq": "GDFQ"}
+from dfqf_jax.image_sources import SOURCES
 
 
 # Command-line settings that differ between the runs of one setting (seeds, paths) or that
@@ -92,7 +90,7 @@ def runs(records: dict, schedule_of) -> list[dict]:
       continue
     teacher = results.get("teacher", {})
     source = entry.get("images", "dfqf")
-    source_seconds = record.get("stage_folder_wall_seconds", {}).get(SOURCE_STAGES[source])
+    source_seconds = record.get("stage_folder_wall_seconds", {}).get(SOURCES[source].stage_dir)
     found.append({
         "source": source, "bits": (entry["weight_bits"], entry["act_bits"]),
         "protocol": entry["protocol"], "seed": seed, "top1": top1.percent(entry),
@@ -146,7 +144,7 @@ def _difference(better: list, worse: list) -> list[str]:
 def differences(rows: list[dict]) -> list[str]:
   """Markdown lines: each pair of sources within one bits x protocol cell of `rows` (one part),
   the higher mean first; none where no cell has two sources."""
-  order = list(SOURCE_NAMES)
+  order = list(SOURCES)
   lines = []
   cells = sorted({(r["bits"], r["protocol"]) for r in rows},
                  key=lambda c: (_bits_first(c[0]), c[1]))
@@ -160,7 +158,7 @@ def differences(rows: list[dict]) -> list[str]:
       for worse in ranked[i + 1:]:
         lines.append(" | ".join([
             f"| W{bits[0]}A{bits[1]}", protocol,
-            f"{SOURCE_NAMES[better]} − {SOURCE_NAMES[worse]}",
+            f"{SOURCES[better].label} − {SOURCES[worse].label}",
             *_difference(tops[better], tops[worse])]) + " |")
   if not lines:
     return []
@@ -176,7 +174,7 @@ def table(records: dict, schedule_of) -> str:
   rows = runs(records, schedule_of)
   if not rows:
     return ""
-  order = list(SOURCE_NAMES)
+  order = list(SOURCES)
   lines = []
   for part in sorted({r["part"] for r in rows}, key=str):
     teacher_top1, depth, schedule, recipe = part
@@ -196,7 +194,7 @@ def table(records: dict, schedule_of) -> str:
                       (source, bits, protocol)), key=lambda r: r["seed"])
       tops = [r["top1"] for r in group]
       lines.append(" | ".join([
-          f"| {SOURCE_NAMES[source]}", f"W{bits[0]}A{bits[1]}", protocol, str(len(group)),
+          f"| {SOURCES[source].label}", f"W{bits[0]}A{bits[1]}", protocol, str(len(group)),
           spread(tops), f"{points(min(tops))} / {points(max(tops))}",
           ", ".join(f"{r['seed']}: {points(r['top1'])}" for r in group),
           ", ".join(points(r["start"]) for r in group),

@@ -287,7 +287,7 @@ def comparison_rows(records: dict) -> list[dict]:
       ptq = None if "stale" in start else top1.percent(start)
     depth = entry.get("depth", results.get("teacher", {}).get("depth"))
     network = "?" if depth is None else f"ResNet-{depth}"
-    source = like_for_like.SOURCE_NAMES[entry.get("images", "dfqf")]
+    source = image_sources.SOURCES[entry.get("images", "dfqf")].label
     method = "DFQF (ours)" if source == "DFQF" else f"{source} (this harness)"
     rows.append({"method": f"{method} {name}", "network": network,
                  "protocol": " + ".join(filter(None, [entry["protocol"], rules,

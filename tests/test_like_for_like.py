@@ -5,7 +5,7 @@ import os
 import pathlib
 import subprocess
 
-from dfqf_jax import like_for_like, report
+from dfqf_jax import image_sources, like_for_like, report
 
 
 def record(source: str, seed: int, students: dict, workdir: str) -> dict:
@@ -18,7 +18,7 @@ def record(source: str, seed: int, students: dict, workdir: str) -> dict:
                      "protocol": protocol, "stage_wall_seconds": 100.0 + seed,
                      **({} if source == "dfqf" else {"images": source})}
     curves[name] = {"test_top1": [[0, start], [2000, top1]]}
-  stage = like_for_like.SOURCE_STAGES[source]
+  stage = image_sources.SOURCES[source].stage_dir
   return {"command": f"python main.py --config=configs/pipeline.py:budget --config.seed={seed}",
           "hardware": "2 x cpu", "workdir": workdir, "results": results, "curves": curves,
           "stage_folder_wall_seconds": {stage: 50.0}}

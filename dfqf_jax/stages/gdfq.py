@@ -25,7 +25,7 @@ from dfqf_jax import (baselines, checkpoints, classifiers, dfkd, image_sources, 
 from dfqf_jax.models.conditional_generator import ConditionalGenerator
 from dfqf_jax.models.generator import REFERENCE_WIDTH, sample_latent
 
-STAGE_DIR = "gdfq_generator"
+STAGE_DIR = image_sources.SOURCES["gdfq"].stage_dir
 SETTINGS = ("learning_rate", "b1", "b2", "lr_milestones", "lr_milestones_of", "lambda_bns",
             "temperature", "alpha", "kd_reduction")
 MILESTONES_OF = ("finetuning", "whole_run")

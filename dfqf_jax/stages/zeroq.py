@@ -19,7 +19,7 @@ from dfqf_jax import (baselines, checkpoints, classifiers, data, image_sources, 
                       training, validation)
 from dfqf_jax.models.resnet import CifarResNet
 
-STAGE_DIR = "zeroq"
+STAGE_DIR = image_sources.SOURCES["zeroq"].stage_dir
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as distill_data.py uses them
 ADAM_EPS = 1e-8
 PLATEAU_EPS = 1e-8  # ReduceLROnPlateau ignores a reduction smaller than this
