@@ -80,13 +80,14 @@ def teacher_step(batch: int, dtype, mesh, depth: int) -> Step:
   return Step(step, (state, images), True)
 
 
-def generator_step(batch: int, dtype, mesh, depth: int, student_passes: int) -> Step:
+def generator_step(batch: int, dtype, mesh, depth: int, student_passes: int,
+                   generator: str) -> Step:
   """stages/generator.py: one stage-1 iteration (G Adam step + student SGD step).
 
   student_passes=1 is the project's default (one backward pass gives both gradients);
   2 runs the student a second time on detached images, as the reference code does.
   """
-  config = generator_config.get_config()
+  config = generator_config.get_config(generator)
   config.batch_size, config.compute_dtype, config.model.depth = batch, dtype.name, depth
   config.single_student_pass = student_passes == 1
   teacher = _classifier(config, jnp.float32)
@@ -104,22 +105,23 @@ def _calibrated_student(config, teacher_vars, generator, g_vars):
   teacher_vars = jax.device_get(teacher_vars)
   z = sample_latent(rng.key(config.seed, rng.CALIBRATION_LATENTS), CALIBRATION_BATCH,
                     generator.latent_dim)
-  images = generator.apply(g_vars, z, train=True, mutable=["batch_stats"])[0]
+  images = jax.jit(lambda v, z: generator.apply(v, z, train=True, mutable=["batch_stats"])[0]
+                   )(g_vars, z)
   summaries = calibration.summarize(teacher_vars, teacher_meta["depth"],
                                     teacher_meta["num_classes"], [images], [config.calibration])
   return ptq.quantize_and_calibrate(teacher_vars, teacher_meta, spec, config.calibration,
                                     summaries)
 
 
-def finetune_step(batch: int, dtype, mesh, depth: int) -> Step:
+def finetune_step(batch: int, dtype, mesh, depth: int, generator: str) -> Step:
   """stages/finetune.py: one KD step of the W4A4 student on fresh generated images."""
   config = finetune_config.get_config("w4a4")
   config.batch_size, config.compute_dtype, config.model.depth = batch, dtype.name, depth
   teacher = _classifier(config, jnp.float32)
-  generator = stage1.make_generator(generator_config.get_config())
+  generator = stage1.make_generator(generator_config.get_config(generator))
   teacher_vars = _random_variables(teacher, mesh)
-  g_vars = classifiers.variables_of(
-      generator.init(jax.random.key(1), jnp.zeros((2, generator.latent_dim))))
+  g_vars = jax.jit(lambda key: classifiers.variables_of(
+      generator.init(key, jnp.zeros((2, generator.latent_dim)))))(jax.random.key(1))
   student = _calibrated_student(config, teacher_vars, generator, g_vars)
   state, step = finetune.create_state_and_step(config, teacher, (generator, g_vars), student,
                                                mesh)
@@ -141,8 +143,10 @@ def evaluate_step(batch: int, dtype, mesh, depth: int) -> Step:
                data.CIFAR_MEAN, data.CIFAR_STD), False)
 
 
-def build(stage: str, batch: int, dtype: str, student_passes: int, depth: int = 20) -> Step:
-  """The stage's step for a ResNet-`depth` (the benchmark's rows are ResNet-20's)."""
+def build(stage: str, batch: int, dtype: str, student_passes: int, depth: int = 20,
+          generator: str = "reference") -> Step:
+  """The stage's step for a ResNet-`depth` and the generator of configs/generator.py's
+  `generator` schedule (the benchmark's rows are ResNet-20's with the reference generator)."""
   parallel.use_cpu_cores()  # the devices main.py would use
   mesh = parallel.make_mesh()
   if batch % jax.device_count():
@@ -150,6 +154,7 @@ def build(stage: str, batch: int, dtype: str, student_passes: int, depth: int = 
                      f"devices; use a multiple of {jax.device_count()}.")
   dtype = jnp.dtype(dtype)
   if stage == "generator":
-    return generator_step(batch, dtype, mesh, depth, student_passes)
-  return {"teacher": teacher_step, "finetune": finetune_step,
-          "evaluate": evaluate_step}[stage](batch, dtype, mesh, depth)
+    return generator_step(batch, dtype, mesh, depth, student_passes, generator)
+  if stage == "finetune":
+    return finetune_step(batch, dtype, mesh, depth, generator)
+  return {"teacher": teacher_step, "evaluate": evaluate_step}[stage](batch, dtype, mesh, depth)

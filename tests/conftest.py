@@ -7,6 +7,7 @@ import os
 import resource
 import shutil
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -113,13 +114,16 @@ def pytest_runtest_protocol(item, nextitem):
   """--cpu-seconds: where the suite's time goes (its fixtures' setup counts to the first
   test that asks for them)."""
   path = item.config.getoption("--cpu-seconds")
-  before = _cpu_seconds()
+  before, started = _cpu_seconds(), time.time()
   yield
   if path:
     (own, children) = (b - a for a, b in zip(before, _cpu_seconds()))
     with open(path, "a") as f:
       f.write(json.dumps({"test": item.nodeid, "process_s": round(own, 2),
-                          "subprocesses_s": round(children, 2)}) + "\n")
+                          "subprocesses_s": round(children, 2),
+                          "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+                          "started": round(started, 2),
+                          "wall_s": round(time.time() - started, 2)}) + "\n")
 
 
 def _is_xdist_worker(config) -> bool:
@@ -133,18 +137,27 @@ def pytest_configure(config):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-  """--cpu-seconds: the 15 test files that took the most CPU seconds."""
+  """--cpu-seconds: the 15 test files that took the most CPU seconds, and each worker's busy
+  time and end (a worker that ends early idles while the other finishes the suite)."""
   path = config.getoption("--cpu-seconds")
   if not path or _is_xdist_worker(config) or not os.path.exists(path):
     return
-  per_file = collections.Counter()
   with open(path) as f:
-    for row in map(json.loads, f):
-      per_file[row["test"].split("::")[0]] += row["process_s"] + row["subprocesses_s"]
+    rows = [json.loads(line) for line in f]
+  per_file = collections.Counter()
+  for row in rows:
+    per_file[row["test"].split("::")[0]] += row["process_s"] + row["subprocesses_s"]
   terminalreporter.write_sep("=", f"CPU seconds per test file ({sum(per_file.values()):.0f} "
                              f"in all; per test: {path})")
   for name, seconds in per_file.most_common(15):
     terminalreporter.write_line(f"{seconds:8.1f}  {name}")
+  first = min(row["started"] for row in rows)
+  for worker in sorted({row["worker"] for row in rows}):
+    own = [row for row in rows if row["worker"] == worker]
+    terminalreporter.write_line(
+        f"{worker}: {len(own)} tests, busy {sum(r['wall_s'] for r in own):.0f} s, last test "
+        f"ended {max(r['started'] + r['wall_s'] for r in own) - first:.0f} s after the first "
+        "began")
 
 
 def pytest_xdist_auto_num_workers(config):

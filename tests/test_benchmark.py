@@ -43,12 +43,13 @@ def test_jax_evaluation_row_on_two_devices(tmp_path):
 def test_every_jax_step_builds_and_traces():
   """The benchmark builds each stage's step from the stage's own functions; a stage whose
   signature changed must break here, not on the accelerator. (Traced, not compiled: what
-  a step computes is the stages' tests' business. Built for a ResNet-8: the same functions,
-  a third of ResNet-20's layers to initialize and calibrate.)"""
+  a step computes is the stages' tests' business. Built for a ResNet-8 and the smoke
+  generator: the same functions, a fraction of the layers and channels to initialize, run
+  and calibrate on.)"""
   import jax
   import jax_steps
   for stage in ("teacher", "generator", "finetune", "evaluate"):
-    step = jax_steps.build(stage, 8, "float32", 1, depth=8)
+    step = jax_steps.build(stage, 8, "float32", 1, depth=8, generator="smoke")
     shapes = jax.tree.leaves(jax.eval_shape(step.fn, *step.args))
     assert shapes and all(s.size >= 1 for s in shapes), stage
 

@@ -139,13 +139,9 @@ def test_a_mixed_student_fine_tunes_exports_and_equals_its_integer_model(mixed_s
           for k in (1, 2)} == {(4, 4)}
   assert graph["layer_rules"] == MIXED
   x = data.normalize(images, data.IMAGENET_MEAN, data.IMAGENET_STD)
-
-  @jax.jit
-  def both(variables, arrays, x):
-    return (student.apply(variables, x), integer.forward(graph, arrays, x),
-            integer.layer_by_layer(student, variables, graph, arrays, x))
-
-  fake, exact, layers = both(variables, arrays, x)
+  # Op by op, as tests/test_integer.py does (its students' primitives are these).
+  fake, exact = student.apply(variables, x), integer.forward(graph, arrays, x)
+  layers = integer.layer_by_layer(student, variables, graph, arrays, x)
   # As for the uniform students (tests/test_integer.py): codes equal up to float32 rounding
   # ties, the logits within the output's step, the same classes.
   mismatched = sum(int(r["mismatched"]) for r in layers.values() if "mismatched" in r)

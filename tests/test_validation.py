@@ -255,6 +255,25 @@ def test_a_truncated_or_pickled_data_file_is_named(imported_teacher, tmp_path, s
   assert not (imported_teacher / "results.json").exists()
 
 
+def test_a_teacher_is_imported_once_and_never_replaced(imported_teacher, tmp_path):
+  """The same weights again: kept, nothing written; other weights: refused (checkpoints are
+  never overwritten). (The same on a gs:// workdir: tests/test_cloud_storage.py.)"""
+  files = lambda: sorted(os.path.join(d, f) for d, _, fs in os.walk(imported_teacher)
+                         for f in fs)
+  before = files()
+  again = run_in_process("configs/import_teacher.py", imported_teacher,
+                         f"--config.weights={TEACHER_WEIGHTS}")
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "already holds these weights; nothing to do" in again.stdout
+  other = tmp_path / "other_weights.npz"
+  shutil.copy(TEACHER_WEIGHTS, other)
+  refused = run_in_process("configs/import_teacher.py", imported_teacher,
+                           f"--config.weights={other}")
+  assert_clean_failure(refused, imported_teacher, "already holds a teacher from",
+                       "resnet20-12fca82f_weights.npz", "use another --workdir")
+  assert files() == before
+
+
 @pytest.mark.parametrize("damage", ["nan", "truncated", "pickled"])
 def test_broken_teacher_weights_are_rejected_on_import(tmp_path, damage):
   weights = dict(np.load(TEACHER_WEIGHTS))
