@@ -4,11 +4,14 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# XLA's CPU backend with its older loop emitters instead of the fusion emitters: a third
-# less compilation (a smoke stage-1 step 4.4-5.2 s -> 2.5-3.2 s; a cold smoke pipeline 54 ->
-# 42 CPU seconds) for the same HLO, only its machine code generated otherwise (compare runs
-# made with the same flags). Every test process and main.py subprocess uses it.
-FAST_COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+# Every test process and main.py subprocess uses these XLA CPU settings (compare runs made
+# with the same flags): the older loop emitters instead of the fusion emitters, a third less
+# compilation (a smoke stage-1 step 4.4-5.2 s -> 2.5-3.2 s; a cold smoke pipeline 54 -> 42
+# CPU seconds) for the same HLO, only its machine code generated otherwise; and Eigen's
+# convolutions and matmuls on the calling thread: the suite runs one test process per core,
+# and each one splitting its tiny convolutions over every core only made them wait for each
+# other (test_resume.py and test_parallel.py on 2 workers: 115-136 s -> 101-106 s wall).
+TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_cpu_multi_thread_eigen=false"
 
 
 def main_command(config: str, workdir, *overrides: str) -> list[str]:
@@ -24,7 +27,7 @@ def environment(devices: int = 1) -> dict:
   would fuse a multiply-add, so compare runs made with the same environment)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                      f"--xla_backend_optimization_level=0 {FAST_COMPILE_XLA_FLAGS}")
+                      f"--xla_backend_optimization_level=0 {TEST_XLA_FLAGS}")
   env["JAX_PLATFORMS"] = "cpu"
   return env
 

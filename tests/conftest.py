@@ -11,10 +11,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from cli import FAST_COMPILE_XLA_FLAGS  # noqa: E402
+from cli import TEST_XLA_FLAGS  # noqa: E402
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           f" --xla_force_host_platform_device_count=8 {FAST_COMPILE_XLA_FLAGS}"
+                           f" --xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}"
                            ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Every test process (and every main.py it starts) shares compiled programs: the suite runs

@@ -20,23 +20,20 @@ from dfqf_jax.stages import finetune
 from dfqf_jax.validation import ConfigError
 
 
-def test_real_data_qat_keeps_no_generator_and_kd_on_generated_images_no_generator_optimizer(
-    tmp_path, small_data, generator_workdir):
+def test_real_data_qat_keeps_no_generator(tmp_path, small_data, generator_workdir):
+  """(On generated images the student keeps its generator and, unless it trains alongside,
+  no optimizer state for it: tests/test_lineage.py, on the smoke pipeline's student.)"""
   workdir = copy_workdir(generator_workdir, tmp_path / "run")
-  for source, stage in (("real", "qat_real_w4a4"), ("generated", "student_w4a4")):
-    result = run_in_process("configs/finetune.py:w4a4,smoke", workdir, *SMALL_TEACHER_ARGS,
-                            f"--config.data.dir={small_data}",
-                            f"--config.data_source={source}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    state, _, step = checkpoints.load_product(str(workdir / stage), stage)
-    assert step == 2
-    # Without adversarial_generator the generator never trains: no optimizer state for it
-    # (and with real images, no generator at all).
-    assert not jax.tree.leaves(state.get("g_opt_state", {}))
-    assert bool(jax.tree.leaves(state.get("generator", {}))) == (source == "generated")
-    with open(workdir / stage / "metrics.jsonl") as f:
-      losses = [json.loads(line)["loss_kd"] for line in f if "loss_kd" in line]
-    assert losses and np.all(np.isfinite(losses))
+  result = run_in_process("configs/finetune.py:w4a4,smoke", workdir, *SMALL_TEACHER_ARGS,
+                          f"--config.data.dir={small_data}", "--config.data_source=real")
+  assert result.returncode == 0, result.stderr[-3000:]
+  state, _, step = checkpoints.load_product(str(workdir / "qat_real_w4a4"), "qat_real_w4a4")
+  assert step == 2
+  assert not jax.tree.leaves(state.get("generator", {}))
+  assert not jax.tree.leaves(state.get("g_opt_state", {}))
+  with open(workdir / "qat_real_w4a4" / "metrics.jsonl") as f:
+    losses = [json.loads(line)["loss_kd"] for line in f if "loss_kd" in line]
+  assert losses and np.all(np.isfinite(losses))
 
 
 TRAINED_WITH = {"lambda_is": 40.0, "lambda_bn": 10.0, "lambda_adv": 5.0,

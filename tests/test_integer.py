@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cli import FAST_COMPILE_XLA_FLAGS, run_in_process
+from cli import TEST_XLA_FLAGS, run_in_process
 from conftest import TEACHER_WEIGHTS, write_small_split
 from dfqf_jax import calibration, checkpoints, classifiers, convert, data, integer, validation
 from dfqf_jax import quant as q
@@ -250,7 +250,7 @@ def test_stablehlo_artifact_runs_without_dfqf_jax(exported, shared_data, tmp_pat
     expected[name] = np.asarray(integer.forward(graph, arrays, x))  # op by op: run once
     np.save(tmp_path / f"{name}.npy", expected[name])
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_XLA_FLAGS}"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}"
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # as in this process: 16 images, run once
   script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "dfqf_jax", "tools",
                         "run_exported.py")

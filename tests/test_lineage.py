@@ -8,6 +8,7 @@ import subprocess
 import time
 import types
 
+import jax
 import pytest
 
 from cli import environment, main_command, run_in_process, run_main
@@ -111,6 +112,11 @@ def test_the_finished_pipeline_scores_every_stage_and_reports(pipeline_stopped_t
   assert expected <= set(results)
   student = results["student_w4a4"]
   assert (student["weight_bits"], student["act_bits"], student["protocol"]) == (4, 4, "dfqf")
+  # Fine-tuned on generated images, it keeps its generator; without adversarial_generator
+  # the generator never trains: no optimizer state for it.
+  state, _, _ = checkpoints.load_product(str(workdir / "student_w4a4"), "student_w4a4")
+  assert jax.tree.leaves(state["generator"])
+  assert not jax.tree.leaves(state.get("g_opt_state", {}))
   assert results["ptq_w4a4_max_standard"]["calibration"] == "max"
   for entry in results.values():
     assert 0.0 <= entry["top1_percent"] <= 100.0 and "drop_vs_teacher_points" in entry

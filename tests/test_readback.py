@@ -26,14 +26,15 @@ pytestmark = pytest.mark.xdist_group("lineage")
 README_HEADING = "## Read a model back"
 STUDENT, EXPORT = "student_w4a4", "export_student_w4a4"
 SNIPPET_SCORES = ("teacher", STUDENT, EXPORT)  # the models the README snippet test scores
+TINY_TEST_SPLIT = 16  # images: every model here is scored several times, the integer one slowly
 
 
 @pytest.fixture(scope="module")
 def tiny_data(small_data, tmp_path_factory):
-  """40 test images: every model here is scored several times, the integer one slowly."""
+  """A test split of TINY_TEST_SPLIT images."""
   folder = tmp_path_factory.mktemp("tiny_data")
   write_small_split(os.path.join(small_data, "cifar10_test.npz"),
-                    str(folder / "cifar10_test.npz"), 40)
+                    str(folder / "cifar10_test.npz"), TINY_TEST_SPLIT)
   return str(folder)
 
 
@@ -114,12 +115,12 @@ def test_every_model_of_the_workdir_is_listed_loaded_and_scored_as_in_results_js
 
 def test_evaluation_scores_the_export_as_the_student_it_was_exported_from(workdir):
   """The integer model read back from export/<student>/ scores what the fake-quantized
-  checkpoint scores (at most one of the 40 images differs: a rounding tie)."""
+  checkpoint scores (at most one image differs: a rounding tie)."""
   recorded = results(workdir)
   entry = recorded[EXPORT]
   assert entry["integer"] and (entry["weight_bits"], entry["act_bits"]) == (4, 4)
   assert entry["checkpoint"] == "export/" + STUDENT  # relative to the workdir
-  assert abs(entry["top1_percent"] - recorded[STUDENT]["top1_percent"]) <= 100 / 40
+  assert abs(entry["top1_percent"] - recorded[STUDENT]["top1_percent"]) <= 100 / TINY_TEST_SPLIT
 
 
 def test_uint8_and_float_images_give_the_same_logits(workdir, tiny_data):
