@@ -233,14 +233,14 @@ def test_an_export_of_an_older_format_is_refused(exported, tmp_path):
 
 
 def test_stablehlo_artifact_runs_without_dfqf_jax(exported, shared_data, tmp_path):
-  """dfqf_jax/tools/run_exported.py runs both artifacts on a 16-image split in a process that
+  """dfqf_jax/tools/run_exported.py runs both artifacts on an 8-image split in a process that
   never imports dfqf_jax; its logits against dfqf_jax's integer forward pass."""
   workdir, _ = exported
   names = ("student_w4a4", "student_w8a8")
   split_dir = tmp_path / "data"
   split_dir.mkdir()
   write_small_split(os.path.join(shared_data, "cifar10_test.npz"),
-                    str(split_dir / "cifar10_test.npz"), 16)
+                    str(split_dir / "cifar10_test.npz"), 8)
   with np.load(split_dir / "cifar10_test.npz") as f:
     images, labels = f["images"], f["labels"]
   expected = {}
@@ -251,7 +251,7 @@ def test_stablehlo_artifact_runs_without_dfqf_jax(exported, shared_data, tmp_pat
     np.save(tmp_path / f"{name}.npy", expected[name])
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}"
-  env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # as in this process: 16 images, run once
+  env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # as in this process: 8 images, run once
   script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "dfqf_jax", "tools",
                         "run_exported.py")
   result = subprocess.run(
@@ -261,12 +261,12 @@ def test_stablehlo_artifact_runs_without_dfqf_jax(exported, shared_data, tmp_pat
       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   record = json.loads((tmp_path / "record.json").read_text())
-  assert record["test_images"] == 16 and not record["imports_dfqf_jax"]
+  assert record["test_images"] == 8 and not record["imports_dfqf_jax"]
   for name in names:
     graph, arrays = integer.load(str(workdir / "export" / name))
     logits = np.load(tmp_path / "artifact" / f"{name}.npy")
     unit = np.asarray(integer.output_unit(graph, arrays))
-    assert logits.shape == (16, 10)
+    assert logits.shape == (8, 10)
     # A separate compilation of the same program: equal up to float32 rounding of the float
     # convs and rescales (a rare tie may flip a code, which then propagates).
     assert np.median(np.abs(logits - expected[name]) / unit) < 1.0
