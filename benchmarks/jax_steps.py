@@ -81,13 +81,13 @@ def teacher_step(batch: int, dtype, mesh, depth: int) -> Step:
 
 
 def generator_step(batch: int, dtype, mesh, depth: int, student_passes: int,
-                   generator: str) -> Step:
+                   generator_schedule: str) -> Step:
   """stages/generator.py: one stage-1 iteration (G Adam step + student SGD step).
 
   student_passes=1 is the project's default (one backward pass gives both gradients);
   2 runs the student a second time on detached images, as the reference code does.
   """
-  config = generator_config.get_config(generator)
+  config = generator_config.get_config(generator_schedule)
   config.batch_size, config.compute_dtype, config.model.depth = batch, dtype.name, depth
   config.single_student_pass = student_passes == 1
   teacher = _classifier(config, jnp.float32)
@@ -113,12 +113,12 @@ def _calibrated_student(config, teacher_vars, generator, g_vars):
                                     summaries)
 
 
-def finetune_step(batch: int, dtype, mesh, depth: int, generator: str) -> Step:
+def finetune_step(batch: int, dtype, mesh, depth: int, generator_schedule: str) -> Step:
   """stages/finetune.py: one KD step of the W4A4 student on fresh generated images."""
   config = finetune_config.get_config("w4a4")
   config.batch_size, config.compute_dtype, config.model.depth = batch, dtype.name, depth
   teacher = _classifier(config, jnp.float32)
-  generator = stage1.make_generator(generator_config.get_config(generator))
+  generator = stage1.make_generator(generator_config.get_config(generator_schedule))
   teacher_vars = _random_variables(teacher, mesh)
   g_vars = jax.jit(lambda key: classifiers.variables_of(
       generator.init(key, jnp.zeros((2, generator.latent_dim)))))(jax.random.key(1))
@@ -144,9 +144,9 @@ def evaluate_step(batch: int, dtype, mesh, depth: int) -> Step:
 
 
 def build(stage: str, batch: int, dtype: str, student_passes: int, depth: int = 20,
-          generator: str = "reference") -> Step:
+          generator_schedule: str = "reference") -> Step:
   """The stage's step for a ResNet-`depth` and the generator of configs/generator.py's
-  `generator` schedule (the benchmark's rows are ResNet-20's with the reference generator)."""
+  `generator_schedule` (the benchmark's rows are ResNet-20's with the reference generator)."""
   parallel.use_cpu_cores()  # the devices main.py would use
   mesh = parallel.make_mesh()
   if batch % jax.device_count():
@@ -154,7 +154,7 @@ def build(stage: str, batch: int, dtype: str, student_passes: int, depth: int = 
                      f"devices; use a multiple of {jax.device_count()}.")
   dtype = jnp.dtype(dtype)
   if stage == "generator":
-    return generator_step(batch, dtype, mesh, depth, student_passes, generator)
+    return generator_step(batch, dtype, mesh, depth, student_passes, generator_schedule)
   if stage == "finetune":
-    return finetune_step(batch, dtype, mesh, depth, generator)
+    return finetune_step(batch, dtype, mesh, depth, generator_schedule)
   return {"teacher": teacher_step, "evaluate": evaluate_step}[stage](batch, dtype, mesh, depth)

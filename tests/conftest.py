@@ -144,6 +144,8 @@ def pytest_terminal_summary(terminalreporter, config):
     return
   with open(path) as f:
     rows = [json.loads(line) for line in f]
+  if not rows:
+    return
   per_file = collections.Counter()
   for row in rows:
     per_file[row["test"].split("::")[0]] += row["process_s"] + row["subprocesses_s"]
@@ -162,7 +164,7 @@ def pytest_terminal_summary(terminalreporter, config):
 
 def pytest_xdist_auto_num_workers(config):
   """`-n auto` (pytest.ini): one worker per usable core, at most 4 (each test process already
-  runs XLA on several threads)."""
+  runs its 8 host devices on several threads)."""
   return max(1, min(4, len(os.sched_getaffinity(0))))
 
 

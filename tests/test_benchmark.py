@@ -49,7 +49,7 @@ def test_every_jax_step_builds_and_traces():
   import jax
   import jax_steps
   for stage in ("teacher", "generator", "finetune", "evaluate"):
-    step = jax_steps.build(stage, 8, "float32", 1, depth=8, generator="smoke")
+    step = jax_steps.build(stage, 8, "float32", 1, depth=8, generator_schedule="smoke")
     shapes = jax.tree.leaves(jax.eval_shape(step.fn, *step.args))
     assert shapes and all(s.size >= 1 for s in shapes), stage
 

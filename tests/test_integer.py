@@ -267,8 +267,9 @@ def test_stablehlo_artifact_runs_without_dfqf_jax(exported, shared_data, tmp_pat
     logits = np.load(tmp_path / "artifact" / f"{name}.npy")
     unit = np.asarray(integer.output_unit(graph, arrays))
     assert logits.shape == (8, 10)
-    # A separate compilation of the same program: equal up to float32 rounding of the float
-    # convs and rescales (a rare tie may flip a code, which then propagates).
+    # The exported program, compiled, against the same forward pass run op by op: equal up to
+    # float32 rounding of the float convs and rescales (a rare tie may flip a code, which then
+    # propagates).
     assert np.median(np.abs(logits - expected[name]) / unit) < 1.0
     np.testing.assert_array_equal(logits.argmax(-1), expected[name].argmax(-1))
     # The script's own comparison and top-1 say the same.

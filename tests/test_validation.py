@@ -257,9 +257,9 @@ def test_a_truncated_or_pickled_data_file_is_named(imported_teacher, tmp_path, s
 
 def test_a_teacher_is_imported_once_and_never_replaced(imported_teacher, tmp_path):
   """The same weights again: kept, nothing written; other weights: refused (checkpoints are
-  never overwritten). (The same on a gs:// workdir: tests/test_cloud_storage.py.)"""
-  files = lambda: sorted(os.path.join(d, f) for d, _, fs in os.walk(imported_teacher)
-                         for f in fs)
+  never overwritten)."""
+  files = lambda: sorted((os.path.join(d, f), os.stat(os.path.join(d, f)).st_mtime_ns)
+                         for d, _, fs in os.walk(imported_teacher) for f in fs)
   before = files()
   again = run_in_process("configs/import_teacher.py", imported_teacher,
                          f"--config.weights={TEACHER_WEIGHTS}")
