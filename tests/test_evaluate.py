@@ -24,8 +24,8 @@ def test_a_model_is_stale_iff_an_upstream_checkpoint_it_names_is_no_longer_the_w
       "ptq_w4a4_max_dfqf": entry(origin("ptq_w4a4_max_dfqf", "p1"),
                                  teacher=origin("teacher", "t0", 0)),
       # an export records the student checkpoint it came from
-      "export_student_w4a4": {"top1_percent": 90.0, "lineage": {"student_w4a4": origin("student_w4a4",
-                                                                              "s0")}},
+      "export_student_w4a4": {"top1_percent": 90.0,
+                              "lineage": {"student_w4a4": origin("student_w4a4", "s0")}},
   }
   reasons = scoring.stale_reasons(results, held=results)
   assert set(reasons) == {"student_w3a3", "ptq_w4a4_max_dfqf", "export_student_w4a4"}
