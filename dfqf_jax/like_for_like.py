@@ -168,6 +168,23 @@ def differences(rows: list[dict]) -> list[str]:
           "|---|---|---|---:|---:|---|---|", *lines, ""]
 
 
+def machine_tags(rows: list[dict]) -> dict:
+  """hardware -> its tag in a table's header ('(a) ', '(b) ', ...), or '' when every run ran on
+  one kind of machine: wall times from different machines are not comparable, so each run's
+  compute names its machine."""
+  kinds = sorted({r["hardware"] for r in rows})
+  if len(kinds) == 1:
+    return {kinds[0]: ""}
+  return {hardware: f"({chr(ord('a') + i)}) " for i, hardware in enumerate(kinds)}
+
+
+def _compute(row: dict, machines: dict) -> str:
+  """'image stage + fine-tuning' seconds of one run, with its machine's tag if it has one."""
+  seconds = f"{_seconds(row['source_seconds'])} + {_seconds(row['finetune_seconds'])}"
+  tag = machines[row["hardware"]].strip()
+  return f"{seconds} {tag}" if tag else seconds
+
+
 def table(records: dict, schedule_of) -> str:
   """Markdown: one section per (teacher, schedule), one row per source x bits x protocol,
   then the differences between the sources of each bits x protocol cell."""
@@ -179,10 +196,11 @@ def table(records: dict, schedule_of) -> str:
   for part in sorted({r["part"] for r in rows}, key=str):
     teacher_top1, depth, schedule, recipe = part
     in_part = [r for r in rows if r["part"] == part]
+    machines = machine_tags(in_part)
     lines += [f"Like for like: teacher ResNet-{depth} {points(teacher_top1)}% (the same for every "
               f"run), schedule {schedule or '?'}" + (f" with {recipe}" if recipe else "") +
               ", images' source the only change; " +
-              "; ".join(sorted({r["hardware"] for r in in_part})), "",
+              "; ".join(f"{tag}{hardware}" for hardware, tag in machines.items()), "",
               "| images | bits | protocol | runs | top-1 mean ± std | min / max | each run "
               "(seed: top-1) | `ft` start (each run) | compute per run, s (image stage of its "
               "workdir, shared by its students, + fine-tuning) |",
@@ -198,8 +216,7 @@ def table(records: dict, schedule_of) -> str:
           spread(tops), f"{points(min(tops))} / {points(max(tops))}",
           ", ".join(f"{r['seed']}: {points(r['top1'])}" for r in group),
           ", ".join(points(r["start"]) for r in group),
-          ", ".join(f"{_seconds(r['source_seconds'])} + {_seconds(r['finetune_seconds'])}"
-                    for r in group)]) + " |")
+          ", ".join(_compute(r, machines) for r in group)]) + " |")
     lines.append("")
     lines += differences(in_part)
   return "\n".join(lines)

@@ -79,6 +79,19 @@ def test_a_difference_within_the_spread_is_no_finding_even_with_disjoint_ranges(
                      "within the spread: no finding |"]
 
 
+def test_runs_on_different_machines_name_their_machine_beside_their_compute():
+  records = {f"zeroq_{seed}.json": record("zeroq", seed, {"student_w4a4_standard_zeroq": (
+      4, "standard", 0.90, 0.80)}, f"z{seed}") for seed in range(3)}
+  records["zeroq_2.json"]["hardware"] = "1 x gpu"
+  lines = like_for_like.table(records, report.schedule_of).splitlines()
+  assert lines[0].endswith("images' source the only change; (a) 1 x gpu; (b) 2 x cpu")
+  assert lines[4].endswith("| 50 + 100 (b), 50 + 101 (b), 50 + 102 (a) |")
+  del records["zeroq_2.json"]  # one machine: no tags
+  lines = like_for_like.table(records, report.schedule_of).splitlines()
+  assert lines[0].endswith("images' source the only change; 2 x cpu")
+  assert lines[4].endswith("| 50 + 100, 50 + 101 |")
+
+
 def test_a_student_built_on_another_seeds_images_is_no_run_of_its_seed(capsys):
   own = record("gdfq", 1, {"student_w4a4_standard_gdfq": (4, "standard", 0.90, 0.85)}, "g1")
   borrowed = record("gdfq", 2, {"student_w4a4_standard_gdfq": (4, "standard", 0.91, 0.85)},
