@@ -49,6 +49,11 @@ def start_of(record: dict, name: str):
   return next((value for step, value in points if step == 0), None)
 
 
+def hardware_of(record: dict, entry: dict) -> str:
+  """The machine that computed a results entry: its own, else its record's, else '?'."""
+  return entry.get("hardware") or record.get("hardware") or "?"
+
+
 def students(records: dict):
   """(path, record, results, name, entry) of each fine-tuned student in the records (path ->
   run record or results.json), once per workdir and name: a workdir's later records hold its
@@ -98,7 +103,7 @@ def runs(records: dict, schedule_of) -> list[dict]:
         "source_seconds": source_seconds,
         "part": (top1.percent(teacher), teacher.get("depth"), schedule_of(record),
                  recipe_of(record)),
-        "hardware": record.get("hardware", "?"), "record": os.path.basename(path)})
+        "hardware": hardware_of(record, entry), "record": os.path.basename(path)})
   return found
 
 
@@ -169,20 +174,26 @@ def differences(rows: list[dict]) -> list[str]:
 
 
 def machine_tags(rows: list[dict]) -> dict:
-  """hardware -> its tag in a table's header ('(a) ', '(b) ', ...), or '' when every run ran on
-  one kind of machine: wall times from different machines are not comparable, so each run's
-  compute names its machine."""
+  """hardware -> its tag, '(a)', '(b)', ..., or '' when every row ran on one kind of machine:
+  wall times of different machines are not comparable, so each run's compute names its
+  machine (hardware_of: the machine that trained the student; its workdir's image stage ran
+  there too unless the workdir moved between machines)."""
   kinds = sorted({r["hardware"] for r in rows})
   if len(kinds) == 1:
     return {kinds[0]: ""}
-  return {hardware: f"({chr(ord('a') + i)}) " for i, hardware in enumerate(kinds)}
+  return {hardware: f"({chr(ord('a') + i)})" for i, hardware in enumerate(kinds)}
 
 
-def _compute(row: dict, machines: dict) -> str:
-  """'image stage + fine-tuning' seconds of one run, with its machine's tag if it has one."""
-  seconds = f"{_seconds(row['source_seconds'])} + {_seconds(row['finetune_seconds'])}"
-  tag = machines[row["hardware"]].strip()
-  return f"{seconds} {tag}" if tag else seconds
+def machines_text(machines: dict) -> str:
+  """The machines of machine_tags, each after its tag: '(a) 1 x gpu; (b) 2 x cpu'."""
+  return "; ".join(f"{tag} {hardware}" if tag else hardware
+                   for hardware, tag in machines.items())
+
+
+def tagged(text: str, row: dict, machines: dict) -> str:
+  """`text` of one run, followed by its machine's tag if it has one."""
+  tag = machines[row["hardware"]]
+  return f"{text} {tag}" if tag else text
 
 
 def table(records: dict, schedule_of) -> str:
@@ -200,7 +211,7 @@ def table(records: dict, schedule_of) -> str:
     lines += [f"Like for like: teacher ResNet-{depth} {points(teacher_top1)}% (the same for every "
               f"run), schedule {schedule or '?'}" + (f" with {recipe}" if recipe else "") +
               ", images' source the only change; " +
-              "; ".join(f"{tag}{hardware}" for hardware, tag in machines.items()), "",
+              machines_text(machines), "",
               "| images | bits | protocol | runs | top-1 mean ± std | min / max | each run "
               "(seed: top-1) | `ft` start (each run) | compute per run, s (image stage of its "
               "workdir, shared by its students, + fine-tuning) |",
@@ -216,7 +227,9 @@ def table(records: dict, schedule_of) -> str:
           spread(tops), f"{points(min(tops))} / {points(max(tops))}",
           ", ".join(f"{r['seed']}: {points(r['top1'])}" for r in group),
           ", ".join(points(r["start"]) for r in group),
-          ", ".join(_compute(r, machines) for r in group)]) + " |")
+          ", ".join(tagged(f"{_seconds(r['source_seconds'])} + "
+                           f"{_seconds(r['finetune_seconds'])}", r, machines)
+                    for r in group)]) + " |")
     lines.append("")
     lines += differences(in_part)
   return "\n".join(lines)

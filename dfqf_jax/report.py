@@ -249,7 +249,7 @@ def _compute(record: dict, entry: dict) -> str:
     text += f" ({round(sum(record['stage_folder_wall_seconds'].values()), 1)} s all stages)"
   elif record.get("stage_wall_seconds_total") is not None:  # records before 2026-12-06
     text += f" ({record['stage_wall_seconds_total']} s all stages)"
-  return f"{text}, {entry.get('hardware') or record.get('hardware', '?')}"
+  return f"{text}, {like_for_like.hardware_of(record, entry)}"
 
 
 def schedule_of(record: dict) -> str:
@@ -296,7 +296,8 @@ def comparison_rows(records: dict) -> list[dict]:
                  "teacher": teacher, "bits": bits, "top1": top1.percent(entry),
                  "drop": None if teacher is None else teacher - top1.percent(entry),
                  "ptq_start": ptq, "compute": _compute(record, entry),
-                 "finetune_seconds": entry.get("stage_wall_seconds"), "source": path})
+                 "finetune_seconds": entry.get("stage_wall_seconds"), "source": path,
+                 "hardware": like_for_like.hardware_of(record, entry)})
   return rows
 
 
@@ -310,7 +311,8 @@ def _mean(values):
 
 def _one_row_per_setting(rows: list[dict]) -> list[dict]:
   """Rows that differ only in their run (seeds of one setting) as one: top-1 'mean ± std
-  (n runs)', the mean drop and PTQ start, each run's fine-tuning seconds and record."""
+  (n runs)', the mean drop and PTQ start, each run's fine-tuning seconds (tagged with its
+  machine when they ran on several) and record."""
   groups = {}
   for row in rows:
     groups.setdefault(tuple(row[k] for k in ROW_IDENTITY), []).append(row)
@@ -320,11 +322,14 @@ def _one_row_per_setting(rows: list[dict]) -> list[dict]:
       merged.append({**group[0], "top1_text": points(group[0]["top1"])})
       continue
     tops = [r["top1"] for r in group]
-    seconds = ", ".join(str(r["finetune_seconds"]) for r in group)
+    machines = like_for_like.machine_tags(group)
+    seconds = ", ".join(like_for_like.tagged(str(r["finetune_seconds"]), r, machines)
+                        for r in group)
     merged.append({**group[0], "top1_text": f"{like_for_like.spread(tops)} ({len(group)} runs)",
                    "drop": _mean([r["drop"] for r in group]),
                    "ptq_start": _mean([r["ptq_start"] for r in group]),
-                   "compute": f"{seconds} s fine-tuning",
+                   "compute": f"{seconds} s fine-tuning, "
+                              f"{like_for_like.machines_text(machines)}",
                    "source": ", ".join(r["source"] for r in group)})
   return merged
 

@@ -160,9 +160,13 @@ def test_beside_the_published_numbers_each_setting_is_one_row_over_its_seeds():
   w4a4, w3a3 = sorted(rows, key=lambda r: r[0])[::-1]
   # method, network, protocol, schedule, teacher, W4A4 top-1, W4A4 drop, W3A3 ..., PTQ start
   assert w4a4[4:10] == ["91.73", "91.00 ± 1.00 (3 runs)", "0.73", "", "", "80.00"]
-  assert w4a4[10:] == ["100.0, 101.0, 102.0 s fine-tuning",
+  assert w4a4[10:] == ["100.0, 101.0, 102.0 s fine-tuning, 2 x cpu",
                        "zeroq_0.json, zeroq_1.json, zeroq_2.json |"]
   assert w3a3[4:10] == ["91.73", "", "", "70.00", "21.73", "50.00"]
+  records["zeroq_2.json"]["hardware"] = "1 x gpu"  # seconds of different machines: tagged
+  w4a4 = next(line.split(" | ") for line in report.comparison_table(records).splitlines()
+              if line.startswith("| ZeroQ (this harness) student_w4a4"))
+  assert w4a4[10] == "100.0 (b), 101.0 (b), 102.0 (a) s fine-tuning, (a) 1 x gpu; (b) 2 x cpu"
 
 
 def test_runs_of_another_recipe_are_another_setting_not_another_seed():
