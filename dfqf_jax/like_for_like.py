@@ -9,6 +9,7 @@ protocol cell: the difference of their means against the larger of their two sta
 deviations (a difference within it is no finding) and whether their runs' ranges overlap.
 Read from run records (`--config.record_to`).
 """
+import datetime
 import os
 import re
 import statistics
@@ -54,13 +55,21 @@ def hardware_of(record: dict, entry: dict) -> str:
   return entry.get("hardware") or record.get("hardware") or "?"
 
 
+def _ended(record: dict) -> tuple:
+  """A sort key: a run record's end (its `date`), records without one last."""
+  date = record.get("date")
+  return (0, datetime.datetime.fromisoformat(date).timestamp()) if date else (1, 0.0)
+
+
 def students(records: dict):
   """(path, record, results, name, entry) of each fine-tuned student in the records (path ->
   run record or results.json), once per workdir and name: a workdir's later records hold its
   earlier students again. A stale entry is given too (the caller says what it does with it)
-  and does not hide a later, current one."""
+  and does not hide a later, current one. Run records are taken in the order their runs
+  ended (their `date`; results.json files, which have none, after them), so a student is
+  credited to the run that built it, whatever order the paths came in."""
   seen = set()
-  for path, record in records.items():
+  for path, record in sorted(records.items(), key=lambda item: _ended(item[1])):
     results = record.get("results", record)  # a run record, or a workdir's results.json
     for name, entry in sorted(results.items()):
       key = (record.get("workdir", path), name)
