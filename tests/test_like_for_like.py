@@ -1,9 +1,12 @@
 """The like-for-like table from run records: one row per image source x bits x protocol,
 mean ± std over seeds with every run's number, the `ft` start and the compute per run."""
+import importlib.util
 import json
 import os
 import pathlib
 import subprocess
+
+import numpy as np
 
 from dfqf_jax import image_sources, like_for_like, report
 
@@ -212,3 +215,18 @@ def test_the_driver_runs_each_cell_once_and_skips_a_run_whose_record_exists(tmp_
       "dfqf_seed1_w3a3_standard.json", "zeroq_seed1_w3a3_standard.json"]
   assert "zeroq seed 1 w4a4 standard" in out.stdout and "exists; skipped" in out.stdout
   assert calls[-1].startswith("-m dfqf_jax.report --compare")
+
+
+def test_output_statistics_say_how_sure_a_model_is_and_which_classes_it_picks():
+  path = pathlib.Path(__file__).parents[1] / "experiments/like_for_like/outputs_on_images.py"
+  spec = importlib.util.spec_from_file_location("outputs_on_images", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  flat = np.zeros((4, 10))  # unsure: every class 0.1
+  stats, argmax = module.output_statistics(flat)
+  assert stats["max_softmax_mean"] == 0.1 and stats["entropy_mean"] == round(np.log(10), 4)
+  sure = np.eye(10)[[3, 3, 5, 7]] * 50.0  # sure of classes 3, 3, 5, 7
+  stats, _ = module.output_statistics(sure, teacher_argmax=np.array([3, 1, 5, 2]))
+  assert stats["max_softmax_mean"] == 1.0 and stats["entropy_mean"] == 0.0
+  assert stats["argmax_counts"] == [0, 0, 0, 2, 0, 1, 0, 1, 0, 0]
+  assert stats["agreement_with_teacher"] == 0.5
