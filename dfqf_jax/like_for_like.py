@@ -10,7 +10,6 @@ deviations (a difference within it is no finding) and whether their runs' ranges
 Read from run records (`--config.record_to`).
 """
 import datetime
-import os
 import re
 import statistics
 import sys
@@ -112,7 +111,7 @@ def runs(records: dict, schedule_of) -> list[dict]:
         "source_seconds": source_seconds,
         "part": (top1.percent(teacher), teacher.get("depth"), schedule_of(record),
                  recipe_of(record)),
-        "hardware": hardware_of(record, entry), "record": os.path.basename(path)})
+        "hardware": hardware_of(record, entry)})
   return found
 
 

@@ -2,7 +2,8 @@
 real test images, and which classes they predict: what the W3A3 students' KD target is.
 
     .venv/bin/python experiments/like_for_like/outputs_on_images.py \
-        runs/like_for_like_budget/zeroq_seed2 --out experiments/like_for_like/budget/x.json
+        runs/like_for_like_budget/zeroq_seed2 \
+        --out experiments/like_for_like/outputs_on_images/zeroq_seed2.json
 
 Per model and image set: the mean and median of the largest softmax probability, the mean
 entropy of the softmax (ln 10 = 2.303 for a uniform one), how many images each class wins
