@@ -55,9 +55,12 @@ def hardware_of(record: dict, entry: dict) -> str:
 
 
 def _ended(record: dict) -> tuple:
-  """A sort key: a run record's end (its `date`), records without one last."""
-  date = record.get("date")
-  return (0, datetime.datetime.fromisoformat(date).timestamp()) if date else (1, 0.0)
+  """A sort key: a run record's end (its `date`; UTC unless it says otherwise), a record
+  without one (a workdir's results.json) last."""
+  if not record.get("date"):
+    return (1, 0.0)
+  date = datetime.datetime.fromisoformat(record["date"])
+  return (0, date.replace(tzinfo=date.tzinfo or datetime.timezone.utc).timestamp())
 
 
 def students(records: dict):
@@ -65,8 +68,8 @@ def students(records: dict):
   run record or results.json), once per workdir and name: a workdir's later records hold its
   earlier students again. A stale entry is given too (the caller says what it does with it)
   and does not hide a later, current one. Run records are taken in the order their runs
-  ended (their `date`; results.json files, which have none, after them), so a student is
-  credited to the run that built it, whatever order the paths came in."""
+  ended, so a student is credited to the run that built it, whatever order the paths came
+  in."""
   seen = set()
   for path, record in sorted(records.items(), key=lambda item: _ended(item[1])):
     results = record.get("results", record)  # a run record, or a workdir's results.json

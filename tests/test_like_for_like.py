@@ -159,7 +159,7 @@ def test_beside_the_published_numbers_each_setting_is_one_row_over_its_seeds():
   records = {"zeroq_0_a_w3a3.json": record("zeroq", 0, {
       "student_w4a4_standard_zeroq": (4, "standard", 0.90, 0.80),
       "student_w3a3_standard_zeroq": (3, "standard", 0.70, 0.50)}, "z0",
-      date="2026-12-01T12:00:00+01:00"), **records}
+      date="2026-12-01T09:30:00-02:00"), **records}  # 11:30 UTC: after the others' 10:00
   rows = [line.split(" | ") for line in report.comparison_table(records).splitlines()
           if line.startswith("| ZeroQ (this harness)")]
   assert len(rows) == 2

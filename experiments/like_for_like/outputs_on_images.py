@@ -21,14 +21,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import dfqf_jax  # noqa: E402
-from dfqf_jax import data, provenance, report, storage  # noqa: E402
+from dfqf_jax import checkpoints, data, losses, provenance, report, storage  # noqa: E402
 from dfqf_jax.stages import zeroq  # noqa: E402
 
 
-def output_statistics(logits, teacher_argmax=None) -> dict:
+def output_statistics(logits, teacher_argmax=None) -> tuple[dict, np.ndarray]:
+  """(the statistics of one model's logits [N, classes] on one image set, its argmax [N]);
+  with the teacher's argmax on the same images, the agreement with it too."""
   probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32))
   largest = np.asarray(probs.max(-1))
-  entropy = np.asarray(-(probs * jnp.log(jnp.maximum(probs, 1e-12))).sum(-1))
+  entropy = np.asarray(losses.entropy(probs))
   argmax = np.asarray(probs.argmax(-1))
   stats = {"max_softmax_mean": round(float(largest.mean()), 4),
            "max_softmax_median": round(float(np.median(largest)), 4),
@@ -37,6 +39,12 @@ def output_statistics(logits, teacher_argmax=None) -> dict:
   if teacher_argmax is not None:
     stats["agreement_with_teacher"] = round(float(np.mean(argmax == teacher_argmax)), 4)
   return stats, argmax
+
+
+def checkpoint_of(model) -> dict:
+  """Which checkpoint was measured: its step and the fingerprint of its state."""
+  origin = model.meta[checkpoints.ORIGIN]
+  return {"step": origin["step"], "fingerprint": origin["fingerprint"]}
 
 
 def main(argv: list[str]) -> int:
@@ -53,22 +61,24 @@ def main(argv: list[str]) -> int:
   subset = np.random.default_rng(0).permutation(len(test))[:args.test_images]
   # float images on the [0, 1] scale the models normalize again (unclipped: as distilled)
   image_sets = {"distilled": distilled * std + mean, "test": test.images[subset]}
-  models = {"teacher": {}}
+  models = {"teacher": {"checkpoint": checkpoint_of(teacher)}}
   teacher_argmax = {}
   for set_name, images in image_sets.items():
     models["teacher"][set_name], teacher_argmax[set_name] = output_statistics(teacher(images))
   for name in dfqf_jax.list_models(args.workdir):
     if name.startswith("student_"):
       student = dfqf_jax.load(args.workdir, name)
-      models[name] = {s: output_statistics(student(images), teacher_argmax[s])[0]
-                      for s, images in image_sets.items()}
+      models[name] = {"checkpoint": checkpoint_of(student),
+                      **{s: output_statistics(student(images), teacher_argmax[s])[0]
+                         for s, images in image_sets.items()}}
   record = {"command": provenance.command_line(), "commit": provenance.commit(),
             "hardware": report.hardware(), "date": provenance.utc_date(),
             "workdir": args.workdir, "distilled_images": len(distilled),
             "test_images": len(subset), "models": models}
   storage.write_atomically(args.out, json.dumps(record, indent=1) + "\n")
   for name, sets in models.items():
-    for set_name, stats in sets.items():
+    for set_name in image_sets:
+      stats = sets[set_name]
       print(f"{name} on {set_name}: {json.dumps(stats)}")
   return 0
 
