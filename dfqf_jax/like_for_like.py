@@ -208,8 +208,8 @@ def tagged(text: str, row: dict, machines: dict) -> str:
 
 
 def table(records: dict, schedule_of) -> str:
-  """Markdown: one section per (teacher, schedule), one row per source x bits x protocol,
-  then the differences between the sources of each bits x protocol cell."""
+  """Markdown: one section per (teacher, schedule), one row per source x bits x protocol (the
+  sources of one bits x protocol cell together), then the differences between them."""
   rows = runs(records, schedule_of)
   if not rows:
     return ""
@@ -228,7 +228,7 @@ def table(records: dict, schedule_of) -> str:
               "workdir, shared by its students, + fine-tuning) |",
               "|---|---|---|---:|---:|---:|---|---|---|"]
     cells = sorted({(r["source"], r["bits"], r["protocol"]) for r in in_part},
-                   key=lambda c: (_bits_first(c[1]), order.index(c[0]), c[2]))
+                   key=lambda c: (_bits_first(c[1]), c[2], order.index(c[0])))
     for source, bits, protocol in cells:
       group = sorted((r for r in in_part if (r["source"], r["bits"], r["protocol"]) ==
                       (source, bits, protocol)), key=lambda r: r["seed"])

@@ -119,6 +119,17 @@ def test_cells_are_ordered_by_weight_then_activation_bits():
   assert rows == ["W4A8", "W4A4", "W4A2"]
 
 
+def test_the_sources_of_one_bits_x_protocol_cell_are_rows_next_to_each_other():
+  records = {f"{source}_{protocol}.json": record(
+      source, 0, {f"student_{protocol}_{source}": (4, protocol, 0.9, 0.8)}, f"{source}")
+      for source in ("gdfq", "dfqf", "zeroq") for protocol in ("standard", "dfqf")}
+  rows = [line.split(" | ")[:3] for line in like_for_like.table(records, report.schedule_of)
+          .splitlines() if line.startswith(("| DFQF", "| ZeroQ", "| GDFQ"))]
+  assert rows == [["| DFQF", "W4A4", "dfqf"], ["| ZeroQ", "W4A4", "dfqf"],
+                  ["| GDFQ", "W4A4", "dfqf"], ["| DFQF", "W4A4", "standard"],
+                  ["| ZeroQ", "W4A4", "standard"], ["| GDFQ", "W4A4", "standard"]]
+
+
 def test_a_cell_of_one_run_has_no_spread_to_judge_a_difference_by():
   rows = differences_of({"dfqf": [0.90], "zeroq": [0.80, 0.81, 0.82]})
   assert rows == [["DFQF − ZeroQ", "+9.00", "–", "–",
