@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import dfqf_jax  # noqa: E402
 from dfqf_jax import checkpoints, data, losses, provenance, report, storage  # noqa: E402
+from dfqf_jax.errors import UserError  # noqa: E402
 from dfqf_jax.stages import zeroq  # noqa: E402
 
 
@@ -54,8 +55,12 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--test_images", type=int, default=1000)
   parser.add_argument("--out", required=True, help="the JSON record to write")
   args = parser.parse_args(argv)
-  distilled, _ = zeroq.load_images(args.workdir)  # in the teacher's normalized input space
-  teacher = dfqf_jax.load(args.workdir, "teacher")
+  try:
+    distilled, _ = zeroq.load_images(args.workdir)  # in the teacher's normalized input space
+    teacher = dfqf_jax.load(args.workdir, "teacher")
+  except UserError as e:  # no finished ZeroQ stage or teacher there: one line, no record
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   mean, std = (np.asarray(teacher.meta[k], np.float32) for k in ("mean", "std"))
   test = data.load_split(teacher.meta["dataset"], "test", args.data_dir)
   subset = np.random.default_rng(0).permutation(len(test))[:args.test_images]
