@@ -48,6 +48,32 @@ def checkpoint_of(model) -> dict:
   return {"step": origin["step"], "fingerprint": origin["fingerprint"]}
 
 
+def measure(workdir: str, data_dir: str, test_images: int) -> dict:
+  """The record: per model (the teacher and each student of `workdir`) and image set, the
+  checkpoint measured and its output statistics."""
+  distilled, _ = zeroq.load_images(workdir)  # in the teacher's normalized input space
+  teacher = dfqf_jax.load(workdir, "teacher")
+  mean, std = (np.asarray(teacher.meta[k], np.float32) for k in ("mean", "std"))
+  test = data.load_split(teacher.meta["dataset"], "test", data_dir)
+  subset = np.random.default_rng(0).permutation(len(test))[:test_images]
+  # float images on the [0, 1] scale the models normalize again (unclipped: as distilled)
+  image_sets = {"distilled": distilled * std + mean, "test": test.images[subset]}
+  models = {"teacher": {"checkpoint": checkpoint_of(teacher)}}
+  teacher_argmax = {}
+  for set_name, images in image_sets.items():
+    models["teacher"][set_name], teacher_argmax[set_name] = output_statistics(teacher(images))
+  for name in dfqf_jax.list_models(workdir):
+    if name.startswith("student_"):
+      student = dfqf_jax.load(workdir, name)
+      models[name] = {"checkpoint": checkpoint_of(student),
+                      **{s: output_statistics(student(images), teacher_argmax[s])[0]
+                         for s, images in image_sets.items()}}
+  return {"command": provenance.command_line(), "commit": provenance.commit(),
+          "hardware": report.hardware(), "date": provenance.utc_date(),
+          "workdir": workdir, "distilled_images": len(distilled),
+          "test_images": len(subset), "models": models}
+
+
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("workdir", help="a pipeline workdir run with --config.images=zeroq")
@@ -56,35 +82,14 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--out", required=True, help="the JSON record to write")
   args = parser.parse_args(argv)
   try:
-    distilled, _ = zeroq.load_images(args.workdir)  # in the teacher's normalized input space
-    teacher = dfqf_jax.load(args.workdir, "teacher")
-  except UserError as e:  # no finished ZeroQ stage or teacher there: one line, no record
+    record = measure(args.workdir, args.data_dir, args.test_images)
+  except UserError as e:  # no ZeroQ stage, teacher or test split there: one line, no record
     print(f"error: {e}", file=sys.stderr)
     return 2
-  mean, std = (np.asarray(teacher.meta[k], np.float32) for k in ("mean", "std"))
-  test = data.load_split(teacher.meta["dataset"], "test", args.data_dir)
-  subset = np.random.default_rng(0).permutation(len(test))[:args.test_images]
-  # float images on the [0, 1] scale the models normalize again (unclipped: as distilled)
-  image_sets = {"distilled": distilled * std + mean, "test": test.images[subset]}
-  models = {"teacher": {"checkpoint": checkpoint_of(teacher)}}
-  teacher_argmax = {}
-  for set_name, images in image_sets.items():
-    models["teacher"][set_name], teacher_argmax[set_name] = output_statistics(teacher(images))
-  for name in dfqf_jax.list_models(args.workdir):
-    if name.startswith("student_"):
-      student = dfqf_jax.load(args.workdir, name)
-      models[name] = {"checkpoint": checkpoint_of(student),
-                      **{s: output_statistics(student(images), teacher_argmax[s])[0]
-                         for s, images in image_sets.items()}}
-  record = {"command": provenance.command_line(), "commit": provenance.commit(),
-            "hardware": report.hardware(), "date": provenance.utc_date(),
-            "workdir": args.workdir, "distilled_images": len(distilled),
-            "test_images": len(subset), "models": models}
   storage.write_atomically(args.out, json.dumps(record, indent=1) + "\n")
-  for name, sets in models.items():
-    for set_name in image_sets:
-      stats = sets[set_name]
-      print(f"{name} on {set_name}: {json.dumps(stats)}")
+  for name, sets in record["models"].items():
+    for set_name in ("distilled", "test"):
+      print(f"{name} on {set_name}: {json.dumps(sets[set_name])}")
   return 0
 
 
